@@ -1,0 +1,183 @@
+"""NVFP4 numerics: the single source of truth for the format.
+
+NVFP4 stores a tensor as 4-bit E2M1 values in blocks of 16 consecutive elements (along the last
+dim), each block with an FP8 E4M3 scale, plus one FP32 scale per tensor. Everything else in
+this package (the reference sweep, the Triton kernels, the QAT modules, the exporter) imports its
+constants and rules from here.
+
+Definition, to the last rounding step (all arithmetic in fp32, every division correctly rounded):
+
+* ``s2 = global_amax / 2688``  (2688 = 6 * 448), the per-tensor scale.
+* ``e = fp8_e4m3fn((block_amax / 6) / s2)``: the per-block FP8 code, rounded to nearest even,
+  saturating at 448, FP8 subnormals allowed. The block scale is ``e * s2``.
+* ``u = |x| / s2``: one correctly rounded division per element.
+* The E2M1 magnitude ``q`` is chosen by comparing ``u`` with each E2M1 midpoint times ``e``
+  (round half to even at the midpoints)::
+
+      u <= 0.25e -> 0,  u < 0.75e -> 0.5,  u <= 1.25e -> 1,  u < 1.75e -> 1.5,
+      u <= 2.5e  -> 2,  u < 3.5e  -> 3,    u <= 5e    -> 4,  else 6
+
+  The products ``midpoint * e`` are exact in fp32 (a 3-bit midpoint times a 4-bit FP8 code), so
+  the only rounding before the decision is the one in ``u``. ``e == 0`` gives 0.
+* Output ``sign(x) * (q * (e * s2))`` in fp32, cast back to ``x.dtype``.
+
+Why this form and not the textbook ``q(|x| / (e * s2))``: the deployed checkpoint stores ``e`` and
+``s2`` and dequantizes to ``q * e * s2``, and the scale sweep can then try 126 codes without a
+division per candidate (``u`` is computed once). The two forms agree except when ``|x| / s2`` lies
+within half an fp32 ulp of a midpoint times ``e``: there the textbook form rounds the quotient
+``|x| / (e * s2)`` onto (or off) the midpoint, while this form decides on ``u`` exactly as
+rounded. Such elements are rare (well under 0.1% of a random weight) and always at a midpoint.
+
+CUDA trap: PyTorch divides a CUDA tensor by a Python scalar (or a 0-dim CPU tensor) by
+multiplying with the reciprocal, which is not correctly rounded. Every division here is by a
+tensor on the same device, so CPU and CUDA results are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "E2M1_VALUES",
+    "E2M1_MIDPOINTS",
+    "FP4_MAX",
+    "FP8_MAX",
+    "GLOBAL_SCALE_DIVISOR",
+    "fp8_scale_candidates",
+    "fp8_code_values",
+    "fake_quantize_nvfp4",
+]
+
+#: The 8 non-negative E2M1 magnitudes, ascending.
+E2M1_VALUES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+#: The 7 midpoints between consecutive magnitudes, each with the comparison that rounds half to
+#: even: ``True`` means "u <= midpoint*e rounds down" (the lower neighbour is even), ``False``
+#: means "u < midpoint*e rounds down" (the upper neighbour is even).
+E2M1_MIDPOINTS: tuple[tuple[float, bool], ...] = (
+    (0.25, True),
+    (0.75, False),
+    (1.25, True),
+    (1.75, False),
+    (2.5, True),
+    (3.5, False),
+    (5.0, True),
+)
+FP4_MAX = 6.0
+FP8_MAX = 448.0
+#: ``s2 = global_amax / GLOBAL_SCALE_DIVISOR``.
+GLOBAL_SCALE_DIVISOR = FP4_MAX * FP8_MAX  # 2688
+NUM_CANDIDATES = 126
+
+
+def fp8_code_values(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 126 positive finite ``float8_e4m3fn`` values (2^-9 .. 448), ascending, as fp32.
+
+    Built from the bit patterns 0x01..0x7E (0x7F is NaN), so the set is exact by construction.
+    """
+    codes = torch.arange(1, NUM_CANDIDATES + 1, dtype=torch.uint8)
+    return codes.view(torch.float8_e4m3fn).to(torch.float32).to(device)
+
+
+def fp8_scale_candidates(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 126 positive finite FP8 E4M3 values divided by 448, ascending.
+
+    ``candidates[i] * global_amax`` is the ``block_amax`` that selects FP8 code ``i`` under
+    :func:`fake_quantize_nvfp4`. The division runs on the CPU (correctly rounded) and the result
+    is moved, so every device gets the same bits.
+
+    Args:
+        device: where to put the result (default: CPU).
+
+    Returns:
+        Tensor of shape ``[126]``, float32, from ``2**-9 / 448`` to ``1.0``.
+    """
+    values = fp8_code_values()
+    return (values / torch.tensor(FP8_MAX)).to(device)
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    # A 0-dim fp32 tensor on ``like``'s device: dividing by it is a true division on CUDA too.
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def global_scale(global_amax: torch.Tensor) -> torch.Tensor:
+    """``s2 = global_amax / 2688`` in fp32 (0-dim tensor on ``global_amax``'s device)."""
+    g = global_amax.reshape(()).to(torch.float32)
+    return g / _const(GLOBAL_SCALE_DIVISOR, g)
+
+
+def block_codes(block_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """The per-block FP8 code ``e = fp8_e4m3fn((block_amax / 6) / s2)`` as fp32 values.
+
+    Saturates at 448 (clamped before the cast, since PyTorch versions differ on overflow) and
+    gives 0 when ``s2 == 0`` (an all-zero tensor), never NaN.
+    """
+    b = block_amax.to(torch.float32)
+    ratio = (b / _const(FP4_MAX, b)) / s2
+    ratio = torch.nan_to_num(ratio, nan=0.0, posinf=FP8_MAX)  # 0/0 and b/0 when s2 == 0
+    ratio = torch.where(s2 > 0, ratio, torch.zeros_like(ratio)).clamp(min=0.0, max=FP8_MAX)
+    return ratio.to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def e2m1_magnitude(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """E2M1 magnitude ``q`` for ``u = |x| / s2`` at FP8 code value ``e`` (broadcasting), fp32.
+
+    ``q`` is built as a sum of exact dyadic steps, one per midpoint that ``u`` passes (with the
+    half-to-even comparison of :data:`E2M1_MIDPOINTS`); ``e == 0`` gives 0. In-place updates keep
+    the extra memory at one fp32 and one bool tensor of the output's size (the sweep relies on it).
+    """
+    q = torch.zeros(torch.broadcast_shapes(u.shape, e.shape), dtype=torch.float32, device=u.device)
+    prev = 0.0
+    for (mid, ties_down), upper in zip(E2M1_MIDPOINTS, E2M1_VALUES[1:]):
+        threshold = e * mid  # exact in fp32: a 3-bit midpoint times a 4-bit code
+        passed = torch.gt(u, threshold) if ties_down else torch.ge(u, threshold)
+        q.add_(passed, alpha=upper - prev)  # steps 0.5, 1, 2: exact
+        prev = upper
+    return q.masked_fill_(e == 0, 0.0)
+
+
+def fake_quantize_unchecked(
+    x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16
+) -> torch.Tensor:
+    """:func:`fake_quantize_nvfp4` without input validation (hot path of the QAT modules).
+
+    ``block_amax`` must hold ``x.numel() // block_size`` values (any shape).
+    """
+    s2 = global_scale(global_amax)
+    xf = x.to(torch.float32).reshape(-1, block_size)  # (n_blocks, bs)
+    e = block_codes(block_amax.reshape(-1, 1), s2)  # (n_blocks, 1)
+    u = xf.abs() / s2
+    q = e2m1_magnitude(u, e)
+    scale = e * s2
+    # s2 == 0 (all-zero tensor): u is NaN/inf, but e == 0 there, so q == 0 and the output is 0.
+    out = torch.copysign(q * scale, xf)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def fake_quantize_nvfp4(
+    x: torch.Tensor,
+    block_amax: torch.Tensor,
+    global_amax: torch.Tensor | float,
+    block_size: int = 16,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` to NVFP4 with static scales (see the module docstring).
+
+    Args:
+        x: floating tensor whose last dim is divisible by ``block_size``.
+        block_amax: fp32 per-block amax, shape ``x.shape[:-1] + (x.shape[-1] // block_size,)``
+            or flat ``[n_blocks]``; finite and non-negative.
+        global_amax: per-tensor amax (scalar tensor or number), finite and non-negative.
+        block_size: elements per block (16 for NVFP4).
+
+    Returns:
+        Tensor with the shape and dtype of ``x``: ``sign(x) * q * (e * s2)``.
+
+    Raises:
+        ValueError, TypeError: on bad input, naming the argument.
+    """
+    from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
+
+    check_x(x, block_size)
+    g = check_global_amax(global_amax, x)
+    check_block_amax(block_amax, x, block_size)
+    return fake_quantize_unchecked(x, block_amax, g, block_size)

@@ -1,0 +1,99 @@
+"""Public NVFP4 scale sweep: validation, then dispatch to the reference or the Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nvfp4_qat._sweep_reference import sweep_reference
+from nvfp4_qat._validation import (
+    BACKENDS,
+    METHODS,
+    check_choice,
+    check_finite,
+    check_global_amax,
+    check_x,
+)
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can be imported (triton installed)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device, block_size: int = 16) -> str:
+    """Turn ``"auto"`` into ``"triton"`` or ``"reference"``; refuse impossible requests.
+
+    ``auto`` picks Triton for CUDA tensors when triton imports and ``block_size == 16``, else the
+    reference. ``triton`` on a CPU tensor needs Triton's interpreter (``TRITON_INTERPRET=1``).
+    """
+    check_choice(backend, BACKENDS, "backend")
+    if backend == "reference":
+        return "reference"
+    usable = device.type == "cuda" or _interpreter_on()
+    if backend == "auto":
+        return "triton" if usable and block_size == 16 and triton_available() else "reference"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the `triton` package, which is not importable")
+    if not usable:
+        raise ValueError(
+            f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU "
+            f"interpreter), got a tensor on {device}"
+        )
+    if block_size != 16:
+        raise ValueError(f"backend='triton' supports block_size=16 only, got {block_size}")
+    return "triton"
+
+
+def nvfp4_scale_sweep(
+    x: torch.Tensor,
+    global_amax: torch.Tensor | float,
+    block_size: int = 16,
+    backend: str = "auto",
+    method: str = "pruned",
+) -> torch.Tensor:
+    """MSE-optimal per-block NVFP4 scales: the best of all 126 FP8 E4M3 codes for each block.
+
+    Each block's candidates are scored with exactly the error that
+    :func:`~nvfp4_qat.fake_quantize_nvfp4` gives at that scale (a pairwise-tree sum of the 16
+    squared errors); ties go to the smallest code. The result is bit-identical across backends
+    and devices.
+
+    Args:
+        x: fp32/fp16/bf16 tensor of any shape whose last dim is divisible by ``block_size``;
+            blocks are consecutive elements along the last dim.
+        global_amax: per-tensor amax (scalar tensor on ``x``'s device, or a number), finite, >= 0.
+        block_size: elements per block (16 for NVFP4).
+        backend: ``"auto"`` (Triton on CUDA when available, else reference), ``"triton"`` or
+            ``"reference"``.
+        method: ``"pruned"`` (default; exact, evaluates about a tenth of the candidates) or
+            ``"exhaustive"``; the reference always sweeps exhaustively, with the same result.
+
+    Returns:
+        fp32 tensor ``[n_blocks]`` on ``x``'s device: ``block_amax = (v / 448) * global_amax``
+        for the winning code ``v``, in row-major block order.
+
+    Raises:
+        TypeError, ValueError: bad ``x``, ``global_amax``, ``block_size``, ``backend`` or
+            ``method`` (the message names the argument).
+        RuntimeError: ``backend="triton"`` without triton installed.
+    """
+    check_x(x, block_size)
+    check_choice(method, METHODS, "method")
+    chosen = resolve_backend(backend, x.device, block_size)
+    g = check_global_amax(global_amax, x)
+    check_finite(x)
+    if chosen == "triton":
+        from nvfp4_qat.kernels.sweep import sweep_triton
+
+        return sweep_triton(x, g, method=method)
+    return sweep_reference(x, g, block_size)
