@@ -128,7 +128,7 @@ def e2m1_magnitude(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """
     q = torch.zeros(torch.broadcast_shapes(u.shape, e.shape), dtype=torch.float32, device=u.device)
     prev = 0.0
-    for (mid, ties_down), upper in zip(E2M1_MIDPOINTS, E2M1_VALUES[1:]):
+    for (mid, ties_down), upper in zip(E2M1_MIDPOINTS, E2M1_VALUES[1:], strict=True):
         threshold = e * mid  # exact in fp32: a 3-bit midpoint times a 4-bit code
         passed = torch.gt(u, threshold) if ties_down else torch.ge(u, threshold)
         q.add_(passed, alpha=upper - prev)  # steps 0.5, 1, 2: exact
