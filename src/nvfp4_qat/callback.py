@@ -1,0 +1,297 @@
+"""``NVFP4Recalibration``: a Lightning callback for NVFP4 QAT whose block scales follow the weights.
+
+Life cycle:
+
+* ``setup`` (every stage, before a checkpoint is restored and before optimizers exist): swaps the
+  model's ``nn.Linear`` layers for :class:`~nvfp4_qat.NVFP4Linear` if it is not quantized yet, so
+  ``fit/validate/test(ckpt_path=...)`` find the scale buffers they restore.
+* ``on_train_start`` (after restore and sanity check): one calibration when ``at_fit_start`` and
+  this run has not calibrated yet (a resumed run has, and keeps its restored scales).
+* ``on_train_batch_end``: after an optimizer step (``trainer.global_step`` counts optimizer steps,
+  never micro-batches) when :meth:`NVFP4Recalibration.should_recalibrate` says so.
+* ``on_train_epoch_end``: the epoch schedule; ``on_fit_end``: ``at_fit_end`` and the export.
+
+Recalibration runs under ``torch.no_grad()`` between optimizer steps, before validation and before
+``ModelCheckpoint`` (Lightning runs checkpoint callbacks last), so validation and checkpoints
+always see one consistent set of scales.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from nvfp4_qat._validation import BACKENDS, METHODS
+from nvfp4_qat.config import QATConfig
+from nvfp4_qat.metrics import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR
+from nvfp4_qat.quantize import nvfp4_layers, quantize_model
+from nvfp4_qat.recalibrate import RecalibrationReport, recalibrate
+
+__all__ = ["NVFP4Recalibration", "restore_quantization"]
+
+NONFINITE_POLICIES = ("raise", "skip", "warn")
+#: Key under which the callback stores what ``restore_quantization`` needs in a checkpoint.
+CHECKPOINT_KEY = "nvfp4_qat"
+
+
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+    return value
+
+
+def _as_config(value: Any) -> QATConfig:
+    if value is None:
+        return QATConfig()
+    if isinstance(value, QATConfig):
+        return value
+    if hasattr(value, "items"):  # dict, or an OmegaConf DictConfig from Hydra
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(value, DictConfig):
+                value = OmegaConf.to_container(value, resolve=True)
+        except ImportError:  # pragma: no cover - hydra-core is a dependency
+            pass
+        return QATConfig.from_dict(dict(value))
+    raise TypeError(f"`quant_config` must be a QATConfig, a dict or None, got {type(value).__name__}")
+
+
+def sanitize_metric_name(name: str) -> str:
+    """Layer name -> a metric key every logger accepts (``layers.0.attn`` -> ``layers_0_attn``)."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "model"
+
+
+def restore_quantization(module: Any, checkpoint: dict[str, Any]) -> bool:
+    """Make a plain model ready to load a QAT checkpoint written with this callback.
+
+    Call it from ``LightningModule.on_load_checkpoint`` so that
+    ``LightningModule.load_from_checkpoint`` (which does not run callbacks) finds the NVFP4 layers
+    and scale buffers the checkpoint holds. The same layers are swapped (by name) with the saved
+    config; the scales then come from the checkpoint's state dict.
+
+    Returns:
+        True if layers were swapped, False if the checkpoint has no NVFP4 layers or the module is
+        already quantized.
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not meta or nvfp4_layers(module):
+        return False
+    names = tuple(meta["layers"])
+    config = QATConfig.from_dict(meta["config"]).replace(include=names, exclude=(), init_calibration="max")
+    quantize_model(module, config)
+    return True
+
+
+class NVFP4Recalibration(Callback):
+    """Recalibrate NVFP4 block scales during QAT with an exact MSE sweep.
+
+    Args:
+        every_n_train_steps: recalibrate after every n-th optimizer step (0: never by steps).
+        every_n_epochs: recalibrate at the end of every n-th training epoch (0: never by epochs).
+        start_step: first optimizer-step index (zero-based) after which recalibration may run.
+        stop_step: optimizer-step index from which on scales stay frozen (``None``: never freeze).
+            Moving scales late in training hurts; the window ``[start_step, stop_step)`` bounds
+            the step and epoch schedules (not ``at_fit_start``/``at_fit_end``).
+        at_fit_start: quantize the model in ``setup`` if needed and calibrate once when training
+            starts (skipped when resuming a run that already did).
+        at_fit_end: recalibrate once more when fit ends.
+        backend: sweep backend, ``"auto"`` | ``"triton"`` | ``"reference"``.
+        method: sweep method, ``"pruned"`` | ``"exhaustive"`` (same result; pruned is faster).
+        quant_config: :class:`~nvfp4_qat.QATConfig` (or a dict of its fields) used to quantize a
+            model that is not quantized yet.
+        log_per_layer: also log each layer's weight MSE before/after and changed-scale fraction.
+        on_nonfinite: a non-finite weight at recalibration: ``"raise"``, ``"skip"`` the layer
+            (keep its scales) or ``"warn"`` and skip.
+        export_path: if set, export a deployable NVFP4 checkpoint there when fit ends.
+    """
+
+    def __init__(
+        self,
+        every_n_train_steps: int = 0,
+        every_n_epochs: int = 0,
+        start_step: int = 0,
+        stop_step: int | None = None,
+        at_fit_start: bool = True,
+        at_fit_end: bool = False,
+        backend: str = "auto",
+        method: str = "pruned",
+        quant_config: QATConfig | dict | None = None,
+        log_per_layer: bool = False,
+        on_nonfinite: str = "raise",
+        export_path: str | None = None,
+    ) -> None:
+        self.every_n_train_steps = _non_negative_int(every_n_train_steps, "every_n_train_steps")
+        self.every_n_epochs = _non_negative_int(every_n_epochs, "every_n_epochs")
+        self.start_step = _non_negative_int(start_step, "start_step")
+        if stop_step is not None and (_non_negative_int(stop_step, "stop_step") <= self.start_step):
+            raise ValueError(f"`stop_step` must be None or > start_step={start_step}, got {stop_step}")
+        self.stop_step = stop_step
+        for name, value in (("at_fit_start", at_fit_start), ("at_fit_end", at_fit_end), ("log_per_layer", log_per_layer)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be a bool, got {value!r}")
+        self.at_fit_start, self.at_fit_end, self.log_per_layer = at_fit_start, at_fit_end, log_per_layer
+        for name, value, allowed in (
+            ("backend", backend, BACKENDS),
+            ("method", method, METHODS),
+            ("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
+        self.backend, self.method, self.on_nonfinite = backend, method, on_nonfinite
+        self.quant_config = _as_config(quant_config)
+        self.export_path = None if export_path is None else str(export_path)
+
+        # State saved in checkpoints (see state_dict): the guards that keep one optimizer step or
+        # epoch from firing twice, and the history of recalibrations.
+        self._last_step = -1  # trainer.global_step at the last recalibration
+        self._last_checked_step = 0  # the last trainer.global_step the schedule was asked about
+        self._last_epoch = -1
+        self._calibrated_at_start = False
+        self.history: list[dict[str, Any]] = []
+        self.last_report: RecalibrationReport | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Stable across argument changes, so a resumed run with another schedule keeps its state.
+        return "NVFP4Recalibration"
+
+    def should_recalibrate(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """The schedule. Override to customise; both indices are zero-based.
+
+        Called after every optimizer step with ``step_idx`` (index of the step just taken:
+        ``trainer.global_step - 1``) and ``epoch_idx=None``; and at the end of every training
+        epoch with ``epoch_idx`` and ``step_idx`` = the index of the epoch's last optimizer step.
+        """
+        if step_idx is None or step_idx < self.start_step:
+            return False
+        if self.stop_step is not None and step_idx >= self.stop_step:
+            return False
+        if epoch_idx is None:
+            return self.every_n_train_steps > 0 and (step_idx + 1) % self.every_n_train_steps == 0
+        return self.every_n_epochs > 0 and (epoch_idx + 1) % self.every_n_epochs == 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not nvfp4_layers(pl_module):
+            quantize_model(pl_module, self.quant_config)
+            if not nvfp4_layers(pl_module):
+                rank_zero_warn("NVFP4Recalibration: the model has no nn.Linear layer to quantize.")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_start and not self._calibrated_at_start:
+            self._recalibrate(trainer, pl_module, "fit_start")
+            self._calibrated_at_start = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # global_step only moves after an optimizer step, so micro-batches of one accumulation
+        # window see the same value: the guard asks the schedule once per optimizer step.
+        step = trainer.global_step
+        if step <= self._last_checked_step:
+            return
+        self._last_checked_step = step
+        if self.should_recalibrate(step_idx=step - 1):
+            self._recalibrate(trainer, pl_module, "step")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if epoch > self._last_epoch and self.should_recalibrate(step_idx=step - 1, epoch_idx=epoch):
+            self._last_epoch = epoch
+            if step != self._last_step:  # the step schedule may have just done it
+                self._recalibrate(trainer, pl_module, "epoch")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_end and trainer.global_step != self._last_step:
+            self._recalibrate(trainer, pl_module, "fit_end")
+        if self.export_path is not None:
+            if trainer.is_global_zero:
+                from nvfp4_qat.export import export_nvfp4
+
+                path = export_nvfp4(pl_module, self.export_path, overwrite=True)
+                rank_zero_info(f"NVFP4Recalibration: exported the NVFP4 checkpoint to {path}")
+            trainer.strategy.barrier("nvfp4_export")
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        layers = [name for name, _ in nvfp4_layers(pl_module)]
+        checkpoint[CHECKPOINT_KEY] = {"layers": layers, "config": asdict(self.quant_config)}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "last_checked_step": self._last_checked_step,
+            "last_epoch": self._last_epoch,
+            "calibrated_at_start": self._calibrated_at_start,
+            "history": [dict(h) for h in self.history],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict["last_step"]
+        self._last_checked_step = state_dict["last_checked_step"]
+        self._last_epoch = state_dict["last_epoch"]
+        self._calibrated_at_start = state_dict["calibrated_at_start"]
+        self.history = [dict(h) for h in state_dict["history"]]
+
+    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        start = time.perf_counter()
+        report = recalibrate(pl_module, backend=self.backend, method=self.method, on_nonfinite=self.on_nonfinite)
+        seconds = time.perf_counter() - start
+        self._last_step = trainer.global_step
+        self.last_report = report
+        metrics = self._metrics(report, seconds)
+        self.history.append(
+            {"step": trainer.global_step, "epoch": trainer.current_epoch, "reason": reason, **metrics}
+        )
+        if self.log_per_layer:
+            metrics.update(self._layer_metrics(report))
+        # Every rank computed the same values (the metrics' reductions are collective); loggers
+        # write on rank zero only, so nothing here waits on another rank.
+        for logger in trainer.loggers:
+            logger.log_metrics({f"nvfp4/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+
+    def _metrics(self, report: RecalibrationReport, seconds: float) -> dict[str, float]:
+        before, after = WeightQuantMSE(), WeightQuantMSE()
+        sqnr, changed = WeightQuantSQNR(), ScaleChangeFraction()
+        for row in report.layers:
+            if row.skipped:  # non-finite weights, scales kept: nothing to measure
+                continue
+            before.update(row.sse_before, row.numel)
+            after.update(row.sse_after, row.numel)
+            sqnr.update(row.energy, row.sse_after)
+            changed.update(round(row.changed_fraction * row.n_blocks), row.n_blocks)
+        mse_before, mse_after = float(before.compute()), float(after.compute())
+        return {
+            "mse_before": mse_before,
+            "mse_after": mse_after,
+            "rel_improvement": (mse_before - mse_after) / mse_before if mse_before > 0 else 0.0,
+            "sqnr_db": float(sqnr.compute()),
+            "changed_fraction": float(changed.compute()),
+            "seconds": seconds,
+        }
+
+    def _layer_metrics(self, report: RecalibrationReport) -> dict[str, float]:
+        out = {}
+        for row in report.layers:
+            if row.skipped:
+                continue
+            key = f"layer/{sanitize_metric_name(row.name)}"
+            out[f"{key}/mse_before"] = float(row.mse_before)
+            out[f"{key}/mse_after"] = float(row.mse_after)
+            out[f"{key}/changed_fraction"] = float(row.changed_fraction)
+        return out

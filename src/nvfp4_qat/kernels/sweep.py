@@ -1,0 +1,171 @@
+"""Launcher of the Triton NVFP4 scale-sweep kernels (see ``_sweep_kernels`` for the math).
+
+``sweep_triton`` is what :func:`nvfp4_qat.nvfp4_scale_sweep` calls for ``backend="triton"``, after
+its shared validation; the result is bit-identical to the reference sweep for both methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+from nvfp4_qat._validation import METHODS, SUPPORTED_DTYPES, check_choice
+from nvfp4_qat.format import fp8_code_values, fp8_scale_candidates
+from nvfp4_qat.kernels import _sweep_kernels as _k
+
+BLOCK_SIZE = 16
+#: Codes scored below ``k0`` by the pruned kernel (with the 8 from ``k0`` up: 11 of 126). On
+#: Gaussian, Laplace and Student-t blocks the saturation bound then fails for ~0.3% of blocks
+#: (which the second pass re-sweeps); with 2 below it fails for ~12%.
+N_BELOW = 3
+_INT32_MAX = 2**31 - 1
+
+_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_num_sms: dict[int, int] = {}
+
+
+def _candidate_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 code values and scale candidates (both ``[126]`` fp32) on ``device``, cached."""
+    if device not in _tables:
+        _tables[device] = (fp8_code_values(device), fp8_scale_candidates(device))
+    return _tables[device]
+
+
+def first_doubling_index(values: torch.Tensor) -> int:
+    """The first ``k`` from which ``values[j + 8] == 2 * values[j]`` for every ``j >= k``.
+
+    Above it (the FP8 normal range) halving a candidate gives the candidate 8 places below, which
+    the pruned kernel's doubling argument needs; derived from the table, not restated.
+    """
+    doubles = values[8:] == 2 * values[:-8]
+    failing = torch.nonzero(~doubles).flatten()
+    return int(failing.max()) + 1 if failing.numel() else 0
+
+
+FIRST_DOUBLING = first_doubling_index(fp8_code_values())
+
+
+def _check_inputs(x: object, global_amax: object, method: object) -> None:
+    """Refuse what the kernels cannot take (``ValueError``/``TypeError`` naming the argument)."""
+    check_choice(method, METHODS, "method")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.numel() == 0 or x.shape[-1] % BLOCK_SIZE != 0:
+        raise ValueError(
+            f"x must be non-empty with x.shape[-1] divisible by {BLOCK_SIZE}, got shape {tuple(x.shape)}"
+        )
+    if x.numel() // BLOCK_SIZE > _INT32_MAX:
+        raise ValueError(f"x must hold fewer than 2**31 blocks, got {x.numel() // BLOCK_SIZE}")
+    if not isinstance(global_amax, torch.Tensor) or global_amax.numel() != 1:
+        raise TypeError("global_amax must be a one-element tensor (validated by nvfp4_scale_sweep)")
+    if global_amax.device != x.device:
+        raise ValueError(
+            f"x and global_amax must be on the same device, got {x.device} and {global_amax.device}"
+        )
+    if x.device.type != "cuda" and not _interpreter_on():
+        raise ValueError(
+            f"x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 for Triton's "
+            f"interpreter), got a tensor on {x.device}"
+        )
+
+
+def _grid(n_blocks: int):
+    return lambda meta: (triton.cdiv(n_blocks, meta["BLOCK_B"]),)
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch(name: str, device: torch.device, grid, *args, config: triton.Config | None = None, **kwargs):
+    """Run kernel ``name`` compiled (CUDA, autotuned unless ``config`` pins one) or interpreted."""
+    kernel = getattr(_k, name)
+    if device.type != "cuda":
+        # The interpreter cannot benchmark configs: it runs the largest tile (numpy-vectorised,
+        # fewer programs) unless a test pins one.
+        if config is None:
+            config = max(kernel.configs, key=lambda c: c.kwargs["BLOCK_B"])
+        kernel = _k.interpreted(name)
+    elif config is None:
+        kernel[grid](*args, **kwargs, enable_fp_fusion=False)
+        return
+    else:
+        kernel = kernel.fn
+    meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[grid](*args, **kwargs, **meta, enable_fp_fusion=False)
+
+
+def _worklist_programs(x: torch.Tensor, n_blocks: int) -> int:
+    tiles = triton.cdiv(n_blocks, _k.WORKLIST_CONFIG.kwargs["BLOCK_B"])
+    if x.device.type != "cuda":
+        return min(tiles, 2)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _num_sms:
+        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(tiles, 4 * _num_sms[index]))
+
+
+def run_sweep(
+    x: torch.Tensor,
+    global_amax: torch.Tensor,
+    method: str = "pruned",
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernels on validated input; also return the pruned pass's flagged-block count.
+
+    Args:
+        x: CUDA (or, under the interpreter, CPU) tensor, last dim divisible by 16.
+        global_amax: one-element tensor on ``x``'s device.
+        method: ``"pruned"`` or ``"exhaustive"``.
+        config: pin one autotune config (tests use this to cover every tile size).
+
+    Returns:
+        ``(block_amax [n_blocks] fp32, n_flagged [1] int32 or None for "exhaustive")``.
+    """
+    flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
+    n_blocks = flat.numel() // BLOCK_SIZE
+    values, cands = _candidate_tables(x.device)
+    g = global_amax.detach().reshape(1).to(torch.float32)
+    out = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    common = dict(NUM_CANDIDATES=values.numel())
+    device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with device_ctx:
+        if method == "exhaustive":
+            _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), flat, values, cands, g, out,
+                    n_blocks, config=config, **common)
+            return out, None
+        count = torch.zeros(1, dtype=torch.int32, device=x.device)
+        work = torch.empty(n_blocks, dtype=torch.int32, device=x.device)
+        _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), flat, values, cands, g, out, work, count,
+                n_blocks, config=config, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=N_BELOW, **common)
+        _launch("_sweep_worklist_kernel", x.device, (_worklist_programs(x, n_blocks),), flat, values, cands,
+                g, out, work, count, config=_k.WORKLIST_CONFIG, **common)
+    return out, count
+
+
+def sweep_triton(x: torch.Tensor, global_amax: torch.Tensor, method: str = "pruned") -> torch.Tensor:
+    """MSE-optimal NVFP4 block amax with the Triton kernels, bit-identical to the reference sweep.
+
+    Args:
+        x: fp32/fp16/bf16 tensor on CUDA (or on CPU under ``TRITON_INTERPRET=1``), any shape whose
+            last dim is divisible by 16, finite (``nvfp4_scale_sweep`` checks that).
+        global_amax: one-element tensor on ``x``'s device (the per-tensor amax).
+        method: ``"pruned"`` (scores ~11 of 126 codes per block, re-sweeps the blocks its proof
+            does not cover) or ``"exhaustive"`` (all 126).
+
+    Returns:
+        fp32 tensor ``[x.numel() // 16]`` on ``x``'s device: ``(v / 448) * global_amax`` for each
+        block's winning FP8 code ``v``.
+
+    Raises:
+        ValueError, TypeError: bad ``method``, ``x`` or ``global_amax``, or a CPU tensor when the
+            kernels were not built for the interpreter.
+    """
+    _check_inputs(x, global_amax, method)
+    out, _ = run_sweep(x, global_amax, method)
+    return out

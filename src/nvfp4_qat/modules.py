@@ -1,0 +1,304 @@
+"""QAT building blocks: straight-through estimators and ``NVFP4Linear``.
+
+``NVFP4Linear`` is an ``nn.Linear`` whose forward uses the NVFP4 fake-quantized weight
+``fake_quantize_nvfp4(weight, block_amax, global_amax)`` with static scales held in fp32 buffers.
+The scales move only when :func:`~nvfp4_qat.recalibrate` (or the Lightning callback) says so;
+between recalibrations the layer is a plain linear layer with a rounding step in front.
+
+On CUDA the fake-quant runs as one fused Triton kernel (:mod:`nvfp4_qat.kernels.fake_quant`),
+elsewhere as :func:`nvfp4_qat.format.fake_quantize_unchecked`; both give the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvfp4_qat._validation import check_choice
+from nvfp4_qat.config import QATConfig
+from nvfp4_qat.format import FP4_MAX, block_codes, fake_quantize_unchecked, global_scale
+
+__all__ = [
+    "FAKE_QUANT_BACKENDS",
+    "NVFP4ActivationSTE",
+    "NVFP4Linear",
+    "NVFP4WeightClippedSTE",
+    "NVFP4WeightSTE",
+    "fake_quant_sse",
+    "fake_quantize",
+]
+
+#: ``NVFP4Linear.fake_quant_backend`` values: ``auto`` = Triton kernel on CUDA, PyTorch elsewhere.
+FAKE_QUANT_BACKENDS = ("auto", "triton", "torch")
+_SCALE_BUFFERS = ("block_amax", "global_amax", "input_amax")
+
+
+try:  # importing the kernel module registers torch.ops.nvfp4_qat.fake_quant_nvfp4
+    from nvfp4_qat.kernels import fake_quant as _fused
+except ImportError:  # no triton: the PyTorch path serves every device
+    _fused = None
+
+
+def _use_kernel(x: torch.Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return x.is_cuda and _fused is not None
+    check_choice(backend, FAKE_QUANT_BACKENDS, "fake_quant_backend")
+    if _fused is None:
+        raise RuntimeError("fake_quant_backend='triton' needs the `triton` package, which is not importable")
+    if not (x.is_cuda or _fused._interpreter_on()):
+        raise ValueError(
+            f"fake_quant_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {x.device}"
+        )
+    return True
+
+
+def fake_quantize(
+    x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """NVFP4 fake-quant with block 16, unvalidated (the modules' hot path); no autograd rule.
+
+    Args:
+        x: tensor whose last dim is a multiple of 16.
+        block_amax: fp32, ``x.numel() // 16`` values on ``x``'s device.
+        global_amax: 0-dim fp32 tensor on ``x``'s device.
+        backend: ``"auto"`` (Triton kernel for CUDA tensors), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        The fake-quantized tensor, same shape and dtype as ``x``, bit-identical for every backend.
+    """
+    if _use_kernel(x, backend):
+        s2 = global_scale(global_amax)
+        e = block_codes(block_amax.reshape(-1), s2)  # [n_blocks], the FP8 rounding of format.py
+        return torch.ops.nvfp4_qat.fake_quant_nvfp4(x, e, s2)
+    return fake_quantize_unchecked(x, block_amax, global_amax, 16)
+
+
+def fake_quant_sse(
+    x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """``sum((fake_quantize(x, ...) - x) ** 2)`` in fp32 as a 0-dim tensor, without a host sync.
+
+    The fake-quant is taken in ``x``'s dtype (what forward uses). On CUDA one fused kernel pass
+    (no temporaries); elsewhere PyTorch. The two agree to fp32 rounding of the sum.
+    """
+    if _use_kernel(x, backend):
+        s2 = global_scale(global_amax)
+        return _fused._launch(x, block_codes(block_amax.reshape(-1), s2), s2, sse=True)
+    err = fake_quantize_unchecked(x, block_amax, global_amax, 16).to(torch.float32) - x.to(torch.float32)
+    return err.square().sum()
+
+
+class NVFP4WeightSTE(torch.autograd.Function):
+    """Weight fake-quant with the straight-through estimator.
+
+    Forward: ``fake_quantize_nvfp4(w, block_amax, global_amax)``.
+    Backward: ``dL/dw = dL/dw_q`` (the gradient passes unchanged); the scales get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight, block_amax, global_amax, backend: str = "auto"):
+        return fake_quantize(weight, block_amax, global_amax, backend)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):
+        return grad_output, None, None, None
+
+
+class NVFP4WeightClippedSTE(torch.autograd.Function):
+    """Weight fake-quant with the clipped straight-through estimator.
+
+    Forward: ``fake_quantize_nvfp4(w, block_amax, global_amax)``.
+    Backward: ``dL/dw = dL/dw_q`` where ``|w| <= 6 * block_scale`` and 0 elsewhere, with
+    ``block_scale = e * s2`` (``e`` = :func:`~nvfp4_qat.format.block_codes`, ``s2`` =
+    ``global_amax / 2688``) and both sides compared in fp32. Those are the elements that saturation
+    clips to ``±6 * block_scale``; a block whose scale is 0 passes gradient only where ``w == 0``.
+    The scales get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight, block_amax, global_amax, backend: str = "auto"):
+        ctx.save_for_backward(weight, block_amax, global_amax)  # no copies: a parameter, buffers
+        return fake_quantize(weight, block_amax, global_amax, backend)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):
+        weight, block_amax, global_amax = ctx.saved_tensors
+        s2 = global_scale(global_amax)
+        block_scale = block_codes(block_amax.reshape(-1, 1), s2) * s2  # (n_blocks, 1)
+        inside = weight.detach().to(torch.float32).abs().reshape(-1, 16) <= FP4_MAX * block_scale
+        grad = grad_output * inside.reshape(weight.shape).to(grad_output.dtype)
+        return grad, None, None, None
+
+
+class NVFP4ActivationSTE(NVFP4WeightSTE):
+    """Activation fake-quant with the straight-through estimator (the W4A4 input path).
+
+    Forward: ``fake_quantize_nvfp4(x, block_amax, global_amax)`` with the input's own per-block
+    amax. Backward: ``dL/dx = dL/dx_q`` (unchanged); the amaxes get no gradient.
+    """
+
+
+_WEIGHT_STE = {"ste": NVFP4WeightSTE, "clipped_ste": NVFP4WeightClippedSTE}
+
+
+def max_block_amax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max calibration: ``(global_amax [] fp32, block_amax [out, in // 16] fp32)`` of a weight."""
+    absw = weight.detach().abs()
+    block = absw.reshape(*weight.shape[:-1], weight.shape[-1] // 16, 16).amax(dim=-1)
+    return absw.amax().to(torch.float32), block.to(torch.float32)
+
+
+class NVFP4Linear(nn.Linear):
+    """``nn.Linear`` with an NVFP4 fake-quantized weight (and optionally input) in forward.
+
+    Buffers (fp32, persistent, moved by ``.to(device)``; ``.to(dtype)``/``.half()`` leave them fp32
+    so that a scale never loses bits):
+
+    * ``block_amax`` ``[out_features, in_features // 16]``: static per-block amax; the FP8 block
+      code is ``block_codes(block_amax, global_amax / 2688)``.
+    * ``global_amax`` ``[]``: per-tensor amax of the weight.
+    * ``input_amax`` ``[]``: per-tensor amax of the inputs, used only with
+      ``config.quantize_activations``; a running max of ``|input|`` updated (without gradient) in
+      every training forward and used as is in eval. While it is still 0 (never trained) the eval
+      forward uses the current input's max instead, so an uncalibrated layer does not output 0.
+      Inputs use dynamic per-block amax (their own 16-blocks along the last dim).
+
+    The bias stays full precision. ``fake_quant_backend`` (an attribute, not saved) selects the
+    fake-quant implementation: ``"auto"`` (Triton kernel on CUDA), ``"triton"`` or ``"torch"``.
+    """
+
+    block_amax: torch.Tensor
+    global_amax: torch.Tensor
+    input_amax: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        config: QATConfig | None = None,
+    ) -> None:
+        config = QATConfig() if config is None else config
+        if not isinstance(config, QATConfig):
+            raise TypeError(f"config must be a QATConfig or None, got {type(config).__name__}")
+        if in_features % config.block_size != 0:
+            raise ValueError(
+                f"in_features must be divisible by block_size={config.block_size}, got {in_features}"
+            )
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config
+        self.fake_quant_backend = "auto"
+        kw = {"dtype": torch.float32, "device": self.weight.device}
+        self.register_buffer("block_amax", torch.zeros(out_features, in_features // config.block_size, **kw))
+        self.register_buffer("global_amax", torch.zeros((), **kw))
+        self.register_buffer("input_amax", torch.zeros((), **kw))
+        self.init_scales()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QATConfig | None = None) -> NVFP4Linear:
+        """Wrap ``linear``: the same weight and bias ``Parameter`` objects, new scale buffers.
+
+        No copy and no dtype round trip: optimizers created later (or holding the parameters
+        already) see the same tensors. The scales are calibrated from the weight with
+        ``config.init_calibration`` -- except on the ``meta`` device, where there is no data: there
+        the buffers are created on ``meta`` and :func:`~nvfp4_qat.recalibrate` must run once the
+        weights are materialised (``to_empty`` + init or checkpoint load).
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear`` or ``config`` not a ``QATConfig``.
+            ValueError: ``in_features`` not divisible by 16, or a non-finite weight with ``"mse"``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        # Build on meta (allocates nothing, skips reset_parameters' work), then adopt the params.
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", w.dtype, config)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        for name in _SCALE_BUFFERS:
+            setattr(new, name, torch.zeros_like(getattr(new, name), device=w.device))
+        new.train(linear.training)
+        new.init_scales()
+        return new
+
+    def init_scales(self, mode: str | None = None) -> None:
+        """(Re)set ``global_amax`` and ``block_amax`` from the current weight, in place.
+
+        Args:
+            mode: ``"max"`` or ``"mse"``; default ``config.init_calibration``. Nothing happens on
+                the ``meta`` device.
+        """
+        mode = self.config.init_calibration if mode is None else mode
+        check_choice(mode, ("max", "mse"), "mode")
+        if self.weight.device.type == "meta":
+            return
+        with torch.no_grad():
+            g, block = max_block_amax(self.weight)
+            if mode == "mse":
+                from nvfp4_qat.sweep import nvfp4_scale_sweep
+
+                block = nvfp4_scale_sweep(
+                    self.weight.detach(), g, backend=self.config.backend, method=self.config.method
+                )
+            self.global_amax.copy_(g)
+            self.block_amax.copy_(block.reshape(self.block_amax.shape))
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        """The weight as forward uses it: fake-quantized, same dtype, with the configured STE."""
+        ste = _WEIGHT_STE[self.config.gradient]
+        return ste.apply(self.weight, self.block_amax, self.global_amax, self.fake_quant_backend)
+
+    def fake_quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as forward uses it with ``quantize_activations`` (updates ``input_amax`` in training)."""
+        cur = x.detach().abs().amax().to(torch.float32)
+        if self.training:
+            with torch.no_grad():
+                torch.maximum(self.input_amax, cur, out=self.input_amax)
+            g = self.input_amax
+        else:
+            g = torch.where(self.input_amax > 0, self.input_amax, cur)  # no host sync
+        block = x.detach().abs().reshape(-1, 16).amax(dim=-1).to(torch.float32)  # (n_blocks,)
+        return NVFP4ActivationSTE.apply(x, block, g, self.fake_quant_backend)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.config.quantize_activations:
+            input = self.fake_quantized_input(input)
+        return F.linear(input, self.fake_quantized_weight(), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the fake-quantized weight baked in (a new ``Parameter``).
+
+        The bias ``Parameter`` is shared, not copied. Input fake-quant is not carried over.
+        """
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        with torch.no_grad():
+            w = self.weight if self.weight.device.type == "meta" else self.fake_quantized_weight()
+        linear.weight = nn.Parameter(w.detach(), requires_grad=self.weight.requires_grad)
+        linear.bias = self.bias
+        linear.train(self.training)
+        return linear
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype), .half(), bf16-true precision plugins would cast the scale buffers too;
+        # keep them fp32 (taking only the device from fn) so that no scale is rounded.
+        before = {name: self._buffers[name] for name in _SCALE_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and old is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{super().extra_repr()}, block_size={c.block_size}, gradient={c.gradient}, "
+            f"quantize_activations={c.quantize_activations}"
+        )

@@ -1,0 +1,292 @@
+"""The fused Triton fake-quant equals format.fake_quantize_nvfp4 bit for bit.
+
+CPU tests run the kernel in Triton's interpreter (the launcher builds the interpreted kernel itself,
+so only the ``TRITON_INTERPRET`` check needs the variable; it is set per test, never leaked).
+GPU tests (``-m gpu``) repeat the parity at larger sizes on CUDA and cover the module paths.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nvfp4_qat import NVFP4Linear, QATConfig, fake_quantize_nvfp4, quantize_model, recalibrate
+from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, block_codes, fp8_code_values, global_scale
+from nvfp4_qat.kernels import fake_quant as fq
+from nvfp4_qat.kernels.fake_quant import CONFIGS, fake_quant_sse_triton, fake_quant_triton
+from nvfp4_qat.modules import fake_quant_sse
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def assert_bits_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bitwise equality (so -0.0 != +0.0); the message counts differing elements and blocks."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    a, b = out.contiguous().view(INT_VIEW[out.dtype]), ref.contiguous().view(INT_VIEW[ref.dtype])
+    diff = (a != b).reshape(-1, 16 if a.numel() % 16 == 0 else 1)  # blocks of the last dim
+    n_el, n_bl = int(diff.sum()), int(diff.any(dim=1).sum())
+    assert n_el == 0, f"{n_el} elements in {n_bl} of {diff.shape[0]} blocks differ"
+    assert torch.equal(out, ref)
+
+
+def max_amax(x: torch.Tensor):
+    xf = x.float().abs()
+    return xf.reshape(*x.shape[:-1], -1, 16).amax(-1), xf.amax()
+
+
+def random_case(shape, dtype, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 0.02
+    x.view(-1)[:: max(1, x.numel() // 7)] *= 40  # heavy tails: some blocks far above the rest
+    x = x.to(device=device, dtype=dtype)
+    block, g = max_amax(x)
+    # Stale scales for every third block (70% of the max): the largest elements saturate.
+    block.view(-1)[::3] *= 0.7
+    return x, block, g
+
+
+def midpoint_walk(dtype, device="cpu"):
+    """Blocks whose ``u = |x| / s2`` hits every E2M1 value and midpoint times ``e`` exactly, and the
+    fp32 neighbours of each midpoint, for normal and FP8-subnormal codes; s2 = 2**-10 exactly."""
+    s2 = 2.0**-10
+    codes = fp8_code_values()
+    picks = [codes[0], codes[5], codes[7], codes[50], codes[63], codes[90], codes[-1]]  # 2^-9 .. 448
+    rows, amax = [], []
+    for e in (float(c) for c in picks):
+        us = [v * e for v in E2M1_VALUES] + [7.0 * e]
+        for mid, _ in E2M1_MIDPOINTS:
+            t = torch.tensor(mid * e, dtype=torch.float32)
+            us += [float(t), float(torch.nextafter(t, t + 1)), float(torch.nextafter(t, t - 1))]
+        vals = torch.tensor(us, dtype=torch.float32) * s2
+        vals = torch.cat([vals, -vals])
+        vals = torch.nn.functional.pad(vals, (0, (-vals.numel()) % 16))
+        rows.append(vals.reshape(-1, 16))
+        amax += [6.0 * e * s2] * rows[-1].shape[0]
+    x = torch.cat(rows).to(device=device, dtype=dtype)
+    block = torch.tensor(amax, dtype=torch.float32, device=device)
+    return x, block, torch.tensor(2688.0 * s2, device=device)
+
+
+def special_values_case(dtype, device="cpu"):
+    """Zeros, -0.0, NaN, +-Inf, an all-zero block, a block 1e5 smaller than the tensor max."""
+    x = torch.randn(6, 32) * 0.1
+    x[0, :16] = 0.0
+    x[0, 16:] = -0.0
+    x[1, 3], x[1, 4], x[1, 5] = float("nan"), float("inf"), float("-inf")
+    x[2, :16] *= 1e-5
+    x[3, 16:] = 0.031  # all equal
+    x[4, :] = 0.0
+    x[4, 7] = -0.05  # single non-zero
+    x = x.to(device=device, dtype=dtype)
+    block, _ = max_amax(x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
+    return x, block, torch.tensor(0.5, device=device)
+
+
+SHAPES = [(1, 16), (7, 16), (37, 48), (4, 3, 64), (64, 256)]
+
+
+@pytest.mark.parametrize("seed", [0, 1], ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_interpreter_matches_reference(interpret, dtype, shape, seed):
+    x, block, g = random_case(shape, dtype, seed)
+    assert_bits_equal(fake_quant_triton(x, block, g), fake_quantize_nvfp4(x, block, g))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"rows{c['ROWS']}w{c['num_warps']}")
+def test_interpreter_each_config_with_partial_last_tile(interpret, config):
+    n_blocks = 2 * config["ROWS"] + 3
+    x, block, g = random_case((n_blocks, 16), torch.bfloat16, 5)
+    assert_bits_equal(fake_quant_triton(x, block, g, config=config), fake_quantize_nvfp4(x, block, g))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_interpreter_midpoints_and_special_values(interpret, dtype):
+    for x, block, g in (midpoint_walk(dtype), special_values_case(dtype)):
+        assert_bits_equal(fake_quant_triton(x, block, g), fake_quantize_nvfp4(x, block, g))
+    x, block, _ = special_values_case(dtype)
+    zero = torch.tensor(0.0)  # s2 == 0: every output is a signed zero, never NaN
+    assert_bits_equal(fake_quant_triton(x, block, zero), fake_quantize_nvfp4(x, block, zero))
+
+
+def test_interpreter_non_contiguous_input(interpret):
+    base = torch.randn(64, 48) * 0.02
+    x = base.t()  # (48, 64), not contiguous
+    block, g = max_amax(x)
+    out = fake_quant_triton(x, block, g)
+    assert out.is_contiguous()
+    assert_bits_equal(out, fake_quantize_nvfp4(x, block, g))
+
+
+def test_interpreter_custom_op_and_module_path(interpret):
+    x, block, g = random_case((9, 32), torch.bfloat16, 2)
+    s2 = global_scale(g)
+    e = block_codes(block.reshape(-1), s2)
+    torch.library.opcheck(torch.ops.nvfp4_qat.fake_quant_nvfp4, (x, e, s2))
+    assert_bits_equal(torch.ops.nvfp4_qat.fake_quant_nvfp4(x, e, s2), fake_quantize_nvfp4(x, block, g))
+
+    torch.manual_seed(0)
+    cfg = QATConfig(quantize_activations=True, backend="reference")  # the sweep kernel is not under test
+    layers = [NVFP4Linear(32, 8, config=cfg) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    layers[1].fake_quant_backend = "triton"
+    x = torch.randn(5, 32)
+    outs = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.square().sum().backward()
+        outs.append((out, xi.grad, layer.weight.grad))
+    for a, b in zip(*outs, strict=True):
+        assert_bits_equal(a, b)
+
+
+def torch_sse(x, block, g) -> torch.Tensor:
+    return (fake_quantize_nvfp4(x, block, g).float() - x.float()).square().sum()
+
+
+SSE_CASES = [(torch.bfloat16, c) for c in CONFIGS] + [(d, CONFIGS[0]) for d in (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "config"), SSE_CASES, ids=lambda v: f"rows{v['ROWS']}" if isinstance(v, dict) else str(v)[6:]
+)
+def test_interpreter_sse_mode(interpret, dtype, config):
+    x, block, g = random_case((config["ROWS"] + 3, 16), dtype, 4)  # a partial second tile
+    sse = fake_quant_sse_triton(x, block, g, config=config)
+    assert sse.dtype == torch.float32 and sse.shape == ()
+    assert math.isclose(float(sse), float(torch_sse(x, block, g)), rel_tol=1e-6)
+    assert math.isclose(float(fake_quant_sse(x, block, g, "triton")), float(sse), rel_tol=1e-6)
+
+
+def test_interpreter_sse_of_non_finite_input(interpret):
+    x, block, g = random_case((8, 32), torch.float32, 0)
+    x[3, 3] = float("inf")
+    assert math.isinf(float(fake_quant_sse_triton(x, block, g)))
+    x[5, 5] = float("nan")
+    assert math.isnan(float(fake_quant_sse_triton(x, block, g)))
+
+
+def test_launcher_validation(interpret, monkeypatch):
+    x, block, g = random_case((4, 32), torch.float32, 0)
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        fake_quant_triton(x.double(), block, g)
+    with pytest.raises(ValueError, match="divisible by block_size=16"):
+        fake_quant_triton(torch.zeros(4, 24), torch.zeros(4), g)
+    with pytest.raises(ValueError, match="block_amax must have shape"):
+        fake_quant_triton(x, block[:, :1], g)
+    with pytest.raises(ValueError, match="global_amax must be finite"):
+        fake_quant_triton(x, block, float("nan"))
+    with pytest.raises(ValueError, match="config must be None or a dict"):
+        fake_quant_triton(x, block, g, config={"ROWS": 48, "num_warps": 4})
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        fake_quant_triton(x, block, g)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        fake_quant_sse_triton(x, block, g)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 16), (999, 48), (4096, 4096), (3, 11008, 64)], ids=str)
+def test_cuda_matches_reference_on_cuda_and_cpu(dtype, shape):
+    x, block, g = random_case(shape, dtype, 7, device="cuda")
+    out = fake_quant_triton(x, block, g)
+    assert_bits_equal(out, fake_quantize_nvfp4(x, block, g))
+    assert_bits_equal(out.cpu(), fake_quantize_nvfp4(x.cpu(), block.cpu(), g.cpu()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_sse_mode(dtype):
+    x, block, g = random_case((4096, 4096), dtype, 8, device="cuda")
+    sse = fake_quant_sse_triton(x, block, g)
+    xc = x.cpu()
+    ref = (fake_quantize_nvfp4(xc, block.cpu(), g.cpu()).double() - xc.double()).square().sum()  # fp64 sum
+    assert math.isclose(float(sse), float(ref), rel_tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"rows{c['ROWS']}w{c['num_warps']}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_each_config_and_edge_cases(config, dtype):
+    n_blocks = 1000 * config["ROWS"] + 5
+    x, block, g = random_case((n_blocks, 16), dtype, 3, device="cuda")
+    assert_bits_equal(fake_quant_triton(x, block, g, config=config), fake_quantize_nvfp4(x, block, g))
+    for x, block, g in (midpoint_walk(dtype, "cuda"), special_values_case(dtype, "cuda")):
+        out = fake_quant_triton(x, block, g, config=config)
+        assert_bits_equal(out.cpu(), fake_quantize_nvfp4(x.cpu(), block.cpu(), g.cpu()))
+    # fp32 subnormal outputs and inputs: tiny global amax (s2 ~ 1e-41), no flush to zero
+    x = (torch.randn(64, 64, device="cuda") * 1e-38).to(dtype)
+    block, g = max_amax(x)
+    assert_bits_equal(
+        fake_quant_triton(x, block, g, config=config).cpu(),
+        fake_quantize_nvfp4(x.cpu(), block.cpu(), g.cpu()),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_module_uses_kernel_and_matches_torch_path(dtype, monkeypatch):
+    calls = []
+    launch = fq._launch
+    monkeypatch.setattr(fq, "_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    torch.manual_seed(0)
+    cfg = QATConfig(quantize_activations=True, gradient="clipped_ste")
+    a = NVFP4Linear(256, 512, device="cuda", dtype=dtype, config=cfg)
+    b = NVFP4Linear(256, 512, device="cuda", dtype=dtype, config=cfg)
+    b.load_state_dict(a.state_dict())
+    b.fake_quant_backend = "torch"
+    x = torch.randn(4, 33, 256, device="cuda", dtype=dtype)
+    outs = []
+    for layer in (a, b):
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.float().square().sum().backward()
+        outs.append((out, xi.grad, layer.weight.grad))
+    assert len(calls) == 2  # weight and input of layer a
+    for u, v in zip(*outs, strict=True):
+        assert_bits_equal(u, v)
+
+
+@pytest.mark.gpu
+def test_cuda_compile_matches_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda().to(torch.bfloat16)
+    quantize_model(model, QATConfig(quantize_activations=True))
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    eager = model(x)
+    compiled = torch.compile(model)(x)
+    assert torch.equal(torch.compile(model[0].fake_quantized_weight)(), model[0].fake_quantized_weight())
+    torch.testing.assert_close(compiled, eager)
+    compiled.float().square().mean().backward()
+    assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
+
+
+@pytest.mark.gpu
+def test_cuda_recalibrate_matches_cpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 512)).to(torch.bfloat16)
+    quantize_model(model, init_calibration="max")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05).add_(0.001)
+    gpu = quantize_model(nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 512)), init_calibration="max")
+    gpu = gpu.to(torch.bfloat16).cuda()
+    gpu.load_state_dict(model.state_dict())
+    cpu_report, gpu_report = recalibrate(model), recalibrate(gpu)
+    for (name, t), t_gpu in zip(model.state_dict().items(), gpu.state_dict().values(), strict=True):
+        assert torch.equal(t, t_gpu.cpu()), name
+    assert math.isclose(cpu_report.mse_after, gpu_report.mse_after, rel_tol=1e-5)

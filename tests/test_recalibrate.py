@@ -1,0 +1,199 @@
+"""recalibrate(): in-place scales equal to the sweep, report values, non-finite policy, no autograd."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nvfp4_qat import RecalibrationReport, fake_quantize_nvfp4, nvfp4_scale_sweep, quantize_model, recalibrate
+from nvfp4_qat.format import block_codes, global_scale
+from nvfp4_qat.recalibrate import compute_scales, weight_sse
+
+
+def prepared(seed=0, dtype=torch.float32, init="max") -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.Linear(48, 16)).to(dtype)
+    return quantize_model(model, init_calibration=init)
+
+
+def drift(model: nn.Module, seed=1) -> None:
+    """Move the weights the way training would, so that the scales go stale."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.2).add_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+
+
+def manual_sse(w, block, g) -> float:
+    return float((fake_quantize_nvfp4(w, block, g).float() - w.float()).square().sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scales_written_in_place_equal_the_sweep(dtype):
+    model = prepared(dtype=dtype)
+    drift(model)
+    layers = [model[0], model[2], model[3]]
+    ptrs = [(m.block_amax.data_ptr(), m.global_amax.data_ptr()) for m in layers]
+    buffers = [(m.block_amax, m.global_amax) for m in layers]
+    recalibrate(model)
+    for m, ptr, (block, g) in zip(layers, ptrs, buffers, strict=True):
+        assert (m.block_amax.data_ptr(), m.global_amax.data_ptr()) == ptr
+        assert m.block_amax is block and m.global_amax is g  # same tensors, same storage
+        w = m.weight.detach()
+        assert torch.equal(m.global_amax, w.float().abs().amax())
+        assert torch.equal(m.block_amax.reshape(-1), nvfp4_scale_sweep(w, w.float().abs().amax()))
+        new_g, new_block = compute_scales(m)
+        assert torch.equal(new_g, m.global_amax) and torch.equal(new_block, m.block_amax)
+
+
+def test_report_rows_and_totals():
+    model = prepared(init="max")
+    drift(model)
+    stale = {
+        name: (m.block_amax.clone(), m.global_amax.clone())
+        for name, m in model.named_children()
+        if hasattr(m, "block_amax")
+    }
+    report = recalibrate(model)
+    assert isinstance(report, RecalibrationReport)
+    assert [r.name for r in report.layers] == ["0", "2", "3"]
+    sse_b = sse_a = changed = blocks = numel = 0
+    for row in report.layers:
+        m = model.get_submodule(row.name)
+        w = m.weight.detach()
+        old_block, old_g = stale[row.name]
+        assert row.numel == w.numel() and not row.skipped and row.seconds > 0
+        assert math.isclose(row.sse_before, manual_sse(w, old_block, old_g), rel_tol=1e-6)
+        assert math.isclose(row.sse_after, manual_sse(w, m.block_amax, m.global_amax), rel_tol=1e-6)
+        assert row.mse_before == row.sse_before / row.numel and row.mse_after == row.sse_after / row.numel
+        assert row.sse_after < row.sse_before  # stale max scales vs fresh MSE-optimal ones
+        moved = block_codes(m.block_amax, global_scale(m.global_amax)) != block_codes(
+            old_block, global_scale(old_g)
+        )
+        assert row.changed_fraction == int(moved.sum()) / moved.numel()
+        assert row.global_amax_before == float(old_g) and row.global_amax_after == float(m.global_amax)
+        sse_b, sse_a = sse_b + row.sse_before, sse_a + row.sse_after
+        changed, blocks, numel = changed + int(moved.sum()), blocks + moved.numel(), numel + row.numel
+    assert 0 < changed < blocks
+    assert report.numel == numel and report.n_blocks == blocks
+    assert math.isclose(report.mse_before, sse_b / numel) and math.isclose(report.mse_after, sse_a / numel)
+    assert math.isclose(report.changed_fraction, changed / blocks)
+    text = str(report)
+    assert "NVFP4 recalibration: 3 layers (0 skipped)" in text and text.splitlines()[-1].startswith("total")
+    assert f"{report.mse_after:.4e}" in text
+
+
+def test_second_recalibration_changes_nothing():
+    model = prepared(init="mse")
+    report = recalibrate(model)
+    assert report.changed_fraction == 0.0 and report.mse_before == report.mse_after
+
+
+def test_weight_sse_matches_the_definition():
+    model = prepared(dtype=torch.bfloat16)
+    sse, numel = weight_sse(model[2])
+    assert sse.dtype == torch.float32 and sse.shape == () and numel == 64 * 48
+    assert float(sse) == manual_sse(model[2].weight.detach(), model[2].block_amax, model[2].global_amax)
+
+
+def test_no_autograd_or_optimizer_side_effects():
+    model = prepared()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 32)).square().sum().backward()
+    opt.step()
+    drift(model)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recalibrate(model)
+    assert torch.is_grad_enabled()
+    for n, p in model.named_parameters():
+        assert p.requires_grad and torch.equal(p.grad, grads[n]) and torch.equal(p, weights[n]), n
+    for k, v in opt.state[model[0].weight].items():
+        assert torch.equal(v, state[k]), k
+    assert not any(m.block_amax.requires_grad for m in (model[0], model[2], model[3]))
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip", "warn"])
+def test_non_finite_weights(policy):
+    model = prepared()
+    drift(model)
+    with torch.no_grad():
+        model[2].weight[1, 1] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "amax" in k}
+    if policy == "raise":
+        with pytest.raises(ValueError, match="non-finite .* in layer '2'; no scale was changed"):
+            recalibrate(model, on_nonfinite=policy)
+        for k, v in model.state_dict().items():  # not even the finite layer '0' before it moved
+            if "amax" in k:
+                assert torch.equal(v, before[k]), k
+        return
+    if policy == "warn":
+        with pytest.warns(UserWarning, match=r"skipped 1 layer\(s\) with non-finite weights.*\['2'\]"):
+            report = recalibrate(model, on_nonfinite=policy)
+    else:
+        report = recalibrate(model, on_nonfinite=policy)
+    rows = {r.name: r for r in report.layers}
+    assert rows["2"].skipped and math.isnan(rows["2"].mse_after) and not rows["0"].skipped
+    assert torch.equal(model[2].block_amax, before["2.block_amax"])
+    assert not torch.equal(model[0].block_amax, before["0.block_amax"])
+    assert report.n_skipped == 1 and report.numel == 32 * 64 + 48 * 16 and math.isfinite(report.mse_after)
+    assert "skipped: non-finite weights" in str(report)
+
+
+def test_garbage_stale_scales_and_huge_finite_weights_are_recalibrated():
+    model = prepared()
+    model[0].block_amax.fill_(float("nan"))  # e.g. uninitialised buffers after to_empty()
+    with torch.no_grad():
+        model[2].weight.mul_(1e19)  # finite, but squared errors overflow fp32: the SSE is Inf
+    report = recalibrate(model)
+    rows = {r.name: r for r in report.layers}
+    assert report.n_skipped == 0
+    # a NaN block amax gives FP8 code 0 (format.block_codes): the stale error is that of all zeros
+    assert math.isclose(rows["0"].sse_before, float(model[0].weight.detach().square().sum()), rel_tol=1e-6)
+    assert rows["0"].mse_after < rows["0"].mse_before
+    assert math.isinf(rows["2"].sse_before)
+    w = model[2].weight.detach()
+    assert torch.equal(model[2].global_amax, w.abs().amax())
+    assert torch.equal(
+        model[0].block_amax.reshape(-1), nvfp4_scale_sweep(model[0].weight.detach(), model[0].global_amax)
+    )
+
+
+def test_bad_arguments():
+    model = prepared()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        recalibrate(model, backend="cuda")
+    with pytest.raises(ValueError, match="method must be one of"):
+        recalibrate(model, method="greedy")
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        recalibrate(model, on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="holds no NVFP4Linear layers"):
+        recalibrate(nn.Sequential(nn.Linear(16, 16)))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        recalibrate({"w": torch.zeros(16)})
+
+
+def test_dtensor_weight_is_gathered_for_the_sweep():
+    # FSDP2 holds weights as DTensor shards while the scale buffers stay whole: the sweep must see
+    # the full weight. A one-process gloo group is enough to build a DTensor on the CPU.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model, reference = prepared(seed=2), prepared(seed=2)
+    drift(model)
+    drift(reference)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model[2].weight = nn.Parameter(distribute_tensor(model[2].weight.detach(), mesh, [Shard(0)]))
+        report = recalibrate(model)
+    finally:
+        dist.destroy_process_group()
+    recalibrate(reference)
+    assert report.n_skipped == 0
+    for name, t in reference.state_dict().items():
+        if "amax" in name:
+            assert torch.equal(model.state_dict()[name], t), name
