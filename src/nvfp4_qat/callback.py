@@ -260,14 +260,17 @@ class NVFP4Recalibration(Callback):
         )
         if self.log_per_layer:
             metrics.update(self._layer_metrics(report))
-        # Every rank computed the same values (the metrics' reductions are collective); loggers
-        # write on rank zero only, so nothing here waits on another rank.
+        # Every rank computed the same values without a collective; loggers write on rank zero
+        # only, so nothing here waits on another rank.
         for logger in trainer.loggers:
             logger.log_metrics({f"nvfp4/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 
     def _metrics(self, report: RecalibrationReport, seconds: float) -> dict[str, float]:
-        before, after = WeightQuantMSE(), WeightQuantMSE()
-        sqnr, changed = WeightQuantSQNR(), ScaleChangeFraction()
+        # Every rank recalibrates every layer of its full replica, so each rank already holds the
+        # global values: no cross-rank reduction (which would also need device tensors on NCCL).
+        local = {"sync_on_compute": False}
+        before, after = WeightQuantMSE(**local), WeightQuantMSE(**local)
+        sqnr, changed = WeightQuantSQNR(**local), ScaleChangeFraction(**local)
         for row in report.layers:
             if row.skipped:  # non-finite weights, scales kept: nothing to measure
                 continue
