@@ -69,6 +69,15 @@ def sanitize_metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "model"
 
 
+def _fsdp2_modules(module: Any) -> list[Any]:
+    """The submodules that FSDP2's ``fully_shard`` manages (none without FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has it only here
+        from torch.distributed._composable.fsdp import FSDPModule
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
 def restore_quantization(module: Any, checkpoint: dict[str, Any]) -> bool:
     """Make a plain model ready to load a QAT checkpoint written with this callback.
 
@@ -185,6 +194,17 @@ class NVFP4Recalibration(Callback):
             quantize_model(pl_module, self.quant_config)
             if not nvfp4_layers(pl_module):
                 rank_zero_warn("NVFP4Recalibration: the model has no nn.Linear layer to quantize.")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The model is sharded by now (configure_model runs after setup). The export runs on rank
+        # zero alone, which cannot gather FSDP2 shards: refuse before training, not at its end.
+        if self.export_path is not None and _fsdp2_modules(pl_module):
+            raise ValueError(
+                "`export_path` is not supported with FSDP2 (fully_shard): the weights are sharded "
+                "DTensors and the export runs on rank zero only; train without it and export the "
+                "gathered model (e.g. loaded from a full-state-dict checkpoint) with export_nvfp4"
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
