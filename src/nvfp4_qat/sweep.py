@@ -89,11 +89,24 @@ def nvfp4_scale_sweep(
     """
     check_x(x, block_size)
     check_choice(method, METHODS, "method")
-    chosen = resolve_backend(backend, x.device, block_size)
+    resolve_backend(backend, x.device, block_size)
     g = check_global_amax(global_amax, x)
     check_finite(x)
-    if chosen == "triton":
+    return sweep_unchecked(x, g, block_size, backend, method)
+
+
+def sweep_unchecked(
+    x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16, backend: str = "auto", method: str = "pruned"
+) -> torch.Tensor:
+    """:func:`nvfp4_scale_sweep` without the value checks, for callers that have made them.
+
+    ``recalibrate`` checks every weight's finiteness once for all layers; the public function's
+    own check reads the whole weight and syncs with the host, which on an H100 doubles the time of
+    the pruned kernel. ``global_amax`` must be a finite, non-negative 0-dim fp32 tensor on ``x``'s
+    device; ``x`` must be finite.
+    """
+    if resolve_backend(backend, x.device, block_size) == "triton":
         from nvfp4_qat.kernels.sweep import sweep_triton
 
-        return sweep_triton(x, g, method=method)
-    return sweep_reference(x, g, block_size)
+        return sweep_triton(x, global_amax, method=method)
+    return sweep_reference(x, global_amax, block_size)

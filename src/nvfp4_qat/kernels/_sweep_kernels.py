@@ -14,20 +14,23 @@ the rest cannot win:
 
 * Above: for a non-saturating code ``v`` the FP4 grid at ``2v`` (below ``u_max``) is a subset of
   the grid at ``v``, and ``fl(2v * s2) = 2 * fl(v * s2)``, so every element's computed error at
-  ``2v`` is >= its error at ``v`` and the (monotone) tree sum follows; the smaller index wins the
-  ties. In the FP8 normal range ``v[k + 8] = 2 * v[k]``, so everything from ``k0 + 8`` up is
-  dominated by a window code. Two things can break the per-element step, and flag the block:
-  ``v[k0]`` subnormal (halving a candidate does not give a candidate), and an element whose ``u``
-  lies 1..ZONE ulps from a number of at most 7 significant bits (every ``midpoint * v`` is one):
-  there the float32 decision and the float32 error may disagree by an ulp. Beyond 2 ulps they
-  cannot (see ``tests/test_sweep_triton.py`` for the checks of these claims).
+  ``2v`` is >= its error at ``v`` (also for elements an ulp from a midpoint, where the float32
+  decision and the float32 error could in principle disagree: an exhaustive check over every fp32
+  mantissa of ``s2`` finds no such element, see ``tests/test_sweep_triton.py``), and the monotone
+  tree sum follows; the smaller index wins ties. In the FP8 normal range ``v[k + 8] = 2 * v[k]``,
+  so everything from ``k0 + 8`` up is dominated by a window code. A subnormal ``v[k0]`` (halving
+  a candidate need not give a candidate) flags the block.
 * Below: every code under ``k0`` saturates, and the max element alone contributes
-  ``(m - 6 * s)^2``, which grows as ``s`` falls. If that lower bound at ``lo - 1`` does not
-  strictly exceed the window's best loss, the block is flagged.
+  ``(m - 6 * s)^2``, which grows as ``s`` falls. Where that lower bound at ``start - 1`` does not
+  strictly exceed the window's best loss yet (0.9% of the blocks of a random bf16 8192x4096 weight
+  with N_BELOW = 3, 16% with 2), the tile scores up to N_EXTRA more codes downwards; blocks still
+  unresolved are flagged (none of that weight's 2,097,152 with N_EXTRA = 2).
 
 Flagged blocks (and every block when ``s2 < 2**-100``, where products may turn subnormal) are
-appended to a work list and swept exhaustively by ``_sweep_worklist_kernel``, a persistent kernel
-that reads the count on the device (no host sync).
+appended to a work list and swept exhaustively by ``_sweep_worklist_kernel``: persistent on CUDA
+(the count stays on the device, no host sync), each listed block copied LANES times with every copy
+scanning a slice of the codes, so that a few flagged blocks do not wait for one thread to walk all
+126 codes.
 
 CPU tensors run under Triton's interpreter: :func:`interpreted` rebuilds a kernel and its helpers
 as interpreted functions from the same source, so the compiled CUDA kernels stay intact in the same
@@ -57,26 +60,30 @@ _QMAX = tl.constexpr(FP4_MAX)
 _DIVISOR = tl.constexpr(GLOBAL_SCALE_DIVISOR)
 # Below this s2, v * s2 or q * v * s2 can be subnormal and the pruning proof no longer holds.
 _TINY_S2 = tl.constexpr(2.0**-100)
-# An element whose u is 1..ZONE ulps from a number with <= 7 significant bits (low 17 mantissa
-# bits near 0 or near 2**17) may break the doubling argument; 3 ulps are provably safe.
-_ZONE = tl.constexpr(8)
-_LOW_MASK = tl.constexpr(2**17 - 1)
+# Triton's own combine functions for tl.reduce: tl.sum / tl.max are jitted wrappers that an
+# interpreted kernel cannot call, while the interpreter runs these as numpy reductions.
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+_MIN = tl.standard._elementwise_min
 
-# (BLOCK_B, num_warps) per kernel, keyed on the block count. Timings: see BENCHMARKS.md.
+# (BLOCK_B, num_warps), autotuned on the block count. Medians on an H100 (8192x4096 bf16): exhaustive
+# 3.91-3.95 ms for every config here (B32w1 3.91), 3.99 with 16 rows per warp; pruned (both passes)
+# B32w2 0.462, B64w4 0.464, B128w8 0.467, B128w4 0.470, B64w2 0.472 ms, B128w2 / B256w4 0.56 ms
+# (before N_EXTRA, which took the best to 0.404 ms).
 EXHAUSTIVE_CONFIGS = [
+    triton.Config({"BLOCK_B": 32}, num_warps=1),
+    triton.Config({"BLOCK_B": 64}, num_warps=2),
+    triton.Config({"BLOCK_B": 128}, num_warps=4),
+    triton.Config({"BLOCK_B": 256}, num_warps=8),
+]
+PRUNED_CONFIGS = [  # three: each takes ~4 s to compile (the window is unrolled)
     triton.Config({"BLOCK_B": 32}, num_warps=2),
     triton.Config({"BLOCK_B": 64}, num_warps=4),
-    triton.Config({"BLOCK_B": 128}, num_warps=4),
     triton.Config({"BLOCK_B": 128}, num_warps=8),
 ]
-PRUNED_CONFIGS = [
-    triton.Config({"BLOCK_B": 32}, num_warps=2),
-    triton.Config({"BLOCK_B": 64}, num_warps=4),
-    triton.Config({"BLOCK_B": 128}, num_warps=4),
-    triton.Config({"BLOCK_B": 128}, num_warps=8),
-]
-#: Tile of the second (work-list) pass; not autotuned, its length is only known on the device.
-WORKLIST_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=2)
+#: Tile of the second (work-list) pass: BLOCK_B blocks x LANES slices of the codes (B16 L8 0.464 ms
+#: in total above, B32 L4 0.472, B32 L1 0.549). Not autotuned: its length is only known on the device.
+WORKLIST_CONFIG = triton.Config({"BLOCK_B": 16, "LANES": 8}, num_warps=4)
 
 
 @triton.jit
@@ -102,23 +109,14 @@ def _block_loss(
     dq = tl.where((u > _M7 * v) if _T7 else (u >= _M7 * v), _Q7 * sv, dq)
     d = absw - dq
     sq = d * d
-    # Pairwise tree over adjacent pairs (16 -> 8 -> 4 -> 2 -> 1), as the reference sums: each
-    # level splits off the even and odd members of every pair and adds them.
-    a, b = tl.split(tl.reshape(sq, [B, 8, 2]))
-    a, b = tl.split(tl.reshape(a + b, [B, 4, 2]))
-    a, b = tl.split(tl.reshape(a + b, [B, 2, 2]))
-    a, b = tl.split(a + b)
-    return a + b
-
-
-@triton.jit
-def _max16(x, B: tl.constexpr):
-    # Max over the 16 elements of each block, [B, 16] -> [B] (a split tree: no jitted reduction).
-    a, b = tl.split(tl.reshape(x, [B, 8, 2]))
-    a, b = tl.split(tl.reshape(tl.maximum(a, b), [B, 4, 2]))
-    a, b = tl.split(tl.reshape(tl.maximum(a, b), [B, 2, 2]))
-    a, b = tl.split(tl.maximum(a, b))
-    return tl.maximum(a, b)
+    # Pairwise tree over adjacent pairs (16 -> 8 -> 4 -> 2 -> 1), as the reference sums: element
+    # 8a+4b+2c+d, summed over d, then c, b, a. Each step adds exactly two numbers, so the result
+    # does not depend on how a reduction is laid out over threads (the last one uses shuffles).
+    t = tl.reshape(sq, [B, 2, 2, 2, 2])
+    t = tl.reduce(t, 4, _SUM)
+    t = tl.reduce(t, 3, _SUM)
+    t = tl.reduce(t, 2, _SUM)
+    return tl.reduce(t, 1, _SUM)
 
 
 @triton.jit
@@ -136,7 +134,7 @@ def _load_blocks(x_ptr, rows, mask, g_ptr, B: tl.constexpr):
 def _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES: tl.constexpr, B: tl.constexpr):
     # Exhaustive running argmin over all codes, ascending, strict <. -> [B] int32
     best_loss = tl.full([B], float("inf"), dtype=tl.float32)
-    best_idx = tl.zeros([B], dtype=tl.int32)
+    best_idx = tl.full([B], 0, tl.int32)
     for k in range(NUM_CANDIDATES):
         v = tl.load(values_ptr + k)
         loss = _block_loss(absw, u, v, s2, B)
@@ -144,6 +142,32 @@ def _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES: tl.constexpr, B: tl.con
         best_loss = tl.where(better, loss, best_loss)
         best_idx = tl.where(better, k, best_idx)
     return best_idx
+
+
+@triton.jit
+def _argmin_lanes(
+    absw, u, s2, values_ptr, NUM_CANDIDATES: tl.constexpr, B: tl.constexpr, LANES: tl.constexpr
+):
+    # The same argmin with the codes split into LANES ascending slices, one per copy of the block:
+    # each slice keeps its first minimum, then the smallest loss wins and, among equal losses, the
+    # smallest code: exactly the sequential first minimum. -> [B] int32
+    CHUNK: tl.constexpr = (NUM_CANDIDATES + LANES - 1) // LANES
+    R: tl.constexpr = B * LANES
+    absw = tl.reshape(tl.broadcast_to(absw[:, None, :], [B, LANES, 16]), [R, 16])
+    u = tl.reshape(tl.broadcast_to(u[:, None, :], [B, LANES, 16]), [R, 16])
+    first = (tl.arange(0, R) % LANES) * CHUNK  # [R], first code of each row's slice
+    best_loss = tl.full([R], float("inf"), dtype=tl.float32)
+    best_idx = first
+    for j in range(CHUNK):
+        k = tl.minimum(first + j, NUM_CANDIDATES - 1)  # the last slice repeats code 125: harmless
+        loss = _block_loss(absw, u, tl.load(values_ptr + k)[:, None], s2, R)
+        better = loss < best_loss
+        best_loss = tl.where(better, loss, best_loss)
+        best_idx = tl.where(better, k, best_idx)
+    best_loss = tl.reshape(best_loss, [B, LANES])
+    best_idx = tl.reshape(best_idx, [B, LANES])
+    low = tl.reduce(best_loss, 1, _MIN)
+    return tl.reduce(tl.where(best_loss == low[:, None], best_idx, NUM_CANDIDATES), 1, _MIN)
 
 
 @triton.autotune(configs=EXHAUSTIVE_CONFIGS, key=["n_blocks"])
@@ -178,19 +202,22 @@ def _sweep_pruned_kernel(
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
     FIRST_DOUBLING: tl.constexpr,  # first k from which v[k + 8] == 2 * v[k] (normal codes)
-    N_BELOW: tl.constexpr,  # codes scored below k0
+    N_BELOW: tl.constexpr,  # codes scored below k0 by every block
+    N_EXTRA: tl.constexpr,  # further codes below, scored by a tile only where its bound fails
     BLOCK_B: tl.constexpr,
 ):
+    # Per-block values are kept as [B, 1] columns of the [B, 16] tile so that they share its
+    # layout (1-D vectors would be shuffled through shared memory at every code).
     N_WINDOW: tl.constexpr = N_BELOW + 8
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = rows < n_blocks
     absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
-    m = _max16(absw, BLOCK_B)  # [B]
-    u_max = _max16(u, BLOCK_B)  # = fl(m / s2): rounding is monotone
+    m = tl.reduce(absw, 1, _MAX, keep_dims=True)  # [B, 1]
+    u_max = tl.reduce(u, 1, _MAX, keep_dims=True)  # = fl(m / s2): rounding is monotone
 
     # k0 = first code with 6 * v >= u_max (126 if none): binary search over the table.
-    lo = tl.zeros([BLOCK_B], dtype=tl.int32)
-    hi = tl.full([BLOCK_B], NUM_CANDIDATES, dtype=tl.int32)
+    lo = tl.full([BLOCK_B, 1], 0, tl.int32)
+    hi = tl.full([BLOCK_B, 1], NUM_CANDIDATES, tl.int32)
     for _ in tl.static_range(7):  # 2**7 > 126
         mid = (lo + hi) // 2
         ok = _QMAX * tl.load(values_ptr + tl.minimum(mid, NUM_CANDIDATES - 1)) >= u_max
@@ -201,34 +228,52 @@ def _sweep_pruned_kernel(
 
     # Score the window [start, start + N_WINDOW), which always covers [k0 - N_BELOW, k0 + 7].
     start = tl.minimum(tl.maximum(k0 - N_BELOW, 0), NUM_CANDIDATES - N_WINDOW)
-    best_loss = tl.full([BLOCK_B], float("inf"), dtype=tl.float32)
+    best_loss = tl.full([BLOCK_B, 1], float("inf"), tl.float32)
     best_idx = start
     for i in tl.static_range(N_WINDOW):
-        v = tl.load(values_ptr + start + i)
-        loss = _block_loss(absw, u, v[:, None], s2, BLOCK_B)
+        loss = _block_loss(absw, u, tl.load(values_ptr + start + i), s2, BLOCK_B)[:, None]
         better = loss < best_loss
         best_loss = tl.where(better, loss, best_loss)
         best_idx = tl.where(better, start + i, best_idx)
 
-    # Below the window: the max element's saturation error bounds every smaller code's loss.
-    v_below = tl.load(values_ptr + tl.maximum(start - 1, 0))
-    gap = tl.maximum(m - _QMAX * (v_below * s2), 0.0)
+    # Below the window: the max element's saturation error bounds every smaller code's loss. Where
+    # the bound at start - 1 does not beat the best loss yet (about 1 block in 100), the whole tile
+    # scores one more code downwards, up to N_EXTRA times: for the other blocks that code is
+    # already beaten, and a lower code wins a tie (<=). Blocks still unresolved are flagged.
+    gap = tl.maximum(m - _QMAX * (tl.load(values_ptr + tl.maximum(start - 1, 0)) * s2), 0.0)
     bound_fails = (start > 0) & ~(gap * gap > best_loss)
+    for _ in tl.static_range(N_EXTRA):
+        if tl.reduce(bound_fails.to(tl.int32), None, _MAX) > 0:
+            start = tl.maximum(start - 1, 0)
+            loss = _block_loss(absw, u, tl.load(values_ptr + start), s2, BLOCK_B)[:, None]
+            better = bound_fails & (loss <= best_loss)
+            best_loss = tl.where(better, loss, best_loss)
+            best_idx = tl.where(better, start, best_idx)
+            gap = tl.maximum(m - _QMAX * (tl.load(values_ptr + tl.maximum(start - 1, 0)) * s2), 0.0)
+            bound_fails = (start > 0) & ~(gap * gap > best_loss)
+    # Above: the doubling argument needs a normal v[k0] (zero blocks score 0 at every code).
+    subnormal = (k0 < FIRST_DOUBLING) & (m > 0)
+    tiny = tl.full([BLOCK_B, 1], 0.0, tl.float32) + s2 < _TINY_S2  # a property of the whole tensor
+    flag = tl.reshape(bound_fails | subnormal | tiny, [BLOCK_B]) & mask
 
-    # Above the window: the doubling argument needs a normal v[k0] and no element near a
-    # midpoint of some code (zero blocks score 0 everywhere and need neither).
-    v_k0 = tl.load(values_ptr + tl.minimum(k0, NUM_CANDIDATES - 1))
-    low = u.to(tl.int32, bitcast=True) & _LOW_MASK
-    near = ((low >= 1) & (low <= _ZONE)) | (low >= _LOW_MASK + 1 - _ZONE)
-    near = near & (u >= 0.125 * v_k0[:, None])  # smaller elements round to 0 at every code >= v[k0]
-    zone = _max16(near.to(tl.int32), BLOCK_B) > 0
-    flag = bound_fails | ((k0 < FIRST_DOUBLING) & (m > 0)) | zone | (tl.full([BLOCK_B], 0.0, tl.float32) + s2 < _TINY_S2)
-    flag = flag & mask
+    amax = tl.reshape(tl.load(cands_ptr + best_idx) * g, [BLOCK_B])
+    tl.store(out_ptr + rows, amax, mask=mask & ~flag)
+    # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
+    slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag)
+    tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag & (slot < n_blocks))
 
-    tl.store(out_ptr + rows, tl.load(cands_ptr + best_idx) * g, mask=mask & ~flag)
-    # One atomic per flagged block (a few per thousand): each gets its own slot in the list.
-    slot = tl.atomic_add(count_ptr + tl.zeros([BLOCK_B], dtype=tl.int32), 1, mask=flag)
-    tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag)
+
+@triton.jit
+def _sweep_listed(
+    x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, work_ptr, tile, count, NUM_CANDIDATES, BLOCK_B, LANES
+):
+    # Exhaustive sweep of the listed blocks work[tile * BLOCK_B :][:BLOCK_B] (those below count).
+    slots = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = slots < count
+    rows = tl.load(work_ptr + slots, mask=mask, other=0).to(tl.int64)
+    absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
+    best = _argmin_lanes(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B, LANES)
+    tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
 
 
 @triton.jit
@@ -242,17 +287,19 @@ def _sweep_worklist_kernel(
     count_ptr,  # [1] int32, how many entries of work_ptr are valid
     NUM_CANDIDATES: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    LANES: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    # Persistent: the work list's length is only known on the device.
     count = tl.load(count_ptr)
-    n_tiles = (count + BLOCK_B - 1) // BLOCK_B
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        slots = tile * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask = slots < count
-        rows = tl.load(work_ptr + slots, mask=mask, other=0).to(tl.int64)
-        absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
-        best = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
-        tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
+    if PERSISTENT:  # CUDA: the list's length is only known on the device, so loop up to it
+        n_tiles = (count + BLOCK_B - 1) // BLOCK_B
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, work_ptr, tile, count,
+                          NUM_CANDIDATES, BLOCK_B, LANES)  # fmt: skip
+    else:  # one tile per program, the grid sized by the caller (Triton 3.6's interpreter
+        # cannot loop to a bound read from memory)
+        _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, work_ptr, tl.program_id(0), count,
+                      NUM_CANDIDATES, BLOCK_B, LANES)  # fmt: skip
 
 
 @functools.cache
@@ -265,6 +312,8 @@ def _interpreted_namespace() -> dict:
             raw = obj
             while not isinstance(raw, types.FunctionType):
                 raw = raw.fn  # Autotuner -> JITFunction / InterpretedFunction -> function
+            if raw.__module__ != __name__:
+                continue  # Triton's combine functions (_SUM, _MAX): the interpreter knows them
             copy = types.FunctionType(raw.__code__, ns, raw.__name__, raw.__defaults__, raw.__closure__)
             ns[name] = InterpretedFunction(copy)
     return ns

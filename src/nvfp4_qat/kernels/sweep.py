@@ -11,17 +11,22 @@ import os
 
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 
 from nvfp4_qat._validation import METHODS, SUPPORTED_DTYPES, check_choice
 from nvfp4_qat.format import fp8_code_values, fp8_scale_candidates
 from nvfp4_qat.kernels import _sweep_kernels as _k
 
 BLOCK_SIZE = 16
-#: Codes scored below ``k0`` by the pruned kernel (with the 8 from ``k0`` up: 11 of 126). On
-#: Gaussian, Laplace and Student-t blocks the saturation bound then fails for ~0.3% of blocks
-#: (which the second pass re-sweeps); with 2 below it fails for ~12%.
+#: Codes scored below ``k0`` by the pruned kernel (with the 8 from ``k0`` up: 11 of 126). On a
+#: random bf16 8192x4096 weight the saturation bound then fails for 0.9% of the blocks (16% with 2).
 N_BELOW = 3
+#: Codes further below that a tile scores only when one of its blocks still needs them: with 2, none
+#: of that weight's blocks is left to the second pass (18,011 without); both passes 0.46 -> 0.40 ms.
+N_EXTRA = 2
 _INT32_MAX = 2**31 - 1
+#: Tile of the first pass under Triton's CPU interpreter (see ``_launch``).
+INTERPRETER_CONFIG = triton.Config({"BLOCK_B": 1024}, num_warps=4)
 
 _tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _num_sms: dict[int, int] = {}
@@ -83,27 +88,25 @@ def _interpreter_on() -> bool:
 
 
 def _launch(name: str, device: torch.device, grid, *args, config: triton.Config | None = None, **kwargs):
-    """Run kernel ``name`` compiled (CUDA, autotuned unless ``config`` pins one) or interpreted."""
+    """Run kernel ``name`` compiled (CUDA; autotuned unless ``config`` pins one) or interpreted."""
     kernel = getattr(_k, name)
     if device.type != "cuda":
-        # The interpreter cannot benchmark configs: it runs the largest tile (numpy-vectorised,
-        # fewer programs) unless a test pins one.
-        if config is None:
-            config = max(kernel.configs, key=lambda c: c.kwargs["BLOCK_B"])
+        # The interpreter runs programs one after another and vectorises inside one with numpy,
+        # so the largest tile is fastest (1024 blocks, exhaustive: 0.4 s at 1024, 3.3 s at 128).
+        config = config or INTERPRETER_CONFIG
         kernel = _k.interpreted(name)
     elif config is None:
         kernel[grid](*args, **kwargs, enable_fp_fusion=False)
         return
-    else:
-        kernel = kernel.fn
+    elif isinstance(kernel, Autotuner):
+        kernel = kernel.fn  # the JITFunction under the autotuner
     meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     kernel[grid](*args, **kwargs, **meta, enable_fp_fusion=False)
 
 
 def _worklist_programs(x: torch.Tensor, n_blocks: int) -> int:
+    # Persistent grid on CUDA: enough programs to fill the GPU, at most one per possible tile.
     tiles = triton.cdiv(n_blocks, _k.WORKLIST_CONFIG.kwargs["BLOCK_B"])
-    if x.device.type != "cuda":
-        return min(tiles, 2)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _num_sms:
         _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -115,6 +118,8 @@ def run_sweep(
     global_amax: torch.Tensor,
     method: str = "pruned",
     config: triton.Config | None = None,
+    n_below: int = N_BELOW,
+    n_extra: int = N_EXTRA,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernels on validated input; also return the pruned pass's flagged-block count.
 
@@ -123,6 +128,8 @@ def run_sweep(
         global_amax: one-element tensor on ``x``'s device.
         method: ``"pruned"`` or ``"exhaustive"``.
         config: pin one autotune config (tests use this to cover every tile size).
+        n_below, n_extra: the pruned window's depth below ``k0`` (tests shrink it to force the
+            bound and the second pass; any value gives the same result).
 
     Returns:
         ``(block_amax [n_blocks] fp32, n_flagged [1] int32 or None for "exhaustive")``.
@@ -132,19 +139,27 @@ def run_sweep(
     values, cands = _candidate_tables(x.device)
     g = global_amax.detach().reshape(1).to(torch.float32)
     out = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-    common = dict(NUM_CANDIDATES=values.numel())
-    device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with device_ctx:
+    tables = (flat, values, cands, g, out)  # the arguments every kernel starts with
+    n_cand = values.numel()
+    on_cuda = x.device.type == "cuda"
+    with torch.cuda.device(x.device) if on_cuda else contextlib.nullcontext():
         if method == "exhaustive":
-            _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), flat, values, cands, g, out,
-                    n_blocks, config=config, **common)
+            _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), *tables, n_blocks,
+                    NUM_CANDIDATES=n_cand, config=config)  # fmt: skip
             return out, None
         count = torch.zeros(1, dtype=torch.int32, device=x.device)
         work = torch.empty(n_blocks, dtype=torch.int32, device=x.device)
-        _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), flat, values, cands, g, out, work, count,
-                n_blocks, config=config, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=N_BELOW, **common)
-        _launch("_sweep_worklist_kernel", x.device, (_worklist_programs(x, n_blocks),), flat, values, cands,
-                g, out, work, count, config=_k.WORKLIST_CONFIG, **common)
+        _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks,
+                NUM_CANDIDATES=n_cand, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below, N_EXTRA=n_extra,
+                config=config)  # fmt: skip
+        wl = _k.WORKLIST_CONFIG
+        if on_cuda:
+            grid = (_worklist_programs(x, n_blocks),)
+        else:  # the interpreter gets one tile per program (a host sync costs nothing there)
+            grid = (triton.cdiv(int(count), wl.kwargs["BLOCK_B"]),)
+        if grid[0]:
+            _launch("_sweep_worklist_kernel", x.device, grid, *tables, work, count, NUM_CANDIDATES=n_cand,
+                    PERSISTENT=on_cuda, config=wl)  # fmt: skip
     return out, count
 
 

@@ -1,0 +1,453 @@
+"""The Triton scale-sweep kernels equal the reference sweep bit for bit; the pruning math holds.
+
+CPU tests run the kernels in Triton's interpreter: ``TRITON_INTERPRET=1`` is set per test through
+``monkeypatch`` (never leaked) and the launcher builds interpreted copies of the kernels itself, so
+the compiled CUDA kernels stay intact in the same process. Tests marked ``gpu`` repeat the parity on
+CUDA at larger sizes. Every comparison is ``torch.equal``; failure messages count differing blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nvfp4_qat import nvfp4_scale_sweep  # noqa: E402
+from nvfp4_qat._sweep_reference import block_losses, sweep_reference  # noqa: E402
+from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, e2m1_magnitude, fp8_code_values, global_scale  # noqa: E402
+from nvfp4_qat.kernels import _sweep_kernels as K  # noqa: E402
+from nvfp4_qat.kernels.sweep import FIRST_DOUBLING, N_BELOW, run_sweep, sweep_triton  # noqa: E402
+
+METHODS = ["pruned", "exhaustive"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+VALUES = fp8_code_values()
+
+
+def cfg_id(cfg) -> str:
+    return f"B{cfg.kwargs['BLOCK_B']}w{cfg.num_warps}"
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def assert_same_blocks(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == torch.float32 and out.shape == ref.shape and out.device == ref.device
+    n = int((out != ref).sum())
+    assert n == 0, f"{n} of {ref.numel()} blocks differ from the reference"
+    assert torch.equal(out, ref)
+
+
+def amax(x: torch.Tensor) -> torch.Tensor:
+    return x.float().abs().amax()
+
+
+def random_weight(shape, dtype, seed, device="cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 0.02
+    x.view(-1)[::97] *= 30  # a few large elements: blocks at very different scales
+    return x.to(device=device, dtype=dtype)
+
+
+def adversarial_blocks(seed: int = 0) -> torch.Tensor:
+    """(n, 16) fp32 blocks, global max 4.0: the cases the foundation issue lists, and more."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    s2 = global_scale(torch.tensor(4.0))
+    ordinary = rnd(8, 16) * 0.5
+    ordinary[0, 3] = 4.0  # the block that holds the global max
+    small = torch.cat([rnd(8, 16) * 4e-5, rnd(8, 16) * 4e-6, rnd(4, 16) * 4e-7])  # FP8-subnormal best
+    equal = torch.tensor([4.0, 1.0, 0.3, 1e-3, 3e-5]).repeat_interleave(16).reshape(5, 16)
+    codes = VALUES[torch.randint(0, 126, (8,), generator=gen)]
+    q = torch.tensor(E2M1_VALUES)[torch.randint(0, 8, (8, 16), generator=gen)]
+    on_grid = q * (codes[:, None] * s2)  # exactly what fake-quant yields at those codes
+    single = torch.zeros(6, 16)
+    single[torch.arange(6), torch.arange(6)] = torch.tensor([4.0, -1.0, 0.01, 3e-5, 1e-7, -2.5])
+    heavy = (rnd(8, 16) / rnd(8, 16)).clamp(-4.0, 4.0)  # Cauchy tails
+    outlier = rnd(8, 16) * 0.05
+    outlier[:, 0] = torch.linspace(0.2, 1.0, 8)  # one element far above the rest
+    return torch.cat([ordinary, small, equal, on_grid, single, torch.zeros(2, 16), heavy, outlier])
+
+
+def all_losses(blocks: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Reference loss of every block at every code, fp32 (n, 126)."""
+    absw = blocks.float().abs()
+    s2 = global_scale(g)
+    u = absw / s2
+    return torch.stack([block_losses(absw, u, VALUES[k], s2) for k in range(126)], dim=1)
+
+
+# --- the math the pruned kernel relies on, checked on the reference -------------------------
+
+
+def test_first_doubling_index_is_the_first_normal_code():
+    smallest_normal = torch.finfo(torch.float8_e4m3fn).smallest_normal
+    assert FIRST_DOUBLING == int((VALUES < smallest_normal).sum()) == 7
+    k = torch.arange(FIRST_DOUBLING, 126 - 8)
+    assert torch.equal(VALUES[k + 8], 2 * VALUES[k])
+    assert VALUES[FIRST_DOUBLING + 7] != 2 * VALUES[FIRST_DOUBLING - 1]
+    # Below it halving a candidate does not always give a candidate (odd subnormals).
+    assert not bool(torch.isin(VALUES[FIRST_DOUBLING + 1] / 2, VALUES))
+
+
+def _dists(n: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, 16, generator=gen)
+    return {
+        "gauss-bf16": (g * 0.02).bfloat16().float(),
+        "laplace": torch.distributions.Laplace(0.0, 1.0).sample((n, 16)),
+        "student3": torch.distributions.StudentT(3.0).sample((n, 16)),
+        "uniform": torch.rand(n, 16, generator=gen) * 2 - 1,
+    }
+
+
+@pytest.mark.parametrize("dist", ["gauss-bf16", "laplace", "student3", "uniform"])
+def test_doubling_never_lowers_the_loss_of_a_non_saturating_code(dist):
+    blocks = _dists(2048, 1)[dist]
+    g = amax(blocks) * 64  # 6 spare octaves above every block: many non-saturating pairs
+    losses = all_losses(blocks, g)
+    u_max = blocks.abs().amax(1) / global_scale(g)
+    k0 = torch.searchsorted(6 * VALUES, u_max)  # first code with 6 v >= u_max
+    k = torch.arange(126 - 8)
+    pairs = (k[None] >= k0[:, None]) & (k[None] >= FIRST_DOUBLING)
+    lower = losses[:, 8:] < losses[:, :-8]  # loss(2v) < loss(v)
+    assert int(pairs.sum()) > 50_000
+    assert int((lower & pairs).sum()) == 0
+    # So the first minimum is never at or above k0 + 8.
+    best = losses.argmin(1)
+    assert int((best >= k0 + 8).sum()) == 0
+
+
+@pytest.mark.parametrize("dist", ["gauss-bf16", "student3"])
+def test_saturation_bound_holds_and_grows_downwards(dist):
+    blocks = _dists(2048, 2)[dist]
+    g = amax(blocks)
+    s2 = global_scale(g)
+    losses = all_losses(blocks, g)
+    m = blocks.abs().amax(1, keepdim=True)
+    bound = (m - 6 * (VALUES[None] * s2)).clamp(min=0) ** 2  # (n, 126), fp32 as the kernel
+    assert bool((losses >= bound).all())
+    assert bool((bound[:, :-1] >= bound[:, 1:]).all())
+
+
+@pytest.mark.parametrize("dist", ["gauss-bf16", "laplace", "student3", "uniform"])
+def test_window_and_bound_find_the_reference_argmin(dist):
+    blocks = _dists(2048, 3)[dist]
+    g = amax(blocks)
+    s2 = global_scale(g)
+    losses = all_losses(blocks, g)
+    m = blocks.abs().amax(1)
+    k0 = torch.searchsorted(6 * VALUES, m / s2)
+    start = (k0 - N_BELOW).clamp(0, 126 - (N_BELOW + 8))
+    k = torch.arange(126)
+    window = (k[None] >= start[:, None]) & (k[None] < start[:, None] + N_BELOW + 8)
+    best_w = torch.where(window, losses, torch.inf).argmin(1)
+    gap = (m - 6 * (VALUES[(start - 1).clamp(min=0)] * s2)).clamp(min=0)
+    flagged = ((start > 0) & ~(gap * gap > losses.gather(1, best_w[:, None])[:, 0])) | (k0 < FIRST_DOUBLING)
+    assert float(flagged.float().mean()) < 0.01  # the second pass stays small
+    assert torch.equal(best_w[~flagged], losses.argmin(1)[~flagged])
+
+
+def doubling_violations(s2: torch.Tensor, offsets: int = 16) -> tuple[int, int]:
+    """Elements whose error at ``2v`` is below their error at ``v``, near every midpoint of ``v``.
+
+    Everything scales exactly by powers of two in fp32's normal range, so codes ``v`` in [1, 2)
+    and ``s2`` in [1, 2) stand for all: for each ``s2`` given, each of the 8 codes and each of
+    the 7 midpoints, the ``2 * offsets + 1`` floats ``x`` around ``midpoint * v * s2`` are scored
+    exactly as the reference scores them. Returns ``(violations, elements checked)``.
+    """
+    v = VALUES[(VALUES >= 1) & (VALUES < 2)].to(s2.device)  # 1, 1.125, ..., 1.875
+    mids = torch.tensor([m for m, _ in E2M1_MIDPOINTS], device=s2.device)
+    sh = (-1, 1, 1, 1)
+    s2_, v_, mid_ = s2.reshape(sh), v.reshape(1, -1, 1, 1), mids.reshape(1, 1, -1, 1)
+    center = (mid_.double() * v_.double() * s2_.double()).float()  # (n, 8, 7, 1)
+    off = torch.arange(-offsets, offsets + 1, dtype=torch.int32, device=s2.device)
+    x = (center.view(torch.int32) + off).view(torch.float32)
+    u = x / s2_
+
+    def err(code):
+        d = x - e2m1_magnitude(u, code) * (code * s2_)
+        return d * d
+
+    return int((err(2 * v_) < err(v_)).sum()), x.numel()
+
+
+def test_no_element_near_a_midpoint_breaks_the_doubling_order():
+    gen = torch.Generator().manual_seed(4)
+    mantissas = torch.randint(0, 2**23, (512,), generator=gen, dtype=torch.int32)
+    s2 = (mantissas + 0x3F800000).view(torch.float32)  # random s2 in [1, 2)
+    violations, checked = doubling_violations(s2)
+    assert checked > 900_000
+    assert violations == 0
+
+
+# --- kernels under the interpreter (CPU) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("n_blocks", [1, 7, 1024])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_interpreter_matches_reference(interpret, dtype, n_blocks, seed, method):
+    x = random_weight((n_blocks, 16), dtype, seed)
+    g = amax(x)
+    assert_same_blocks(nvfp4_scale_sweep(x, g, backend="triton", method=method), sweep_reference(x, g))
+
+
+@pytest.mark.parametrize("cfg", K.PRUNED_CONFIGS, ids=cfg_id)
+def test_interpreter_pruned_partial_tile_every_config(interpret, cfg):
+    # 69 blocks leave a partial last tile for every tile size (32, 64, 128); 40 tiny blocks are
+    # flagged, which spans two work-list tiles (the second one partial).
+    x = torch.cat(
+        [random_weight((29, 16), torch.float32, 5), random_weight((40, 16), torch.float32, 6) * 1e-6]
+    )
+    g = amax(x)
+    out, count = run_sweep(x, g, "pruned", config=cfg)
+    assert int(count) >= 40
+    assert_same_blocks(out, sweep_reference(x, g))
+
+
+@pytest.mark.parametrize("cfg", K.EXHAUSTIVE_CONFIGS, ids=cfg_id)
+def test_interpreter_exhaustive_partial_tile_every_config(interpret, cfg):
+    x = random_weight((69, 16), torch.bfloat16, 7)  # a partial last tile for 32, 64 and 128
+    g = amax(x)
+    out, _ = run_sweep(x, g, "exhaustive", config=cfg)
+    assert_same_blocks(out, sweep_reference(x, g))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_interpreter_adversarial_blocks(interpret, dtype, method):
+    x = adversarial_blocks().to(dtype)
+    g = amax(x)
+    out, count = run_sweep(x, g, method)
+    assert_same_blocks(out, sweep_reference(x, g))
+    if method == "pruned":  # the second pass ran, and not for everything
+        assert 0 < int(count) < x.shape[0]
+
+
+def mixed_weight(n_blocks: int, seed: int, device="cpu") -> torch.Tensor:
+    """Gaussian blocks, blocks with one outlier (their optimum saturates it: far below k0), and
+    FP8-subnormal blocks, shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_blocks, 16, generator=gen) * 0.02
+    third = n_blocks // 3
+    x[:third, 0] = 0.1 * (1 + torch.rand(third, generator=gen))
+    x[third : third + n_blocks // 20] *= 1e-5
+    return x[torch.randperm(n_blocks, generator=gen)].to(device)
+
+
+@pytest.mark.parametrize(("n_below", "n_extra"), [(0, 0), (1, 0), (1, 3), (3, 2)])
+def test_interpreter_shallow_windows_stay_exact(interpret, n_below, n_extra):
+    # A shallower window leaves more blocks to the bound, the extra codes and the second pass;
+    # the answer must not change.
+    x = mixed_weight(600, 13)
+    g = amax(x)
+    out, count = run_sweep(x, g, "pruned", n_below=n_below, n_extra=n_extra)
+    assert_same_blocks(out, sweep_reference(x, g))
+    n_subnormal = 30  # the 1e-5 blocks always go to the second pass
+    if (n_below, n_extra) == (0, 0):
+        assert int(count) > n_subnormal + 50  # the bound failed for many blocks
+    if n_extra == 3:
+        assert int(count) < run_sweep(x, g, "pruned", n_below=n_below, n_extra=0)[1]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy: 0/0 and overflow, as intended
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", ["zero-tensor", "amax-too-small", "amax-huge", "s2-tiny", "losses-overflow"])
+def test_interpreter_extreme_global_amax(interpret, case, method):
+    x = random_weight((48, 16), torch.float32, 8)
+    g = amax(x)
+    if case == "zero-tensor":
+        x, g = torch.zeros_like(x), torch.tensor(0.0)
+    elif case == "amax-too-small":  # every code saturates the largest blocks (k0 = 126)
+        g = g / 64
+    elif case == "amax-huge":
+        g = torch.tensor(1e30)
+    elif case == "s2-tiny":  # s2 below 2**-100: every block goes to the exhaustive pass
+        x = x * 1e-30
+        g = amax(x)
+    else:  # squared errors overflow to inf
+        x = x * 1e37 / g
+        g = amax(x)
+    out, count = run_sweep(x, g, method)
+    assert_same_blocks(out, sweep_reference(x, g))
+    if case == "s2-tiny" and method == "pruned":
+        assert int(count) == x.shape[0]
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, -1, -2, -3])
+def test_interpreter_elements_near_a_midpoint_need_no_second_pass(interpret, offset):
+    # s2 = 2**-4 keeps every product exact, so u is exactly `offset` ulps from 0.75 * v and from
+    # 1.25 * v, where float32 decisions are closest to disagreeing with float32 errors. The window
+    # alone is exact there (the doubling order holds, see the enumeration above): nothing flagged.
+    g = torch.tensor(2688.0 / 16)
+    s2 = global_scale(g)
+    v = VALUES[60:68]  # normal codes
+    rows = (6 * v * s2)[:, None].repeat(1, 16)  # max element on the grid at v: k0 = that code
+    for j, mid in enumerate([0.75, 1.25]):
+        target = (mid * v).view(torch.int32) + offset
+        rows[:, 1 + j] = target.view(torch.float32) * s2
+    out, count = run_sweep(rows, g, "pruned")
+    assert int(count) == 0
+    assert_same_blocks(out, sweep_reference(rows, g))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layout", ["strided", "transposed", "3d"])
+def test_interpreter_non_contiguous_and_3d(interpret, layout, method):
+    base = random_weight((16, 128), torch.bfloat16, 9)
+    x = {"strided": base[:, ::2], "transposed": base[:, :64].t(), "3d": base.reshape(2, 8, 128)}[layout]
+    g = amax(x)
+    assert_same_blocks(nvfp4_scale_sweep(x, g, backend="triton", method=method), sweep_reference(x, g))
+
+
+# --- dispatch and validation ------------------------------------------------------------------
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = random_weight((4, 16), torch.float32, 0)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        nvfp4_scale_sweep(x, amax(x), backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        sweep_triton(x, amax(x))
+
+
+def test_auto_dispatch(monkeypatch):
+    calls = []
+
+    def fake(x, g, method):
+        calls.append(method)
+        return sweep_reference(x, g)
+
+    monkeypatch.setattr("nvfp4_qat.kernels.sweep.sweep_triton", fake)
+    x = random_weight((4, 16), torch.float32, 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    nvfp4_scale_sweep(x, amax(x))  # CPU without the interpreter: the reference
+    assert calls == []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    nvfp4_scale_sweep(x, amax(x), method="exhaustive")  # the interpreter counts as a Triton device
+    assert calls == ["exhaustive"]
+
+
+def test_sweep_triton_refuses_bad_input(interpret):
+    x = random_weight((4, 16), torch.float32, 0)
+    with pytest.raises(ValueError, match="method"):
+        sweep_triton(x, amax(x), method="fast")
+    with pytest.raises(ValueError, match="method"):
+        nvfp4_scale_sweep(x, amax(x), backend="triton", method="fast")
+    with pytest.raises(TypeError, match="x must"):
+        sweep_triton(x.to(torch.int32), amax(x))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        sweep_triton(x.reshape(8, 8), amax(x))
+    with pytest.raises(TypeError, match="global_amax"):
+        sweep_triton(x, 1.0)
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("n_blocks", [1, 7, 1024, 262_147])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_matches_reference(dtype, n_blocks, seed, method):
+    x = random_weight((n_blocks, 16), dtype, seed, device="cuda")
+    g = amax(x)
+    assert_same_blocks(nvfp4_scale_sweep(x, g, backend="triton", method=method), sweep_reference(x, g))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_large_weight(method):
+    x = random_weight((4096, 4096), torch.bfloat16, 3, device="cuda")
+    g = amax(x)
+    assert_same_blocks(sweep_triton(x, g, method), sweep_reference(x, g))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("method", "cfg"),
+    [("pruned", c) for c in K.PRUNED_CONFIGS] + [("exhaustive", c) for c in K.EXHAUSTIVE_CONFIGS],
+    ids=lambda p: p if isinstance(p, str) else cfg_id(p),
+)
+def test_cuda_partial_tile_every_config(method, cfg):
+    x = torch.cat([random_weight((128 * 997, 16), torch.bfloat16, 10), adversarial_blocks().bfloat16()])
+    x = x.cuda()  # 127,616 + 69 blocks: a partial last tile for every tile size
+    g = amax(x)
+    out, _ = run_sweep(x, g, method, config=cfg)
+    assert_same_blocks(out, sweep_reference(x, g))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_adversarial_and_layouts(dtype, method):
+    for seed in range(3):
+        x = adversarial_blocks(seed).to(device="cuda", dtype=dtype).repeat(50, 1)
+        assert_same_blocks(sweep_triton(x, amax(x), method), sweep_reference(x, amax(x)))
+    base = random_weight((512, 1024), dtype, 11, device="cuda")
+    for x in (base[:, ::2], base[:, :512].t(), base.reshape(4, 128, 1024)):
+        assert_same_blocks(sweep_triton(x, amax(x), method), sweep_reference(x, amax(x)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", ["zero-tensor", "amax-too-small", "amax-huge", "s2-tiny", "losses-overflow"])
+def test_cuda_extreme_global_amax(case, method):
+    x = random_weight((4096, 16), torch.float32, 8, device="cuda")
+    g = amax(x)
+    if case == "zero-tensor":
+        x, g = torch.zeros_like(x), torch.zeros((), device="cuda")
+    elif case == "amax-too-small":
+        g = g / 64
+    elif case == "amax-huge":
+        g = torch.tensor(1e30, device="cuda")
+    elif case == "s2-tiny":
+        x = x * 1e-30
+        g = amax(x)
+    else:
+        x = x * 1e37 / g
+        g = amax(x)
+    assert_same_blocks(sweep_triton(x, g, method), sweep_reference(x, g))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n_below", "n_extra"), [(0, 0), (1, 0), (1, 3)])
+def test_cuda_shallow_windows_stay_exact(n_below, n_extra):
+    x = mixed_weight(300_000, 14, device="cuda")
+    g = amax(x)
+    out, _ = run_sweep(x, g, "pruned", n_below=n_below, n_extra=n_extra)
+    assert_same_blocks(out, sweep_reference(x, g))
+
+
+@pytest.mark.gpu
+def test_cuda_pruned_second_pass_is_small_and_interpreter_agrees(monkeypatch):
+    x = random_weight((2048, 4096), torch.bfloat16, 12, device="cuda")
+    out, count = run_sweep(x, amax(x), "pruned")
+    assert int(count) < 1e-3 * out.numel()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    small = x[:64].cpu()
+    cpu_out, _ = run_sweep(small, amax(x).cpu(), "pruned")
+    assert_same_blocks(cpu_out, out[: small.numel() // 16].cpu())
+
+
+@pytest.mark.gpu
+def test_cuda_doubling_order_holds_for_every_s2_mantissa():
+    # All 2**23 fp32 mantissas of s2, 8 codes, 7 midpoints, 33 floats around each: no element
+    # scores lower at 2v than at v, so the pruned kernel needs no guard for near-midpoint elements.
+    total = 0
+    for start in range(0, 2**23, 2**16):
+        m = torch.arange(start, start + 2**16, dtype=torch.int32, device="cuda")
+        violations, checked = doubling_violations((m + 0x3F800000).view(torch.float32))
+        assert violations == 0, f"{violations} violations for s2 mantissas from {start}"
+        total += checked
+    assert total == 2**23 * 8 * 7 * 33
