@@ -1,0 +1,189 @@
+"""The summary ``nvfp4-qat`` prints (and saves), and its PNG plot.
+
+The plot has two panels over one step axis (the QAT stages continue where the full-precision
+stage ended): validation loss of every stage, and the NVFP4 weight MSE at the scales in use, a
+sawtooth per QAT stage: it grows while the weights drift away from their scales (measured at each
+validation and as each recalibration's ``mse_before``) and drops at each recalibration (triangles,
+``mse_after``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+from pathlib import Path
+
+from nvfp4_qat.lm.run import RunResult, StageResult
+
+__all__ = ["format_summary", "plot_run", "summary_dict", "write_summary"]
+
+_STAGE_STYLE = {  # label, colour, line style
+    "fp": ("full precision", "0.45", "-"),
+    "fp_continued": ("full precision, continued", "0.45", ":"),
+    "qat_frozen": ("QAT, frozen scales", "tab:orange", "--"),
+    "qat": ("QAT, periodic recalibration", "tab:blue", "-"),
+}
+
+
+def _ppl(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{math.exp(min(loss, 700.0)):.3f}"
+
+
+def _stage_line(stage: StageResult) -> str:
+    speed = f", {stage.tokens_per_second / 1e3:.1f}k tokens/s" if stage.tokens_per_second else ""
+    loss = "n/a" if stage.val_loss is None else f"{stage.val_loss:.4f}"
+    first = stage.history[0] if stage.history else None
+    if (
+        stage.name.startswith("qat")
+        and first is not None
+        and first["step"] == 0
+        and first["val_loss"] is not None
+    ):
+        loss = f"{first['val_loss']:.4f} when quantized -> {loss}"
+    return (
+        f"{stage.steps} steps, {stage.seconds:.1f} s on {stage.device}{speed}; "
+        f"val loss {loss} (ppl {_ppl(stage.val_loss)})"
+    )
+
+
+def format_summary(result: RunResult, plot_path: Path | None = None) -> str:
+    """The human-readable summary: stages, recalibrations, time share, comparison table."""
+    rows = [("model", result.model), ("data", result.data)]
+    rows += [(f"stage {s.name}", _stage_line(s)) for s in result.stages]
+    qat = result.stage("qat")
+    recal = qat.recalibrations if qat else []
+    steps = ", ".join(str(r["step"]) for r in recal[:12]) + (" ..." if len(recal) > 12 else "")
+    rows.append(("recalibrations", f"{len(recal)}" + (f" (after steps {steps})" if recal else "")))
+    if recal:
+        last = recal[-1]
+        before, after = last["mse_before"], last["mse_after"]
+        change = f" ({100 * (after - before) / before:+.1f}%)" if before else ""
+        rows.append(
+            (
+                "last one",
+                f"step {last['step']}: weight MSE {before:.4e} -> {after:.4e}{change}, "
+                f"{100 * last['changed_fraction']:.1f}% of block scales moved",
+            )
+        )
+        spent = sum(r["seconds"] for r in recal)
+        share = 100 * spent / qat.seconds if qat.seconds > 0 else float("nan")
+        rows.append(
+            (
+                "time share",
+                f"recalibrating took {spent:.2f} s = {share:.1f}% of the {qat.seconds:.1f} s QAT stage",
+            )
+        )
+    if plot_path is not None:
+        rows.append(("plot", str(plot_path)))
+    width = max(len(k) for k, _ in rows)
+    lines = ["nvfp4-qat summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    if result.comparison:
+        lines += [
+            "",
+            "  comparison: validation cross-entropy (nats/token); every row trained the same steps on the",
+            "  same batches (PTQ rows: the continued full-precision model, quantized without training)",
+            f"  {'variant':<30} {'val loss':>9} {'perplexity':>11} {'vs full precision':>18}",
+        ]
+        base = result.comparison[0][1]
+        for label, loss in result.comparison:
+            fp_row = loss is None or base is None or label == "full precision"
+            delta = "" if fp_row else f"{loss - base:+.4f}"
+            shown = "n/a" if loss is None else f"{loss:.4f}"
+            lines.append(f"  {label:<30} {shown:>9} {_ppl(loss):>11} {delta:>18}")
+    return "\n".join(lines)
+
+
+def summary_dict(result: RunResult) -> dict:
+    """The summary as JSON-ready data (also records the versions that produced it)."""
+    import torch
+
+    from nvfp4_qat import __version__
+
+    return {
+        "model": result.model,
+        "data": result.data,
+        "stages": [dataclasses.asdict(s) for s in result.stages],
+        "comparison": [
+            {
+                "variant": label,
+                "val_loss": loss,
+                "perplexity": None if loss is None else math.exp(min(loss, 700.0)),
+            }
+            for label, loss in result.comparison
+        ],
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "nvfp4_qat": __version__,
+        },
+    }
+
+
+def write_summary(result: RunResult, out_dir: Path, plot_path: Path | None) -> str:
+    """Write ``summary.txt`` and ``summary.json`` into ``out_dir``; return the text."""
+    text = format_summary(result, plot_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.txt").write_text(text + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary_dict(result), indent=2) + "\n")
+    return text
+
+
+def _mse_sawtooth(stage: StageResult) -> list[tuple[int, float]]:
+    # Time order: at one step the recalibration's before, then its after, then the validation
+    # (Lightning validates after the batch-end hook that recalibrated).
+    events = [(r["step"], 0, r["mse_before"]) for r in stage.recalibrations]
+    events += [(r["step"], 1, r["mse_after"]) for r in stage.recalibrations]
+    events += [(h["step"], 2, h["weight_mse"]) for h in stage.history if h.get("weight_mse") is not None]
+    return [(step, value) for step, _, value in sorted(events, key=lambda e: e[:2])]
+
+
+def plot_run(result: RunResult, path: Path) -> Path:
+    """Draw validation loss and weight MSE over steps, recalibrations marked; save a PNG."""
+    # The object API with an Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_mse = fig.subplots(2, 1, sharex=True)
+    fp = result.stage("fp")
+    offset = fp.steps if fp else 0
+    for stage in result.stages:
+        label, colour, style = _STAGE_STYLE.get(stage.name, (stage.name, "k", "-"))
+        shift = 0 if stage.name == "fp" else offset  # the other stages start where fp ended
+        points = [(h["step"] + shift, h["val_loss"]) for h in stage.history if h["val_loss"] is not None]
+        if points:
+            ax_loss.plot(*zip(*points, strict=True), style, color=colour, marker="o", ms=3, label=label)
+        sawtooth = [(step + shift, value) for step, value in _mse_sawtooth(stage)]
+        if sawtooth:
+            ax_mse.plot(*zip(*sawtooth, strict=True), style, color=colour, label=label)
+        after = [(r["step"] + shift, r["mse_after"]) for r in stage.recalibrations]
+        if after:
+            ax_mse.plot(*zip(*after, strict=True), "v", color=colour, ms=6, label=f"{label}: recalibrations")
+        if stage.name == "qat":
+            for x, _ in after:
+                ax_loss.axvline(x, color=colour, alpha=0.15, lw=1)
+    continued = result.stage("fp_continued")
+    ptq_x = offset + (continued.steps if continued else 0)  # PTQ quantizes the continued model's end
+    for label, loss in result.comparison:
+        if label.startswith("PTQ") and loss is not None:
+            ax_loss.plot([ptq_x], [loss], "s" if "max" in label else "D", ms=6, label=label)
+    if fp:
+        for ax in (ax_loss, ax_mse):
+            ax.axvline(offset, color="k", ls=":", lw=1)
+        ax_loss.annotate(
+            " QAT starts", (offset, 0.98), xycoords=("data", "axes fraction"), va="top", fontsize=8
+        )
+    ax_loss.set_ylabel("validation loss (nats/token)")
+    ax_loss.legend(fontsize=8)
+    ax_loss.set_title(f"nvfp4-qat: {result.model}", fontsize=9)
+    ax_mse.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax_mse.set_ylabel("NVFP4 weight MSE at the scales in use")
+    ax_mse.set_xlabel("optimizer step")
+    if ax_mse.has_data():
+        ax_mse.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
