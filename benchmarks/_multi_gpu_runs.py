@@ -30,7 +30,6 @@ from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
-from _multi_gpu_split import SplitRecalibration
 from nvfp4_qat import NVFP4Recalibration, QATConfig, quantize_model
 from nvfp4_qat.quantize import nvfp4_layers
 from nvfp4_qat.sweep import nvfp4_scale_sweep
@@ -269,8 +268,7 @@ def _loader(args, steps_per_epoch: int) -> DataLoader:
 
 
 def _callback(args, every: int) -> NVFP4Recalibration:
-    cls = SplitRecalibration if args.recalibration == "split" else NVFP4Recalibration
-    return cls(every_n_train_steps=every, quant_config=QAT)
+    return NVFP4Recalibration(every_n_train_steps=every, quant_config=QAT)
 
 
 def _free() -> None:

@@ -8,9 +8,10 @@ applied per block in ``configure_model``. It reports:
 1. after every recalibration: the scale buffers are identical on all ranks (rank 0's are broadcast
    and compared with ``torch.equal``), and equal a single-process sweep of the full weight
    (``full_weight()`` gathers FSDP2 shards, then ``nvfp4_scale_sweep``; ``torch.equal``);
-2. recalibration wall time (slowest rank) on 1 device vs N devices, for the callback's path
-   (every rank sweeps everything: replicated work) and the split prototype of
-   ``_multi_gpu_split.py`` (each rank sweeps a share), plus the times seen inside training;
+2. recalibration wall time (slowest rank) on 1 device vs N devices, for plain ``recalibrate`` on
+   every rank (replicated work; FSDP2 weights gathered) and for
+   ``nvfp4_qat.distributed.recalibrate_distributed`` (each rank sweeps a share: what the callback
+   runs under DDP and FSDP2), plus the times seen inside training;
 3. training throughput (tokens/s) without QAT, with QAT (callback calibrates at fit start only),
    and with QAT and a recalibration every ``--recal-every`` steps;
 4. resume: a run restored from its mid-run checkpoint (end of epoch 0) ends with the same scales,
@@ -55,10 +56,10 @@ import torch.distributed as dist  # noqa: E402
 
 import nvfp4_qat  # noqa: E402
 from nvfp4_qat import recalibrate  # noqa: E402
+from nvfp4_qat.distributed import recalibrate_distributed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _multi_gpu_runs import PRESETS, run_check_and_resume, run_throughput, timing_model  # noqa: E402
-from _multi_gpu_split import recalibrate_split  # noqa: E402
 
 
 def init_distributed(accelerator: str) -> None:
@@ -141,19 +142,19 @@ def _scales(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
-    """Recalibration wall time: 1 device vs N devices, replicated (the callback) vs split."""
+    """Recalibration wall time: 1 vs N devices, replicated (plain recalibrate) vs split (the callback)."""
     out: dict = {"reps": args.reps}
     for layout in ("ddp", "fsdp2"):
         model = timing_model(args, device, layout == "fsdp2")
         recalibrate(model)  # warm-up: kernel compilation and autotuning
-        recalibrate_split(model)
+        recalibrate_distributed(model)
         replicated = _timed(lambda m=model: recalibrate(m), device, args.reps)
         expected = _scales(model)
-        split = _timed(lambda m=model: recalibrate_split(m), device, args.reps)
+        split = _timed(lambda m=model: recalibrate_distributed(m), device, args.reps)
         for name, b in model.named_buffers():  # the split must rewrite every scale, not keep them
             if name.endswith("amax"):
                 b.zero_()
-        recalibrate_split(model)
+        recalibrate_distributed(model)
         same = all(torch.equal(a, b) for a, b in zip(expected, _scales(model), strict=True))
         flag = torch.tensor(int(same), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -216,10 +217,10 @@ def table(results: dict) -> tuple[list[tuple[str, str, str]], bool]:
             for layout in ("ddp", "fsdp2"):
                 x = r[layout]
                 add(
-                    f"{layout} layout, {n} devices: replicated (the callback today)",
+                    f"{layout} layout, {n} devices: replicated (plain recalibrate on every rank)",
                     _fmt_s(x["replicated_s"]),
                 )
-                add(f"{layout} layout, {n} devices: split prototype", _fmt_s(x["split_s"]))
+                add(f"{layout} layout, {n} devices: split (recalibrate_distributed)", _fmt_s(x["split_s"]))
                 add(f"{layout} layout: split scales == replicated scales", _yes(x["split_equals_replicated"]))
                 ok &= x["split_equals_replicated"]
     return rows, ok
@@ -242,8 +243,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="check,throughput,timing",
         help="comma-separated: check (incl. resume), throughput, timing",
     )
-    p.add_argument("--recalibration", choices=("replicated", "split"), default="replicated",
-                   help="callback in the training runs: the package's (replicated) or the split prototype")  # fmt: skip
     p.add_argument("--steps", type=int, help="steps of the uninterrupted run; the checkpoint is at half")
     p.add_argument("--recal-every", type=int, help="recalibrate every n optimizer steps")
     p.add_argument("--throughput-steps", type=int, help="measured steps per throughput run")

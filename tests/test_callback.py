@@ -72,7 +72,7 @@ def trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
         ({"start_step": 5, "stop_step": 5}, r"`stop_step` must be None or > start_step=5, got 5"),
         ({"backend": "cuda"}, r"`backend` must be one of \('auto', 'triton', 'reference'\), got 'cuda'"),
         ({"method": "greedy"}, r"`method` must be one of \('pruned', 'exhaustive'\), got 'greedy'"),
-        ({"on_nonfinite": "ignore"}, r"`on_nonfinite` must be one of \('raise', 'skip', 'warn'\)"),
+        ({"on_nonfinite": "warn"}, r"`on_nonfinite` must be one of \('raise', 'skip'\), got 'warn'"),
         ({"at_fit_start": "yes"}, r"`at_fit_start` must be a bool"),
     ],
 )
@@ -289,7 +289,10 @@ def test_nonfinite_weights_raise_or_keep_scales(tmp_path):
         )
     model = TinyRegressor()
     cb = NVFP4Recalibration(every_n_train_steps=2, on_nonfinite="skip")
-    trainer(tmp_path, [Poison(), cb], max_steps=2).fit(model, loader())
+    with pytest.warns(
+        UserWarning, match=r"skipped 1 layer\(s\) with non-finite weights, scales kept: \['net.0'\]"
+    ):
+        trainer(tmp_path, [Poison(), cb], max_steps=2).fit(model, loader())
     assert torch.isfinite(model.net[0].block_amax).all() and torch.isfinite(model.net[0].global_amax)
     assert [r.name for r in cb.last_report.layers if r.skipped] == ["net.0"]
 

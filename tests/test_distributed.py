@@ -1,18 +1,25 @@
-"""NVFP4Recalibration with 2 CPU processes (gloo): DDP and FSDP2 (``ModelParallelStrategy``).
+"""NVFP4Recalibration and recalibrate_distributed with 2 CPU processes (gloo): DDP and FSDP2.
 
 Each rank trains on its own batches; after every recalibration a recording callback compares the
 rank's scale buffers with rank 0's (broadcast) and with a fresh sweep of the full weight (gathered
-from the FSDP2 shards). The run must finish within a deadline with the callback's metrics in the
-CSV logger's file: logging from every rank with writes on rank 0 only must not deadlock. The DDP
-run exports at fit end (rank 0 writes, every rank waits); FSDP2 with ``export_path`` is refused.
+from the FSDP2 shards), and notes which weights (shapes) this rank swept: under DDP each layer is
+swept by exactly one rank, under FSDP2 each rank sweeps its own rows. The run must finish within a
+deadline with the callback's metrics in the CSV logger's file: logging from every rank with writes
+on rank 0 only must not deadlock. The DDP run exports at fit end (rank 0 writes, every rank waits);
+FSDP2 with ``export_path`` is refused. Then ``recalibrate_distributed`` is called directly on
+replicated and on sharded layers (uneven shards, an empty shard, a column-sharded weight) with
+non-finite weights that only one rank sees, against a one-process ``recalibrate``.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
+import math
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -27,14 +34,35 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from nvfp4_qat import NVFP4Recalibration, fake_quantize_nvfp4, load_nvfp4, nvfp4_scale_sweep
+from nvfp4_qat import NVFP4Recalibration, fake_quantize_nvfp4, load_nvfp4, nvfp4_scale_sweep, quantize_model
+from nvfp4_qat.distributed import layer_owners, recalibrate_distributed
 from nvfp4_qat.quantize import nvfp4_layers
+from nvfp4_qat.recalibrate import recalibrate
 
-pytestmark = pytest.mark.slow  # about 45 s on 2 cores, most of it importing torch and Lightning twice
+pytestmark = pytest.mark.slow  # about 35 s on 2 cores, most of it importing torch and Lightning twice
 
 WORLD = 2
 STEPS = 6  # recalibrations at fit start and after optimizer steps 2, 4, 6
 DEADLINE_S = 150  # a deadlock fails the test after this; the run takes 30-45 s on 2 cores
+SWEPT: list[tuple[int, ...]] = []  # shapes of the weights this process swept since last looked at
+
+
+def _record_sweeps() -> None:
+    """Every recalibration path sweeps through nvfp4_qat.recalibrate's binding: note the shapes."""
+    module = importlib.import_module("nvfp4_qat.recalibrate")  # the package's name is the function
+    real = module.sweep_unchecked
+
+    def recording(x, *args):
+        SWEPT.append(tuple(x.shape))
+        return real(x, *args)
+
+    module.sweep_unchecked = recording
+
+
+def _take_swept() -> list[tuple[int, ...]]:
+    out = sorted(SWEPT)
+    SWEPT.clear()
+    return out
 
 
 class Regressor(pl.LightningModule):
@@ -64,7 +92,8 @@ class Regressor(pl.LightningModule):
 
 
 class RecordScales(Callback):
-    """After each recalibration: (step, equal to rank 0's, equal to a fresh sweep, the scales)."""
+    """After each recalibration: (step, equal to rank 0's, equal to a fresh sweep, the scales, the
+    shapes this rank swept)."""
 
     def __init__(self, recal: NVFP4Recalibration) -> None:
         self.recal, self.seen, self.records = recal, 0, []
@@ -93,7 +122,7 @@ class RecordScales(Callback):
                 torch.equal(g, m.global_amax)
                 and torch.equal(nvfp4_scale_sweep(w, g), m.block_amax.reshape(-1))
             )
-        self.records.append((trainer.global_step, torch.equal(mine, rank0), all(swept), mine))
+        self.records.append((trainer.global_step, torch.equal(mine, rank0), all(swept), mine, _take_swept()))
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
@@ -102,6 +131,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         LOCAL_RANK=str(rank), NODE_RANK="0",
     )  # fmt: skip  # LOCAL_RANK set: Lightning joins these processes instead of launching its own
     torch.set_num_threads(1)
+    _record_sweeps()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(STEPS * 4 * WORLD, 32, generator=gen)
     data = TensorDataset(x, torch.tanh(x @ torch.randn(32, 32, generator=gen)))
@@ -133,7 +163,72 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         _trainer(strategy, [recal], False).fit(Regressor(fsdp=True), DataLoader(data, 4))
     except ValueError as err:
         out["fsdp2_export_error"] = str(err)
+    out["direct"] = _direct_calls(rank)
     torch.save(out, Path(tmp) / f"rank{rank}.pt")
+
+
+def _layers() -> nn.ModuleDict:
+    """Quantized (max init) layers whose scales are stale: the weights moved since."""
+    torch.manual_seed(3)
+    m = nn.ModuleDict(
+        {"a": nn.Linear(32, 64), "b": nn.Linear(48, 33), "c": nn.Linear(16, 1), "d": nn.Linear(64, 40)}
+    )
+    quantize_model(m, init_calibration="max")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.3).add_(0.01)
+    return m
+
+
+def _shard(m: nn.ModuleDict) -> nn.ModuleDict:
+    """FSDP2 on a, b (33 rows: 17 + 16) and c (1 row: rank 1 holds none); d column-sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for name in "abc":
+        fully_shard(m[name], mesh=mesh)
+    m["d"].weight = nn.Parameter(distribute_tensor(m["d"].weight.detach(), mesh, [Shard(1)]))
+    return m
+
+
+def _scales(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items() if k.endswith(("block_amax", "global_amax"))}
+
+
+def _direct_calls(rank: int) -> dict:
+    """recalibrate_distributed on replicated and on sharded layers, against one-process recalibrate."""
+    reference = _layers()
+    ref_report = recalibrate(reference)
+    out = {"reference": _scales(reference), "ref_rows": ref_report.layers}
+    for layout, make in (("replicated", _layers), ("sharded", lambda: _shard(_layers()))):
+        m = make()
+        _take_swept()
+        report = recalibrate_distributed(m)
+        out[layout] = {"scales": _scales(m), "rows": report.layers, "swept": _take_swept()}
+        # A NaN only this rank can see: b's rank-1 owner (replicated) or b's rank-1 rows (sharded).
+        for policy in ("raise", "skip"):
+            m = make()
+            before = _scales(m)
+            if rank == 1:
+                with torch.no_grad():
+                    w = m["b"].weight
+                    (w.to_local() if layout == "sharded" else w)[-1, -1] = float("nan")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    report = recalibrate_distributed(m, on_nonfinite=policy)
+                    result = [r.name for r in report.layers if r.skipped]
+                except ValueError as err:
+                    result = str(err)
+            out[layout][policy] = {
+                "result": result,
+                "before": before,
+                "after": _scales(m),
+                "warnings": [str(w.message) for w in caught if "non-finite" in str(w.message)],
+            }
+    return out
 
 
 def _trainer(strategy, callbacks: list, logger) -> pl.Trainer:
@@ -173,10 +268,10 @@ def test_scales_identical_on_all_ranks_after_each_recalibration(runs, strategy):
         records = out[strategy]["records"]
         assert [r[0] for r in records] == [0, 2, 4, 6], f"rank {rank}"
         assert out[strategy]["history"] == [0, 2, 4, 6], f"rank {rank}"
-        for step, same_as_rank0, same_as_sweep, _ in records:
+        for step, same_as_rank0, same_as_sweep, _, _ in records:
             assert same_as_rank0, f"rank {rank} step {step}: scales differ from rank 0's"
             assert same_as_sweep, f"rank {rank} step {step}: scales differ from a sweep of the full weight"
-    for (step, _, _, s0), (_, _, _, s1) in zip(
+    for (step, _, _, s0, _), (_, _, _, s1, _) in zip(
         ranks[0][strategy]["records"], ranks[1][strategy]["records"], strict=True
     ):
         n_diff = int((s0 != s1).sum())
@@ -184,6 +279,25 @@ def test_scales_identical_on_all_ranks_after_each_recalibration(runs, strategy):
     # The scales follow the weights: training moved them between the first and the last recalibration.
     first, last = ranks[0][strategy]["records"][0][3], ranks[0][strategy]["records"][-1][3]
     assert not torch.equal(first, last)
+
+
+def test_ddp_each_layer_is_swept_by_exactly_one_rank(runs):
+    _, ranks = runs
+    shapes = [(64, 32), (48, 64), (32, 48)]  # net.0, net.2, net.4
+    owners = layer_owners([r * c for r, c in shapes], WORLD)
+    assert owners == [1, 0, 1]  # largest (net.2) to rank 0, then rank 1 takes the other two
+    for k in range(4):  # fit start and steps 2, 4, 6
+        swept = [ranks[r]["ddp"]["records"][k][4] for r in range(WORLD)]
+        for r in range(WORLD):
+            assert swept[r] == sorted(s for s, o in zip(shapes, owners, strict=True) if o == r), (k, r)
+        assert sorted(swept[0] + swept[1]) == sorted(shapes)  # every layer once, none twice
+
+
+def test_fsdp2_each_rank_sweeps_its_own_rows(runs):
+    _, ranks = runs
+    for k in range(4):
+        for r in range(WORLD):  # half the rows of each of the three weights, never a full weight
+            assert ranks[r]["fsdp2"]["records"][k][4] == [(16, 48), (24, 64), (32, 32)], (k, r)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -208,3 +322,65 @@ def test_fsdp2_export_path_is_refused_before_training_on_every_rank(runs):
     _, ranks = runs
     for out in ranks:
         assert "`export_path` is not supported with FSDP2" in out["fsdp2_export_error"]
+
+
+# --- recalibrate_distributed called directly -------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_direct_scales_and_report_equal_one_process_recalibrate(runs, layout):
+    _, ranks = runs
+    ref = ranks[0]["direct"]["reference"]
+    for rank, out in enumerate(ranks):
+        got = out["direct"][layout]["scales"]
+        assert got.keys() == ref.keys()
+        for k, v in ref.items():
+            n_diff = int((got[k] != v).sum())
+            assert n_diff == 0, f"rank {rank} {layout} {k}: {n_diff} values differ from recalibrate()"
+        for row, ref_row in zip(out["direct"][layout]["rows"], out["direct"]["ref_rows"], strict=True):
+            assert (row.name, row.numel, row.changed_fraction, row.skipped) == (
+                ref_row.name, ref_row.numel, ref_row.changed_fraction, False,
+            )  # fmt: skip
+            assert (row.global_amax_before, row.global_amax_after) == (
+                ref_row.global_amax_before, ref_row.global_amax_after,
+            )  # fmt: skip
+            assert 0 < row.changed_fraction and row.mse_after < row.mse_before
+            for field in ("sse_before", "sse_after", "energy"):  # row shards sum in another order
+                assert math.isclose(getattr(row, field), getattr(ref_row, field), rel_tol=1e-6), field
+    # one report for all: the statistics are reduced, times included
+    assert ranks[0]["direct"][layout]["rows"] == ranks[1]["direct"][layout]["rows"]
+
+
+def test_direct_replicated_layers_are_split_by_owner(runs):
+    _, ranks = runs
+    shapes = {"a": (64, 32), "b": (33, 48), "c": (1, 16), "d": (40, 64)}
+    owners = layer_owners([r * c for r, c in shapes.values()], WORLD)
+    assert owners == [1, 1, 0, 0]
+    for r in range(WORLD):
+        mine = sorted(s for s, o in zip(shapes.values(), owners, strict=True) if o == r)
+        assert ranks[r]["direct"]["replicated"]["swept"] == mine
+
+
+def test_direct_sharded_layers_sweep_local_rows_and_gather_other_layouts(runs):
+    _, ranks = runs
+    # a: 64 rows -> 32 + 32; b: 33 -> 17 + 16; c: 1 -> 1 + 0 (no sweep); d: Shard(1), gathered whole
+    assert ranks[0]["direct"]["sharded"]["swept"] == [(1, 16), (17, 48), (32, 32), (40, 64)]
+    assert ranks[1]["direct"]["sharded"]["swept"] == [(16, 48), (32, 32), (40, 64)]
+
+
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_direct_nonfinite_weight_seen_by_one_rank(runs, layout):
+    """Rank 1 alone holds the NaN (it owns b, or b's last rows): both ranks act together."""
+    _, ranks = runs
+    ref = ranks[0]["direct"]["reference"]
+    for rank, out in enumerate(ranks):
+        raised, skipped = out["direct"][layout]["raise"], out["direct"][layout]["skip"]
+        assert "non-finite (NaN/Inf) weights in layer 'b'; no scale was changed" in raised["result"], rank
+        for k, v in raised["before"].items():
+            assert torch.equal(raised["after"][k], v), (rank, k)
+        assert skipped["result"] == ["b"], rank
+        for k, v in skipped["after"].items():
+            expected = skipped["before"][k] if k.startswith("b.") else ref[k]
+            assert torch.equal(v, expected), (rank, k)
+        expected_warnings = ["recalibrate skipped 1 layer(s) with non-finite weights, scales kept: ['b']"]
+        assert skipped["warnings"] == (expected_warnings if rank == 0 else []), rank

@@ -1,4 +1,5 @@
-"""recalibrate(): in-place scales equal to the sweep, report values, non-finite policy, no autograd."""
+"""recalibrate(): in-place scales equal to the sweep, report values, non-finite policy, no autograd;
+the helpers it shares with recalibrate_distributed."""
 
 import math
 
@@ -7,8 +8,9 @@ import torch
 from torch import nn
 
 from nvfp4_qat import RecalibrationReport, fake_quantize_nvfp4, nvfp4_scale_sweep, quantize_model, recalibrate
+from nvfp4_qat.distributed import layer_owners, recalibrate_distributed
 from nvfp4_qat.format import block_codes, global_scale
-from nvfp4_qat.recalibrate import compute_scales, weight_sse
+from nvfp4_qat.recalibrate import compute_scales, finite_flags, recalibrate_layer, weight_sse
 
 
 def prepared(seed=0, dtype=torch.float32, init="max") -> nn.Sequential:
@@ -115,7 +117,7 @@ def test_no_autograd_or_optimizer_side_effects():
     assert not any(m.block_amax.requires_grad for m in (model[0], model[2], model[3]))
 
 
-@pytest.mark.parametrize("policy", ["raise", "skip", "warn"])
+@pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_non_finite_weights(policy):
     model = prepared()
     drift(model)
@@ -129,10 +131,7 @@ def test_non_finite_weights(policy):
             if "amax" in k:
                 assert torch.equal(v, before[k]), k
         return
-    if policy == "warn":
-        with pytest.warns(UserWarning, match=r"skipped 1 layer\(s\) with non-finite weights.*\['2'\]"):
-            report = recalibrate(model, on_nonfinite=policy)
-    else:
+    with pytest.warns(UserWarning, match=r"skipped 1 layer\(s\) with non-finite weights.*\['2'\]"):
         report = recalibrate(model, on_nonfinite=policy)
     rows = {r.name: r for r in report.layers}
     assert rows["2"].skipped and math.isnan(rows["2"].mse_after) and not rows["0"].skipped
@@ -167,8 +166,8 @@ def test_bad_arguments():
         recalibrate(model, backend="cuda")
     with pytest.raises(ValueError, match="method must be one of"):
         recalibrate(model, method="greedy")
-    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
-        recalibrate(model, on_nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"on_nonfinite must be one of \('raise', 'skip'\), got 'warn'"):
+        recalibrate(model, on_nonfinite="warn")  # dropped: "skip" warns
     with pytest.raises(ValueError, match="holds no NVFP4Linear layers"):
         recalibrate(nn.Sequential(nn.Linear(16, 16)))
     with pytest.raises(TypeError, match="model must be an nn.Module"):
@@ -197,3 +196,53 @@ def test_dtensor_weight_is_gathered_for_the_sweep():
     for name, t in reference.state_dict().items():
         if "amax" in name:
             assert torch.equal(model.state_dict()[name], t), name
+
+
+def test_finite_flags_checks_exactly_only_what_the_sse_cannot_clear():
+    ok, huge, nan = torch.ones(4, 16), torch.full((4, 16), 1e30), torch.ones(4, 16)
+    nan[2, 3] = float("nan")
+    parts = [ok, huge, nan, nan, torch.empty(0, 16)]
+    sses = [torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(float("nan")), None, None]
+    fetched = []
+
+    def part(i):
+        fetched.append(i)
+        return parts[i]
+
+    assert finite_flags(sses, part) == [True, True, False, False, True]
+    assert fetched == [1, 2, 3, 4]  # a finite SSE proves a finite weight: layer 0 is never read
+
+
+def test_layer_owners_are_greedy_by_size_and_deterministic():
+    # 30 -> rank 0; 20 -> rank 1; 10 -> rank 1 (load 20 < 30); 5: tie at 30, the lower rank wins
+    assert layer_owners([10, 30, 20, 5], 2) == [1, 0, 1, 0]
+    assert layer_owners([10, 30, 20, 5], 3) == [2, 0, 1, 2]
+    assert layer_owners([7, 7, 7], 1) == [0, 0, 0] and layer_owners([], 4) == []
+
+
+def test_recalibrate_distributed_without_a_process_group_is_recalibrate():
+    model, reference = prepared(seed=4), prepared(seed=4)
+    drift(model)
+    drift(reference)
+    report = recalibrate_distributed(model)
+    ref_report = recalibrate(reference)
+    assert [(r.name, r.sse_after, r.changed_fraction) for r in report.layers] == [
+        (r.name, r.sse_after, r.changed_fraction) for r in ref_report.layers
+    ]
+    for name, t in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
+
+
+def test_recalibrate_layer_checks_finiteness_unless_the_caller_did():
+    model = prepared()
+    with torch.no_grad():
+        model[0].weight[3, 5] = float("inf")
+    block, g = model[0].block_amax.clone(), model[0].global_amax.clone()
+    with pytest.raises(ValueError, match="non-finite .* in layer 'first'; no scale was changed"):
+        recalibrate_layer("first", model[0])
+    assert torch.equal(model[0].block_amax, block) and torch.equal(model[0].global_amax, g)
+    drift(model[2])
+    row = recalibrate_layer("second", model[2])
+    assert row.name == "second" and row.mse_after < row.mse_before and row.seconds > 0
+    w = model[2].weight.detach()
+    assert torch.equal(model[2].block_amax.reshape(-1), nvfp4_scale_sweep(w, w.abs().amax()))

@@ -3,6 +3,7 @@ weights (periodic MSE recalibration over all 126 FP8 E4M3 block-scale candidates
 
 from nvfp4_qat.callback import NVFP4Recalibration, restore_quantization
 from nvfp4_qat.config import QATConfig
+from nvfp4_qat.distributed import recalibrate_distributed
 from nvfp4_qat.export import export_nvfp4, load_nvfp4
 from nvfp4_qat.format import fake_quantize_nvfp4, fp8_scale_candidates
 from nvfp4_qat.metrics import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR
@@ -28,5 +29,6 @@ __all__ = [
     "nvfp4_scale_sweep",
     "quantize_model",
     "recalibrate",
+    "recalibrate_distributed",
     "restore_quantization",
 ]

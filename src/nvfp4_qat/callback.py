@@ -2,9 +2,10 @@
 
 Life cycle:
 
-* ``setup`` (every stage, before a checkpoint is restored and before optimizers exist): swaps the
-  model's ``nn.Linear`` layers for :class:`~nvfp4_qat.NVFP4Linear` if it is not quantized yet, so
-  ``fit/validate/test(ckpt_path=...)`` find the scale buffers they restore.
+* ``setup`` (every stage, before a checkpoint is restored and before optimizers exist): refuses a
+  strategy it cannot serve (FSDP1, DeepSpeed), then swaps the model's ``nn.Linear`` layers for
+  :class:`~nvfp4_qat.NVFP4Linear` if it is not quantized yet, so ``fit/validate/test(ckpt_path=...)``
+  find the scale buffers they restore.
 * ``on_train_start`` (after restore and sanity check): one calibration when ``at_fit_start`` and
   this run has not calibrated yet (a resumed run has, and keeps its restored scales).
 * ``on_train_batch_end``: after an optimizer step (``trainer.global_step`` counts optimizer steps,
@@ -13,7 +14,10 @@ Life cycle:
 
 Recalibration runs under ``torch.no_grad()`` between optimizer steps, before validation and before
 ``ModelCheckpoint`` (Lightning runs checkpoint callbacks last), so validation and checkpoints
-always see one consistent set of scales.
+always see one consistent set of scales. Under ``torch.distributed`` (DDP, FSDP2) the sweep is split
+across the ranks (:func:`~nvfp4_qat.distributed.recalibrate_distributed`) and every rank ends with
+the same scales. Between recalibrations the callback touches no weight and syncs nothing: its
+per-step hook compares two integers.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ from typing_extensions import override
 
 from nvfp4_qat._validation import BACKENDS, METHODS
 from nvfp4_qat.config import QATConfig
+from nvfp4_qat.distributed import check_strategy, recalibrate_distributed
 from nvfp4_qat.metrics import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR
 from nvfp4_qat.quantize import nvfp4_layers, quantize_model
-from nvfp4_qat.recalibrate import RecalibrationReport, recalibrate
+from nvfp4_qat.recalibrate import ON_NONFINITE, RecalibrationReport
 
 __all__ = ["NVFP4Recalibration", "restore_quantization"]
 
-NONFINITE_POLICIES = ("raise", "skip", "warn")
 #: Key under which the callback stores what ``restore_quantization`` needs in a checkpoint.
 CHECKPOINT_KEY = "nvfp4_qat"
 
@@ -117,8 +121,8 @@ class NVFP4Recalibration(Callback):
         quant_config: :class:`~nvfp4_qat.QATConfig` (or a dict of its fields) used to quantize a
             model that is not quantized yet.
         log_per_layer: also log each layer's weight MSE before/after and changed-scale fraction.
-        on_nonfinite: a non-finite weight at recalibration: ``"raise"``, ``"skip"`` the layer
-            (keep its scales) or ``"warn"`` and skip.
+        on_nonfinite: a non-finite weight at recalibration: ``"raise"`` (on every rank, before any
+            scale is written) or ``"skip"`` the layer (it keeps its scales; a warning names it).
         export_path: if set, export a deployable NVFP4 checkpoint there when fit ends.
     """
 
@@ -143,14 +147,18 @@ class NVFP4Recalibration(Callback):
         if stop_step is not None and (_non_negative_int(stop_step, "stop_step") <= self.start_step):
             raise ValueError(f"`stop_step` must be None or > start_step={start_step}, got {stop_step}")
         self.stop_step = stop_step
-        for name, value in (("at_fit_start", at_fit_start), ("at_fit_end", at_fit_end), ("log_per_layer", log_per_layer)):
+        for name, value in (
+            ("at_fit_start", at_fit_start),
+            ("at_fit_end", at_fit_end),
+            ("log_per_layer", log_per_layer),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be a bool, got {value!r}")
         self.at_fit_start, self.at_fit_end, self.log_per_layer = at_fit_start, at_fit_end, log_per_layer
         for name, value, allowed in (
             ("backend", backend, BACKENDS),
             ("method", method, METHODS),
-            ("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
+            ("on_nonfinite", on_nonfinite, ON_NONFINITE),
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
@@ -179,6 +187,7 @@ class NVFP4Recalibration(Callback):
         Called after every optimizer step with ``step_idx`` (index of the step just taken:
         ``trainer.global_step - 1``) and ``epoch_idx=None``; and at the end of every training
         epoch with ``epoch_idx`` and ``step_idx`` = the index of the epoch's last optimizer step.
+        Under DDP/FSDP2 it must answer the same on every rank: a recalibration is a collective.
         """
         if step_idx is None or step_idx < self.start_step:
             return False
@@ -190,6 +199,7 @@ class NVFP4Recalibration(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy)
         if not nvfp4_layers(pl_module):
             quantize_model(pl_module, self.quant_config)
             if not nvfp4_layers(pl_module):
@@ -246,7 +256,9 @@ class NVFP4Recalibration(Callback):
             trainer.strategy.barrier("nvfp4_export")
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         layers = [name for name, _ in nvfp4_layers(pl_module)]
         checkpoint[CHECKPOINT_KEY] = {"layers": layers, "config": asdict(self.quant_config)}
 
@@ -270,7 +282,9 @@ class NVFP4Recalibration(Callback):
 
     def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
         start = time.perf_counter()
-        report = recalibrate(pl_module, backend=self.backend, method=self.method, on_nonfinite=self.on_nonfinite)
+        # Every rank gets here at the same step (the schedule depends on global_step only). Plain
+        # recalibrate() without a process group, the sweep split across the ranks with one.
+        report = recalibrate_distributed(pl_module, self.backend, self.method, self.on_nonfinite)
         seconds = time.perf_counter() - start
         self._last_step = trainer.global_step
         self.last_report = report
@@ -286,8 +300,8 @@ class NVFP4Recalibration(Callback):
             logger.log_metrics({f"nvfp4/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 
     def _metrics(self, report: RecalibrationReport, seconds: float) -> dict[str, float]:
-        # Every rank recalibrates every layer of its full replica, so each rank already holds the
-        # global values: no cross-rank reduction (which would also need device tensors on NCCL).
+        # The report is the same on every rank (recalibrate_distributed reduced it), so each rank
+        # already holds the global values: no cross-rank reduction here.
         local = {"sync_on_compute": False}
         before, after = WeightQuantMSE(**local), WeightQuantMSE(**local)
         sqnr, changed = WeightQuantSQNR(**local), ScaleChangeFraction(**local)

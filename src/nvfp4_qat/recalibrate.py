@@ -1,18 +1,21 @@
 """``recalibrate``: refresh the static NVFP4 scales of every ``NVFP4Linear`` from its current weight.
 
 For each layer: ``global_amax = max |w|``, then the exact MSE sweep over the 126 FP8 codes
-(:func:`~nvfp4_qat.nvfp4_scale_sweep`) gives the new ``block_amax``; both are written in place
+(:func:`~nvfp4_qat.nvfp4_scale_sweep`'s kernel) gives the new ``block_amax``; both are written in place
 with ``copy_`` so that every reference (optimizer, DDP bucket, FSDP, a compiled graph) keeps
 seeing the same tensors. The report compares the weight error with the stale and the new scales.
 
-The per-layer pieces (:func:`weight_sse`, :func:`compute_scales`, :func:`recalibrate_layer`) are
-public for the Lightning callback and the metrics, which split layers across ranks.
+The per-layer pieces (:func:`weight_sse`, :func:`compute_scales`, :func:`recalibrate_layer`) and
+the helpers (argument checks, finiteness check, non-finite policy, change statistics) are shared
+with :mod:`nvfp4_qat.distributed`, which splits the same work across ranks.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,19 +25,30 @@ from nvfp4_qat._validation import BACKENDS, METHODS, check_choice
 from nvfp4_qat.format import block_codes, global_scale
 from nvfp4_qat.modules import NVFP4Linear, fake_quant_sse
 from nvfp4_qat.quantize import nvfp4_layers
-from nvfp4_qat.sweep import nvfp4_scale_sweep
+from nvfp4_qat.sweep import nvfp4_scale_sweep, sweep_unchecked
 
 __all__ = [
+    "LayerClock",
     "LayerRecalibration",
     "ON_NONFINITE",
     "RecalibrationReport",
+    "apply_nonfinite_policy",
+    "change_stats",
+    "checked_layers",
+    "clock_device",
     "compute_scales",
+    "finite_flags",
+    "full_weight",
     "recalibrate",
     "recalibrate_layer",
+    "skipped_row",
+    "sweep_rows",
+    "update_layer",
     "weight_sse",
 ]
 
-ON_NONFINITE = ("raise", "skip", "warn")
+#: ``on_nonfinite`` values: ``"raise"`` (nothing written) or ``"skip"`` (that layer keeps its scales; warns).
+ON_NONFINITE = ("raise", "skip")
 
 
 def full_weight(layer: NVFP4Linear) -> torch.Tensor:
@@ -63,18 +77,44 @@ def compute_scales(
     """New ``(global_amax [], block_amax [out, in // 16])`` for the layer's current weight; writes nothing.
 
     Raises:
-        ValueError: non-finite weights (from the sweep), bad ``backend`` or ``method``.
+        ValueError: non-finite weights, bad ``backend`` or ``method`` (the public sweep checks them).
     """
     with torch.no_grad():
-        return _scales(full_weight(layer), layer, backend, method)
+        w = full_weight(layer)
+        g = torch.linalg.vector_norm(w, float("inf")).to(torch.float32)
+        return g, nvfp4_scale_sweep(w, g, backend=backend, method=method).reshape(layer.block_amax.shape)
 
 
-def _scales(
-    w: torch.Tensor, layer: NVFP4Linear, backend: str, method: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _scales(w: torch.Tensor, backend: str, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.linalg.vector_norm(w, float("inf")).to(torch.float32)  # max |w|, no |w| temporary
-    block = nvfp4_scale_sweep(w, g, backend=backend, method=method)
-    return g, block.reshape(layer.block_amax.shape)
+    return g, sweep_rows(w, g, backend, method)
+
+
+def sweep_rows(w: torch.Tensor, g: torch.Tensor, backend: str, method: str) -> torch.Tensor:
+    """The sweep of ``w`` (rows, in) at global amax ``g``: block amax ``(rows, in // 16)`` fp32.
+
+    The one place the recalibration paths call the sweep (a whole weight here, a row shard in
+    :mod:`nvfp4_qat.distributed`). Unchecked: the callers have validated ``backend``/``method`` and
+    established that ``w`` is finite (:func:`finite_flags`), so the public function's own check (a
+    pass over the weight and a host sync) is skipped.
+    """
+    return sweep_unchecked(w, g, 16, backend, method).reshape(w.shape[0], -1)
+
+
+def change_stats(
+    w: torch.Tensor,
+    b_old: torch.Tensor,
+    g_old: torch.Tensor,
+    b_new: torch.Tensor,
+    g_new: torch.Tensor,
+    sse_before: torch.Tensor,
+) -> torch.Tensor:
+    """``[sse_before, sse_after, n_changed_blocks, energy]`` float64 (no host sync) of ``w`` going
+    from scales ``(b_old, g_old)`` to ``(b_new, g_new)``. Sums, so that row shards add up."""
+    sse_after = fake_quant_sse(w, b_new, g_new)
+    changed = (block_codes(b_new, global_scale(g_new)) != block_codes(b_old, global_scale(g_old))).sum()
+    energy = torch.linalg.vector_norm(w, dtype=torch.float32).square()  # sum(w^2), for the SQNR
+    return torch.stack([t.to(torch.float64) for t in (sse_before, sse_after, changed, energy)])
 
 
 @dataclass(frozen=True)
@@ -100,6 +140,68 @@ class LayerRecalibration:
     def n_blocks(self) -> int:
         return self.numel // 16
 
+    @classmethod
+    def from_stats(cls, name: str, numel: int, *stats: float) -> LayerRecalibration:
+        """The row from ``stats`` = :func:`change_stats`' four sums (``sse_before, sse_after,
+        n_changed, energy``), then ``global_amax`` before and after, then the seconds."""
+        sse_before, sse_after, n_changed, energy, amax_before, amax_after, seconds = stats
+        return cls(
+            name, numel, sse_before, sse_after, sse_before / numel, sse_after / numel,
+            n_changed / (numel // 16), amax_before, amax_after, seconds, energy=energy,
+        )  # fmt: skip
+
+
+def update_layer(
+    w: torch.Tensor, layer: NVFP4Linear, backend: str, method: str, sse_before: torch.Tensor
+) -> torch.Tensor:
+    """Sweep ``w`` (the layer's full weight) and write the new scales in place; no host sync.
+
+    Returns:
+        float64 ``[6]`` on the weight's device: :func:`change_stats`' four sums, then the global
+        amax before and after.
+    """
+    g_new, b_new = _scales(w, backend, method)
+    # Statistics first (they read the old buffers; same stream), then the in-place writes.
+    stats = change_stats(w, layer.block_amax, layer.global_amax, b_new, g_new, sse_before)
+    amax = torch.stack([layer.global_amax, g_new]).to(torch.float64)
+    layer.global_amax.copy_(g_new)
+    layer.block_amax.copy_(b_new)
+    return torch.cat([stats, amax])
+
+
+class LayerClock:
+    """Per-layer times without a host sync per layer: CUDA events on a GPU, ``perf_counter`` else.
+
+    Call :meth:`mark` after each layer's work is queued, :meth:`seconds` once at the end. On a GPU
+    the intervals are device time between the marks; elsewhere (the work is synchronous) wall time.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device if device.type == "cuda" else None
+        self._marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self._device is None:
+            self._marks.append(time.perf_counter())
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self._device))
+        self._marks.append(event)
+
+    def seconds(self) -> list[float]:
+        """The intervals between consecutive marks (waits for the last one)."""
+        if self._device is None:
+            return [b - a for a, b in itertools.pairwise(self._marks)]
+        self._marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self._marks)]
+
+
+def clock_device(layers: list[tuple[str, NVFP4Linear]]) -> torch.device:
+    """The GPU that holds every layer's scales, for :class:`LayerClock`; else the CPU (wall time)."""
+    devices = {m.block_amax.device for _, m in layers}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
 
 def recalibrate_layer(
     name: str,
@@ -112,46 +214,31 @@ def recalibrate_layer(
 
     Args:
         name: the layer's name, for the report.
-        layer: the layer; its weight must be finite (the sweep raises otherwise).
+        layer: the layer.
         backend, method: sweep settings, as :func:`recalibrate`.
-        sse_before: the weight SSE at the current scales if already computed (:func:`weight_sse`).
+        sse_before: the weight SSE at the current scales, if a caller computed it (:func:`weight_sse`)
+            and checked with it that the weight is finite (:func:`finite_flags`). Otherwise both
+            happen here.
 
     Returns:
-        The report row. ``seconds`` covers this call, host syncs included.
+        The report row. ``seconds`` covers this call, its host sync included.
+
+    Raises:
+        ValueError: non-finite weights (without ``sse_before``); no scale was changed.
     """
     start = time.perf_counter()
     with torch.no_grad():
         w = full_weight(layer)
-        g_old, b_old = layer.global_amax.clone(), layer.block_amax.clone()
         if sse_before is None:
-            sse_before = fake_quant_sse(w, b_old, g_old)
-        g_new, b_new = _scales(w, layer, backend, method)
-        layer.global_amax.copy_(g_new)
-        layer.block_amax.copy_(b_new)
-        sse_after = fake_quant_sse(w, layer.block_amax, layer.global_amax)
-        codes_old = block_codes(b_old, global_scale(g_old))
-        changed = (block_codes(b_new, global_scale(g_new)) != codes_old).sum()
-        # One host sync per layer (float64 keeps the block count exact).
-        energy = torch.linalg.vector_norm(w, dtype=torch.float32).square()
-        values = torch.stack([t.to(torch.float64) for t in (sse_before, sse_after, changed, g_old, g_new, energy)])
-        before, after, n_changed, amax_before, amax_after, energy = values.tolist()
-        numel = w.numel()
-        return LayerRecalibration(
-            name=name,
-            numel=numel,
-            sse_before=before,
-            sse_after=after,
-            mse_before=before / numel,
-            mse_after=after / numel,
-            changed_fraction=n_changed / codes_old.numel(),
-            global_amax_before=amax_before,
-            global_amax_after=amax_after,
-            seconds=time.perf_counter() - start,
-            energy=energy,
-        )
+            sse_before = fake_quant_sse(w, layer.block_amax, layer.global_amax)
+            if not finite_flags([sse_before], lambda _: w)[0]:
+                raise ValueError(f"non-finite (NaN/Inf) weights in layer {name!r}; no scale was changed")
+        values = update_layer(w, layer, backend, method, sse_before).tolist()  # float64: exact counts
+        return LayerRecalibration.from_stats(name, w.numel(), *values, time.perf_counter() - start)
 
 
-def _skipped_row(name: str, layer: NVFP4Linear) -> LayerRecalibration:
+def skipped_row(name: str, layer: NVFP4Linear) -> LayerRecalibration:
+    """The report row of a layer skipped for non-finite weights (scales kept, NaN errors)."""
     g = float(layer.global_amax)
     nan = float("nan")
     return LayerRecalibration(name, layer.weight.numel(), nan, nan, nan, nan, 0.0, g, g, 0.0, True)
@@ -228,30 +315,49 @@ def _change(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.1f}%" if before > 0 else "n/a"
 
 
-def recalibrate(
-    model: nn.Module, backend: str = "auto", method: str = "pruned", on_nonfinite: str = "raise"
-) -> RecalibrationReport:
-    """Recompute the scales of every ``NVFP4Linear`` in ``model`` from its current weight.
+def finite_flags(sses: list[torch.Tensor | None], part: Callable[[int], torch.Tensor]) -> list[bool]:
+    """Whether each checked tensor is finite, with one host sync in the common case.
 
-    Runs under ``torch.no_grad()``; writes ``global_amax`` and ``block_amax`` in place (same
-    storage); never touches parameters, gradients, ``requires_grad`` or an optimizer.
-
-    Args:
-        model: a model prepared by :func:`~nvfp4_qat.quantize_model` (or holding ``NVFP4Linear``).
-        backend: sweep backend, ``"auto"``, ``"triton"`` or ``"reference"``.
-        method: sweep method, ``"pruned"`` or ``"exhaustive"`` (same result).
-        on_nonfinite: a layer with NaN/Inf weights: ``"raise"`` a ``ValueError`` naming it, before
-            any scale is written; ``"skip"`` it (its scales are kept, its row marked skipped); or
-            ``"warn"``: skip it and emit one warning naming the skipped layers.
-
-    Returns:
-        A :class:`RecalibrationReport` (``print`` it for a table).
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: bad ``backend``/``method``/``on_nonfinite``, a model without ``NVFP4Linear``
-            layers, or non-finite weights with ``on_nonfinite="raise"``.
+    ``sses[i]`` is the fake-quant SSE of tensor ``i`` if already computed (``None``: not), and
+    ``part(i)`` gives the tensor itself, fetched only when needed (it may be a gather). A non-finite
+    weight makes its SSE NaN/Inf, so a finite SSE proves a finite tensor; the rest (an Inf SSE can
+    also come from huge finite weights: squares beyond fp32) are checked exactly.
     """
+    known = [s for s in sses if s is not None]
+    suspect = (~torch.isfinite(torch.stack([s.to(known[0].device) for s in known]))).tolist() if known else []
+    flags, k = [], 0
+    for i, s in enumerate(sses):
+        if s is not None:
+            k += 1
+            if not suspect[k - 1]:
+                flags.append(True)
+                continue
+        t = part(i)
+        flags.append(t.numel() == 0 or bool(torch.isfinite(t).all()))
+    return flags
+
+
+def apply_nonfinite_policy(bad: list[str], on_nonfinite: str, warn: bool = True) -> None:
+    """Raise (``"raise"``) or warn (``"skip"``, when ``warn``) about the layers named in ``bad``."""
+    if not bad:
+        return
+    if on_nonfinite == "raise":
+        raise ValueError(
+            f"non-finite (NaN/Inf) weights in layer {bad[0]!r}"
+            + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+            + "; no scale was changed (pass on_nonfinite='skip' to keep their old scales and go on)"
+        )
+    if warn:
+        warnings.warn(
+            f"recalibrate skipped {len(bad)} layer(s) with non-finite weights, scales kept: {bad}",
+            stacklevel=3,
+        )
+
+
+def checked_layers(
+    model: nn.Module, backend: str, method: str, on_nonfinite: str
+) -> list[tuple[str, NVFP4Linear]]:
+    """Validate :func:`recalibrate`'s arguments; return the model's ``NVFP4Linear`` layers."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_choice(backend, BACKENDS, "backend")
@@ -260,32 +366,60 @@ def recalibrate(
     layers = nvfp4_layers(model)
     if not layers:
         raise ValueError("model holds no NVFP4Linear layers; prepare it with quantize_model() first")
+    return layers
+
+
+def recalibrate(
+    model: nn.Module, backend: str = "auto", method: str = "pruned", on_nonfinite: str = "raise"
+) -> RecalibrationReport:
+    """Recompute the scales of every ``NVFP4Linear`` in ``model`` from its current weight.
+
+    Runs under ``torch.no_grad()``; writes ``global_amax`` and ``block_amax`` in place (same
+    storage); never touches parameters, gradients, ``requires_grad`` or an optimizer. The whole
+    sweep runs in this process (FSDP2 weights are gathered); under ``torch.distributed``,
+    :func:`~nvfp4_qat.distributed.recalibrate_distributed` splits it across the ranks.
+
+    Args:
+        model: a model prepared by :func:`~nvfp4_qat.quantize_model` (or holding ``NVFP4Linear``).
+        backend: sweep backend, ``"auto"``, ``"triton"`` or ``"reference"``.
+        method: sweep method, ``"pruned"`` or ``"exhaustive"`` (same result).
+        on_nonfinite: a layer with NaN/Inf weights: ``"raise"`` a ``ValueError`` naming it, before
+            any scale is written; or ``"skip"`` it: its scales are kept, its row is marked skipped,
+            and one warning names the skipped layers.
+
+    Returns:
+        A :class:`RecalibrationReport` (``print`` it for a table). A row's ``seconds`` is the GPU
+        time of that layer's work (CUDA events: the layers are queued without a host sync between
+        them) or, on the CPU, its wall time.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: bad ``backend``/``method``/``on_nonfinite``, a model without ``NVFP4Linear``
+            layers, or non-finite weights with ``on_nonfinite="raise"``.
+    """
+    layers = checked_layers(model, backend, method, on_nonfinite)
     start = time.perf_counter()
     with torch.no_grad():
-        # The error at the stale scales is needed for the report anyway; a non-finite weight makes
-        # it NaN/Inf, so it doubles as the finiteness check (one host sync for all layers), done
-        # before any scale is written so that "raise" leaves the model untouched.
+        # The error at the stale scales is needed for the report anyway and doubles as the
+        # finiteness check, done before any scale is written so that "raise" leaves the model as is.
         before = [weight_sse(m)[0] for _, m in layers]
-        suspect = (~torch.isfinite(torch.stack([t.to(before[0].device) for t in before]))).tolist()
-        # An Inf SSE can also come from huge finite weights (squares beyond fp32): check those exactly.
-        finite = [
-            not s or bool(torch.isfinite(full_weight(m)).all())
-            for s, (_, m) in zip(suspect, layers, strict=True)
-        ]
-        bad = [name for (name, _), ok in zip(layers, finite, strict=True) if not ok]
-        if bad and on_nonfinite == "raise":
-            raise ValueError(
-                f"non-finite (NaN/Inf) weights in layer {bad[0]!r}"
-                + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
-                + "; no scale was changed (pass on_nonfinite='skip' or 'warn' to keep their old scales)"
-            )
-        if bad and on_nonfinite == "warn":
-            warnings.warn(
-                f"recalibrate skipped {len(bad)} layer(s) with non-finite weights, scales kept: {bad}",
-                stacklevel=2,
-            )
+        finite = finite_flags(before, lambda i: full_weight(layers[i][1]))
+        apply_nonfinite_policy(
+            [name for (name, _), ok in zip(layers, finite, strict=True) if not ok], on_nonfinite
+        )
+        # Queue every layer's work, then read all the statistics with one host sync: a sync per
+        # layer would leave the GPU idle while the host prepares the next layer.
+        clock, pending = LayerClock(clock_device(layers)), []
+        for (_, m), ok, sse in zip(layers, finite, before, strict=True):
+            if ok:
+                pending.append(update_layer(full_weight(m), m, backend, method, sse))
+            clock.mark()
+        values = iter(torch.stack([t.to(pending[0].device) for t in pending]).tolist() if pending else [])
+        seconds = clock.seconds()
         rows = [
-            recalibrate_layer(name, m, backend, method, sse) if ok else _skipped_row(name, m)
-            for (name, m), ok, sse in zip(layers, finite, before, strict=True)
+            LayerRecalibration.from_stats(name, m.weight.numel(), *next(values), t)
+            if ok
+            else skipped_row(name, m)
+            for (name, m), ok, t in zip(layers, finite, seconds, strict=True)
         ]
     return RecalibrationReport(layers=rows, seconds=time.perf_counter() - start)

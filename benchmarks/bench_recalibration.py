@@ -1,0 +1,169 @@
+"""Cost of ``recalibrate(model)`` (the whole report path) against the bare sweep kernel.
+
+The model holds the 224 linear weights of Llama-3-8B (32 decoder layers of q 4096x4096, k/v
+1024x4096, o 4096x4096, gate/up 14336x4096, down 4096x14336; bf16), allocated on the device layer by
+layer and prepared with ``quantize_model`` (max init). Timed, each as the median of ``--repeats``
+runs after one warm-up (kernel compilation and autotuning), with the device synchronized around
+each run:
+
+* the sweep kernel alone: ``sweep_unchecked(w, g)`` over the 224 weights, ``g`` precomputed (what
+  ``recalibrate`` calls), and the public ``nvfp4_scale_sweep(w, g)``, which adds a finiteness
+  check of ``w`` (a pass over it) and host syncs;
+* ``recalibrate(model)``: stale-scale error (also the finiteness check: one host sync for all
+  layers), then per layer amax, sweep, in-place writes, error at the new scales, changed-scale
+  count, sum of squares, all queued without a host sync, then one sync and the report rows;
+* the extra passes over the weights that ``recalibrate`` adds, one by one (for diagnosis).
+
+Issue 5's target: ``recalibrate`` costs the kernel plus at most 20%. Run from the repository root::
+
+    python benchmarks/bench_recalibration.py                # one GPU, about a minute
+    python benchmarks/bench_recalibration.py --tiny         # CPU smoke run, small shapes
+
+Prints versions first, then one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import nvfp4_qat
+from nvfp4_qat import nvfp4_scale_sweep, quantize_model, recalibrate
+from nvfp4_qat.modules import fake_quant_sse
+from nvfp4_qat.quantize import nvfp4_layers
+from nvfp4_qat.sweep import sweep_unchecked
+
+#: out x in of one Llama-3-8B decoder layer's linear weights.
+LLAMA3_8B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+}
+#: The same structure, 64x smaller per dim (in_features stay multiples of 16): a CPU smoke run.
+TINY = {name: (out // 64, inp // 64) for name, (out, inp) in LLAMA3_8B.items()}
+
+
+def build_model(shapes: dict[str, tuple[int, int]], n_layers: int, device: torch.device) -> nn.Module:
+    """``n_layers`` decoder layers of bias-free bf16 linears (N(0, 0.02) weights), quantized."""
+    gen = torch.Generator(device).manual_seed(0)
+    layers = nn.ModuleList()
+    for _ in range(n_layers):  # one layer at a time, straight on the device
+        layer = nn.Module()
+        for name, (out, inp) in shapes.items():
+            linear = nn.Linear(inp, out, bias=False, device="meta", dtype=torch.bfloat16)
+            w = torch.empty(out, inp, device=device, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
+            linear.weight = nn.Parameter(w)
+            setattr(layer, name, linear)
+        layers.append(layer)
+    return quantize_model(layers, init_calibration="max")
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs after one warm-up, device synchronized."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def print_versions(device: torch.device) -> None:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        print(f"GPU: {props.name} ({props.multi_processor_count} SMs), CUDA {torch.version.cuda}")
+    else:
+        print(
+            f"GPU: none, CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        )
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}, "
+          f"nvfp4_qat {nvfp4_qat.__version__}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="shapes / 64 per dim, 2 layers, on the CPU")
+    p.add_argument("--layers", type=int, help="decoder layers (default 32, or 2 with --tiny)")
+    p.add_argument("--repeats", type=int, help="timed runs after the warm-up (default 5, or 3 with --tiny)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
+    p.add_argument("--method", default="pruned", choices=("pruned", "exhaustive"))
+    p.add_argument("--device", help="default: cuda if available (and not --tiny), else cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    shapes, n_layers = (TINY, args.layers or 2) if args.tiny else (LLAMA3_8B, args.layers or 32)
+    args.repeats = args.repeats or (3 if args.tiny else 5)
+    print_versions(device)
+
+    model = build_model(shapes, n_layers, device)
+    layers = [m for _, m in nvfp4_layers(model)]
+    weights = [m.weight.detach() for m in layers]
+    amaxes = [torch.linalg.vector_norm(w, float("inf")).to(torch.float32) for w in weights]
+    n = sum(w.numel() for w in weights)
+    print(f"{len(layers)} linear weights, {n:,} elements, bf16, on {device}; backend={args.backend}, "
+          f"method={args.method}; median of {args.repeats} after a warm-up\n")  # fmt: skip
+
+    def sweep_only() -> None:
+        for w, g in zip(weights, amaxes, strict=True):
+            sweep_unchecked(w, g, 16, args.backend, args.method)
+
+    def sweep_public() -> None:
+        for w, g in zip(weights, amaxes, strict=True):
+            nvfp4_scale_sweep(w, g, backend=args.backend, method=args.method)
+
+    def pass_amax() -> None:
+        for w in weights:
+            torch.linalg.vector_norm(w, float("inf"))
+
+    def pass_sse() -> None:
+        for m, w in zip(layers, weights, strict=True):
+            fake_quant_sse(w, m.block_amax, m.global_amax)
+
+    def pass_energy() -> None:
+        for w in weights:
+            torch.linalg.vector_norm(w, dtype=torch.float32)
+
+    kernel = timed(sweep_only, device, args.repeats)
+    full = timed(lambda: recalibrate(model, backend=args.backend, method=args.method), device, args.repeats)
+    rows = [
+        ("sweep kernel alone (sweep_unchecked, g given)", kernel),
+        ("public nvfp4_scale_sweep (+ finiteness check)", timed(sweep_public, device, args.repeats)),
+        ("recalibrate(model): the whole report path", full),
+        ("  of which, one pass: amax (x1 in recalibrate)", timed(pass_amax, device, args.repeats)),
+        ("  of which, one pass: fake-quant SSE (x2)", timed(pass_sse, device, args.repeats)),
+        ("  of which, one pass: sum of squares (x1)", timed(pass_energy, device, args.repeats)),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'what':<{width}}  {'median ms':>10}  {'vs kernel':>9}")
+    print("-" * (width + 23))
+    for label, seconds in rows:
+        print(f"{label:<{width}}  {seconds * 1e3:>10.2f}  {100 * seconds / kernel:>8.1f}%")
+    print("-" * (width + 23))
+    print(f"recalibrate overhead over the kernel: {100 * (full - kernel) / kernel:+.1f}% (target: <= +20%)")
+
+
+if __name__ == "__main__":
+    main()
