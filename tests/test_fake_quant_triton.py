@@ -263,9 +263,13 @@ def test_cuda_module_uses_kernel_and_matches_torch_path(dtype, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_compile_matches_eager():
+    """Weight-only QAT under torch.compile: the weight fake-quant is an opaque custom op, so the
+    compiled weights are bit-identical and the outputs match eager up to bf16 matmul/GELU rounding.
+    (W4A4 is not compared: an ulp of difference in Inductor's GELU can move an activation across
+    an FP4 midpoint, so only that it compiles and stays finite is checked.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda().to(torch.bfloat16)
-    quantize_model(model, QATConfig(quantize_activations=True))
+    quantize_model(model, QATConfig())
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
     eager = model(x)
     compiled = torch.compile(model)(x)
@@ -273,6 +277,9 @@ def test_cuda_compile_matches_eager():
     torch.testing.assert_close(compiled, eager)
     compiled.float().square().mean().backward()
     assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
+    w4a4 = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda().to(torch.bfloat16)
+    quantize_model(w4a4, QATConfig(quantize_activations=True))
+    assert torch.isfinite(torch.compile(w4a4)(x)).all()
 
 
 @pytest.mark.gpu

@@ -123,6 +123,10 @@ def run_stage(
     start_point = []
     if callback is not None:
         if not nvfp4_layers(module):
+            if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
+                # Convert where training runs: the first calibration (calibrator=triton) sweeps
+                # on the GPU, and a large model's scales are not swept on the CPU first.
+                module.cuda()
             quantize_model(module, instantiate(cfg.quant))
         start_point = [
             {
