@@ -169,7 +169,8 @@ def plot_run(result: RunResult, path: Path) -> Path:
     ptq_x = offset + (continued.steps if continued else 0)  # PTQ quantizes the continued model's end
     for label, loss in result.comparison:
         if label.startswith("PTQ") and loss is not None:
-            ax_loss.plot([ptq_x], [loss], "s" if "max" in label else "D", ms=6, label=label)
+            marker, colour = ("s", "tab:red") if "max" in label else ("D", "tab:green")
+            ax_loss.plot([ptq_x], [loss], marker, color=colour, ms=6, label=label)
     if fp:
         for ax in (ax_loss, ax_mse):
             ax.axvline(offset, color="k", ls=":", lw=1)
