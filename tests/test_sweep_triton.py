@@ -11,13 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from nvfp4_qat import nvfp4_scale_sweep  # noqa: E402
-from nvfp4_qat._sweep_reference import block_losses, sweep_reference  # noqa: E402
-from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, e2m1_magnitude, fp8_code_values, global_scale  # noqa: E402
-from nvfp4_qat.kernels import _sweep_kernels as K  # noqa: E402
-from nvfp4_qat.kernels.sweep import FIRST_DOUBLING, N_BELOW, run_sweep, sweep_triton  # noqa: E402
+from nvfp4_qat import nvfp4_scale_sweep
+from nvfp4_qat._sweep_reference import block_losses, sweep_reference
+from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, e2m1_magnitude, fp8_code_values, global_scale
+from nvfp4_qat.kernels import _sweep_kernels as K
+from nvfp4_qat.kernels.sweep import FIRST_DOUBLING, N_BELOW, run_sweep, sweep_triton
 
 METHODS = ["pruned", "exhaustive"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
