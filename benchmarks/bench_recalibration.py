@@ -9,10 +9,11 @@ each run:
 * the sweep kernel alone: ``sweep_unchecked(w, g)`` over the 224 weights, ``g`` precomputed (what
   ``recalibrate`` calls), and the public ``nvfp4_scale_sweep(w, g)``, which adds a finiteness
   check of ``w`` (a pass over it) and host syncs;
-* ``recalibrate(model)``: stale-scale error (also the finiteness check: one host sync for all
-  layers), then per layer amax, sweep, in-place writes, error at the new scales, changed-scale
-  count, sum of squares, all queued without a host sync, then one sync and the report rows;
-* the extra passes over the weights that ``recalibrate`` adds, one by one (for diagnosis).
+* ``recalibrate(model)``: on a GPU its fused path (``nvfp4_qat._recalibrate_fused``): one stats
+  pass per weight (stale-scale error, max |w|, sum w^2; also the finiteness check, one host sync
+  for all layers), then per layer the sweep with its FP8 bytes and losses written alongside the
+  new scales, two small reductions, all queued without a host sync, then one sync and the rows;
+* the pieces, one by one (for diagnosis).
 
 Issue 5's target: ``recalibrate`` costs the kernel plus at most 20%. Run from the repository root::
 
@@ -35,9 +36,9 @@ from torch import nn
 
 import nvfp4_qat
 from nvfp4_qat import nvfp4_scale_sweep, quantize_model, recalibrate
-from nvfp4_qat.modules import fake_quant_sse
 from nvfp4_qat.quantize import nvfp4_layers
-from nvfp4_qat.sweep import sweep_unchecked
+from nvfp4_qat.recalibrate import weight_stats
+from nvfp4_qat.sweep import sweep_unchecked, sweep_with_stats
 
 #: out x in of one Llama-3-8B decoder layer's linear weights.
 LLAMA3_8B = {
@@ -134,27 +135,25 @@ def main(argv: list[str] | None = None) -> None:
         for w, g in zip(weights, amaxes, strict=True):
             nvfp4_scale_sweep(w, g, backend=args.backend, method=args.method)
 
-    def pass_amax() -> None:
-        for w in weights:
-            torch.linalg.vector_norm(w, float("inf"))
-
-    def pass_sse() -> None:
+    def pass_stats() -> None:
         for m, w in zip(layers, weights, strict=True):
-            fake_quant_sse(w, m.block_amax, m.global_amax)
+            weight_stats(m, w)
 
-    def pass_energy() -> None:
-        for w in weights:
-            torch.linalg.vector_norm(w, dtype=torch.float32)
+    def sweep_stats() -> None:
+        for w, g in zip(weights, amaxes, strict=True):
+            sweep_with_stats(w, g, args.backend, args.method)
 
     kernel = timed(sweep_only, device, args.repeats)
     full = timed(lambda: recalibrate(model, backend=args.backend, method=args.method), device, args.repeats)
+    report = recalibrate(model, backend=args.backend, method=args.method)
+    print(f"report of the last run: {len(report.layers)} layers, MSE {report.mse_before:.6e} -> "
+          f"{report.mse_after:.6e}, changed {100 * report.changed_fraction:.2f}%, {report.seconds * 1e3:.1f} ms")  # fmt: skip
     rows = [
         ("sweep kernel alone (sweep_unchecked, g given)", kernel),
         ("public nvfp4_scale_sweep (+ finiteness check)", timed(sweep_public, device, args.repeats)),
         ("recalibrate(model): the whole report path", full),
-        ("  of which, one pass: amax (x1 in recalibrate)", timed(pass_amax, device, args.repeats)),
-        ("  of which, one pass: fake-quant SSE (x2)", timed(pass_sse, device, args.repeats)),
-        ("  of which, one pass: sum of squares (x1)", timed(pass_energy, device, args.repeats)),
+        ("  piece: stats pass (stale error, amax, energy)", timed(pass_stats, device, args.repeats)),
+        ("  piece: sweep with bytes and losses (per layer)", timed(sweep_stats, device, args.repeats)),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'what':<{width}}  {'median ms':>10}  {'vs kernel':>9}")

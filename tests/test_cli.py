@@ -245,6 +245,7 @@ def test_reference_and_triton_calibrators_give_identical_scales(tmp_path):
     without the `quant.include` override the same script checks all 16 layers (49152 blocks, ~5 min).
     """
     import triton  # noqa: F401 - a dependency: fail, never skip, if it is missing
+
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run(
         [sys.executable, "-c", _PARITY, "quant.include=[net.blocks.0.qkv]"],

@@ -48,15 +48,16 @@ SWEPT: list[tuple[int, ...]] = []  # shapes of the weights this process swept si
 
 
 def _record_sweeps() -> None:
-    """Every recalibration path sweeps through nvfp4_qat.recalibrate's binding: note the shapes."""
-    module = importlib.import_module("nvfp4_qat.recalibrate")  # the package's name is the function
-    real = module.sweep_unchecked
+    """Every CPU recalibration path sweeps through the ``sweep_with_stats`` binding of
+    nvfp4_qat.recalibrate (whole weights) or nvfp4_qat.distributed (row shards): note the shapes."""
+    for name in ("nvfp4_qat.recalibrate", "nvfp4_qat.distributed"):  # the package's name is the function
+        module = importlib.import_module(name)
 
-    def recording(x, *args):
-        SWEPT.append(tuple(x.shape))
-        return real(x, *args)
+        def recording(x, *args, real=module.sweep_with_stats):
+            SWEPT.append(tuple(x.shape))
+            return real(x, *args)
 
-    module.sweep_unchecked = recording
+        module.sweep_with_stats = recording
 
 
 def _take_swept() -> list[tuple[int, ...]]:

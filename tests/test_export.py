@@ -306,6 +306,7 @@ def test_tied_weights_are_written_once_and_restored(tmp_path):
 
 def test_hf_model_gets_quantization_config(tmp_path):
     import transformers  # in the dev extra: fail, never skip, if it is missing
+
     cfg = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=16,

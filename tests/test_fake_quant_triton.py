@@ -5,6 +5,7 @@ so only the ``TRITON_INTERPRET`` check needs the variable; it is set per test, n
 GPU tests (``-m gpu``) repeat the parity at larger sizes on CUDA and cover the module paths.
 """
 
+import importlib
 import math
 
 import pytest
@@ -12,10 +13,10 @@ import torch
 from torch import nn
 
 from nvfp4_qat import NVFP4Linear, QATConfig, fake_quantize_nvfp4, quantize_model, recalibrate
-from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, block_codes, fp8_code_values, global_scale
+from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, fp8_code_values
 from nvfp4_qat.kernels import fake_quant as fq
-from nvfp4_qat.kernels.fake_quant import CONFIGS, fake_quant_sse_triton, fake_quant_triton
-from nvfp4_qat.modules import fake_quant_sse
+from nvfp4_qat.kernels.fake_quant import CONFIGS, fake_quant_stats_triton, fake_quant_triton
+from nvfp4_qat.modules import quant_error_stats
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -129,10 +130,8 @@ def test_interpreter_non_contiguous_input(interpret):
 
 def test_interpreter_custom_op_and_module_path(interpret):
     x, block, g = random_case((9, 32), torch.bfloat16, 2)
-    s2 = global_scale(g)
-    e = block_codes(block.reshape(-1), s2)
-    torch.library.opcheck(torch.ops.nvfp4_qat.fake_quant_nvfp4, (x, e, s2))
-    assert_bits_equal(torch.ops.nvfp4_qat.fake_quant_nvfp4(x, e, s2), fake_quantize_nvfp4(x, block, g))
+    torch.library.opcheck(torch.ops.nvfp4_qat.fake_quant_nvfp4, (x, block, g))
+    assert_bits_equal(torch.ops.nvfp4_qat.fake_quant_nvfp4(x, block, g), fake_quantize_nvfp4(x, block, g))
 
     torch.manual_seed(0)
     cfg = QATConfig(quantize_activations=True, backend="reference")  # the sweep kernel is not under test
@@ -150,8 +149,11 @@ def test_interpreter_custom_op_and_module_path(interpret):
         assert_bits_equal(a, b)
 
 
-def torch_sse(x, block, g) -> torch.Tensor:
-    return (fake_quantize_nvfp4(x, block, g).float() - x.float()).square().sum()
+def torch_stats(x, block, g) -> list[float]:
+    """(sum of squared fp32 NVFP4 error, max |x|, sum x^2) in float64."""
+    xf = x.double()
+    err = fake_quantize_nvfp4(x.float(), block, g).double() - xf
+    return [float(err.square().sum()), float(xf.abs().max()), float(xf.square().sum())]
 
 
 SSE_CASES = [(torch.bfloat16, c) for c in CONFIGS] + [(d, CONFIGS[0]) for d in (torch.float32, torch.float16)]
@@ -160,20 +162,55 @@ SSE_CASES = [(torch.bfloat16, c) for c in CONFIGS] + [(d, CONFIGS[0]) for d in (
 @pytest.mark.parametrize(
     ("dtype", "config"), SSE_CASES, ids=lambda v: f"rows{v['ROWS']}" if isinstance(v, dict) else str(v)[6:]
 )
-def test_interpreter_sse_mode(interpret, dtype, config):
+def test_interpreter_stats_mode(interpret, dtype, config):
     x, block, g = random_case((config["ROWS"] + 3, 16), dtype, 4)  # a partial second tile
-    sse = fake_quant_sse_triton(x, block, g, config=config)
-    assert sse.dtype == torch.float32 and sse.shape == ()
-    assert math.isclose(float(sse), float(torch_sse(x, block, g)), rel_tol=1e-6)
-    assert math.isclose(float(fake_quant_sse(x, block, g, "triton")), float(sse), rel_tol=1e-6)
+    stats = fake_quant_stats_triton(x, block, g, config=config)
+    assert stats.dtype == torch.float32 and stats.shape == (3,)
+    want = torch_stats(x, block, g)
+    for got, ref in zip(stats.tolist(), want, strict=True):
+        assert math.isclose(got, ref, rel_tol=1e-6)
+    assert stats[1] == x.float().abs().max()  # the max is exact
+    torch_path = quant_error_stats(x, block, g, "torch")
+    for got, ref in zip(torch_path.tolist(), want, strict=True):
+        assert math.isclose(got, ref, rel_tol=1e-6)
 
 
-def test_interpreter_sse_of_non_finite_input(interpret):
+def test_interpreter_stats_of_non_finite_input(interpret):
     x, block, g = random_case((8, 32), torch.float32, 0)
     x[3, 3] = float("inf")
-    assert math.isinf(float(fake_quant_sse_triton(x, block, g)))
+    assert math.isinf(float(fake_quant_stats_triton(x, block, g)[0]))
     x[5, 5] = float("nan")
-    assert math.isnan(float(fake_quant_sse_triton(x, block, g)))
+    assert math.isnan(float(fake_quant_stats_triton(x, block, g)[0]))
+
+
+def test_interpreter_module_caches_kernel_state(interpret, monkeypatch):
+    """The FP8 bytes and decision table are prepared once per scale change, not once per forward."""
+    calls = []
+    prepare = fq.prepare
+    monkeypatch.setattr(fq, "prepare", lambda *a: calls.append(1) or prepare(*a))
+    torch.manual_seed(0)
+    layer = NVFP4Linear(32, 8, config=QATConfig(backend="reference"))
+    layer.fake_quant_backend = "triton"
+    x = torch.randn(3, 32)
+    first = layer(x)
+    assert_bits_equal(layer(x), first)
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer.block_amax.mul_(0.5)  # in place: the version counter moves
+    halved = layer(x)
+    assert len(calls) == 2
+    assert_bits_equal(
+        halved,
+        nn.functional.linear(
+            x, fake_quantize_nvfp4(layer.weight, layer.block_amax, layer.global_amax), layer.bias
+        ),
+    )
+    layer.load_state_dict({**layer.state_dict(), "global_amax": layer.global_amax * 2})
+    layer(x)
+    assert len(calls) == 3
+    layer.global_amax = layer.global_amax.clone()  # a replaced buffer is another object
+    assert_bits_equal(layer(x), layer(x))
+    assert len(calls) == 4
 
 
 def test_launcher_validation(interpret, monkeypatch):
@@ -192,7 +229,7 @@ def test_launcher_validation(interpret, monkeypatch):
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         fake_quant_triton(x, block, g)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
-        fake_quant_sse_triton(x, block, g)
+        fake_quant_stats_triton(x, block, g)
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -210,12 +247,13 @@ def test_cuda_matches_reference_on_cuda_and_cpu(dtype, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_cuda_sse_mode(dtype):
+def test_cuda_stats_mode(dtype):
     x, block, g = random_case((4096, 4096), dtype, 8, device="cuda")
-    sse = fake_quant_sse_triton(x, block, g)
-    xc = x.cpu()
-    ref = (fake_quantize_nvfp4(xc, block.cpu(), g.cpu()).double() - xc.double()).square().sum()  # fp64 sum
-    assert math.isclose(float(sse), float(ref), rel_tol=1e-5)
+    stats = fake_quant_stats_triton(x, block, g).tolist()
+    want = torch_stats(x.cpu(), block.cpu(), g.cpu())  # fp64 sums
+    for got, ref in zip(stats, want, strict=True):
+        assert math.isclose(got, ref, rel_tol=1e-5)
+    assert stats[1] == want[1]
 
 
 @pytest.mark.gpu
@@ -241,8 +279,8 @@ def test_cuda_each_config_and_edge_cases(config, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_module_uses_kernel_and_matches_torch_path(dtype, monkeypatch):
     calls = []
-    launch = fq._launch
-    monkeypatch.setattr(fq, "_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    launch = fq.fake_quant_prepared
+    monkeypatch.setattr(fq, "fake_quant_prepared", lambda *a, **k: calls.append(1) or launch(*a, **k))
     torch.manual_seed(0)
     cfg = QATConfig(quantize_activations=True, gradient="clipped_ste")
     a = NVFP4Linear(256, 512, device="cuda", dtype=dtype, config=cfg)
@@ -297,3 +335,40 @@ def test_cuda_recalibrate_matches_cpu():
     for (name, t), t_gpu in zip(model.state_dict().items(), gpu.state_dict().values(), strict=True):
         assert torch.equal(t, t_gpu.cpu()), name
     assert math.isclose(cpu_report.mse_after, gpu_report.mse_after, rel_tol=1e-5)
+
+
+def test_interpreter_recalibrate_fused_path_matches_reference(interpret, monkeypatch):
+    """recalibrate() through the kernels (stats pass, sweep with codes and losses) reports what the
+    PyTorch path reports and writes the same scales; the next forward reuses the sweep's bytes."""
+    recal = importlib.import_module("nvfp4_qat.recalibrate")  # the package's attribute is the function
+
+    fused_calls, prepare_calls = [], []
+    sweep_all, prepare = recal.sweep_all, fq.prepare
+    monkeypatch.setattr(recal, "sweep_all", lambda *a: fused_calls.append(1) or sweep_all(*a))
+    monkeypatch.setattr(fq, "prepare", lambda *a: prepare_calls.append(1) or prepare(*a))
+    torch.manual_seed(0)
+    models = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 32)).to(torch.bfloat16)
+        quantize_model(model, QATConfig(init_calibration="max", backend="reference"))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.1).add_(0.003)
+        for m in model:
+            m.fake_quant_backend = backend
+        models.append(model)
+    ref = recalibrate(models[0], backend="reference")
+    fused = recalibrate(models[1], backend="triton")
+    assert fused_calls == [1]
+    n_prepared = len(prepare_calls)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    assert_bits_equal(models[1](x), models[0](x))  # the kernels with cached bytes vs PyTorch
+    assert len(prepare_calls) == n_prepared  # the sweep's bytes and the batched tables were used
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for r, f in zip(ref.layers, fused.layers, strict=True):
+        assert r.changed_fraction == f.changed_fraction > 0
+        assert r.global_amax_before == f.global_amax_before and r.global_amax_after == f.global_amax_after
+        for field in ("sse_before", "sse_after", "energy"):
+            assert math.isclose(getattr(r, field), getattr(f, field), rel_tol=1e-6), field

@@ -101,7 +101,9 @@ def test_e2m1_property_matches_exact_rational_rounding(u, k):
 def test_block_codes_round_to_nearest_even_and_saturate():
     s2 = t32(1.0 / 6.0 * 6.0)  # s2 = 1: the ratio is block_amax / 6
     ratios = []
-    for a, b in zip([0.0] + CODES, CODES, strict=False):  # midpoints between consecutive codes, and neighbours
+    for a, b in zip(
+        [0.0] + CODES, CODES, strict=False
+    ):  # midpoints between consecutive codes, and neighbours
         m = (a + b) / 2
         ratios += [m, math.nextafter(m, 0.0), math.nextafter(m, math.inf), b]
     ratios += [447.0, 448.0, 464.0, 479.0, 480.0, 1e6, 2.0**-10, 2.0**-11]
@@ -160,7 +162,24 @@ def test_fake_quantize_midpoints_exactly():
     mids = torch.tensor([m for m, _ in E2M1_MIDPOINTS] + [6.0, 0.0, 0.5, 3.0], dtype=torch.float32)
     x = torch.cat([mids, -mids[:5]]).reshape(1, 16)
     out = fake_quantize_nvfp4(x, t32([[6.0]]), g)  # block code 1.0
-    assert out.tolist()[0] == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 0.0, 0.5, 3.0, -0.0, -1.0, -1.0, -2.0, -2.0]
+    assert out.tolist()[0] == [
+        0.0,
+        1.0,
+        1.0,
+        2.0,
+        2.0,
+        4.0,
+        4.0,
+        6.0,
+        0.0,
+        0.5,
+        3.0,
+        -0.0,
+        -1.0,
+        -1.0,
+        -2.0,
+        -2.0,
+    ]
 
 
 def test_fake_quantize_grid_values_are_fixed_points():
@@ -219,3 +238,71 @@ def test_fake_quantize_cuda_bit_identical_to_cpu(dtype):
     gpu = fake_quantize_nvfp4(x.cuda(), bmax.cuda(), g.cuda()).cpu()
     assert torch.equal(cpu, gpu), f"{(cpu != gpu).sum().item()} elements differ"
     assert torch.equal(fp8_scale_candidates("cuda").cpu(), fp8_scale_candidates())
+
+
+def _table_s2_values() -> list[float]:
+    """s2 across the whole positive fp32 range: every binade's ends and random mantissas."""
+    gen = torch.Generator().manual_seed(5)
+    out = [2.0**-149, 2.0**-148 * 3, 2.0**-126, float(torch.finfo(torch.float32).max) / 2688]
+    for exp in range(-149, 118, 3):
+        mant = 1 + torch.rand(3, generator=gen)
+        out += [float(torch.tensor(2.0**exp) * m) for m in mant]
+    return [v for v in out if v > 0]
+
+
+def test_decision_table_brackets_every_boundary():
+    """For every FP8 byte and midpoint, the table's window around midpoint * e * s2 starts below the
+    boundary and ends above it, so the first passing float is the exact threshold (monotonicity)."""
+    from nvfp4_qat.format import _WINDOW, decision_table
+
+    mids = torch.tensor([m for m, _ in E2M1_MIDPOINTS])
+    ties_down = torch.tensor([t for _, t in E2M1_MIDPOINTS])
+    e = torch.nan_to_num(torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).float(), nan=0.0)
+    for s2v in _table_s2_values():
+        s2 = torch.tensor(s2v, dtype=torch.float32)
+        table = decision_table(s2)
+        assert table.shape == (128, 8) and table.dtype == torch.float32
+        assert torch.equal(table[:, 7], e * s2)
+        t = e[1:127, None] * mids  # the 126 real codes
+        thr = table[1:127, :7]
+        assert torch.isfinite(thr).all(), s2v
+
+        def passes(a, t=t, s2=s2):
+            u = a / s2
+            return torch.where(ties_down, u > t, u >= t)
+
+        below = (thr.view(torch.int32) - 1).clamp(min=0).view(torch.float32)
+        assert passes(thr).all(), s2v
+        assert not (passes(below) & (thr > 0)).any(), s2v
+        # the bracket itself: the window's ends fail and pass
+        guess = (t * s2).view(torch.int32)
+        lo = (guess - _WINDOW).clamp(min=0).view(torch.float32)
+        hi = (guess + _WINDOW).view(torch.float32)
+        assert not passes(lo).any() and passes(hi).all(), s2v
+        assert torch.isinf(table[0, :7]).all() and table[0, 7] == 0
+
+
+@pytest.mark.parametrize("s2v", [2.0**-10, 0.3 / 2688, 1e-41, 3e30 / 2688])
+def test_decision_table_reproduces_fake_quantize(s2v):
+    """Thresholds on |x| + the scale column give fake_quantize_unchecked's bits, including x at every
+    threshold and the float just below it."""
+    from nvfp4_qat.format import block_code_bytes, decision_table, fake_quantize_unchecked, global_scale
+
+    g = torch.tensor(s2v * 2688, dtype=torch.float32)
+    s2 = global_scale(g)
+    table = decision_table(s2)
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(1, 127, (4000,), generator=gen, dtype=torch.uint8)
+    cols = torch.randint(0, 7, (4000, 16), generator=gen)
+    thr = table[codes.long()].gather(1, cols)
+    nudge = torch.randint(-1, 2, (4000, 16), generator=gen, dtype=torch.int32)
+    x = (thr.view(torch.int32) + nudge).clamp(min=0).view(torch.float32)
+    x = torch.where(torch.rand(4000, 16, generator=gen) < 0.5, -x, x)
+    block_amax = codes.view(torch.float8_e4m3fn).float() * s2 * 6  # selects exactly these codes
+    assert torch.equal(block_code_bytes(block_amax, s2), codes)
+    rows = table[codes.long()]
+    q = torch.zeros(4000, 16)
+    for k, v in enumerate(E2M1_VALUES[1:]):
+        q = torch.where(x.abs() >= rows[:, k : k + 1], v, q)
+    out = torch.copysign(q * rows[:, 7:8], x)
+    assert torch.equal(out.view(torch.int32), fake_quantize_unchecked(x, block_amax, g).view(torch.int32))

@@ -12,7 +12,9 @@ from nvfp4_qat.recalibrate import weight_sse
 def test_pure_functions():
     assert mse_from_sums(torch.tensor(6.0, dtype=torch.float64), torch.tensor(3)).item() == 2.0
     assert mse_from_sums(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0)).item() == 0.0  # not NaN
-    assert math.isclose(sqnr_db_from_sums(torch.tensor(1000.0), torch.tensor(1.0)).item(), 30.0, rel_tol=1e-12)
+    assert math.isclose(
+        sqnr_db_from_sums(torch.tensor(1000.0), torch.tensor(1.0)).item(), 30.0, rel_tol=1e-12
+    )
     assert sqnr_db_from_sums(torch.tensor(5.0), torch.tensor(0.0)).item() == math.inf
 
 

@@ -176,6 +176,7 @@ def test_meta_model_then_materialise_and_recalibrate():
 
 def test_hugging_face_llama_and_gpt2():
     import transformers  # in the dev extra: fail, never skip, if it is missing
+
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -75,7 +75,9 @@ def test_sweep_best_score_is_fake_quant_error_and_is_minimal():
     err = (absw - fake_quantize_nvfp4(x, best, g).abs()) ** 2
     fq_loss = ref.pairwise_block_sum(err)
     losses = torch.stack([ref.block_losses(absw, u, v, s2) for v in fp8_code_values()])  # (126, n)
-    at_chosen = losses.gather(0, (chosen.unsqueeze(0) == fp8_code_values().unsqueeze(1)).int().argmax(0, keepdim=True))
+    at_chosen = losses.gather(
+        0, (chosen.unsqueeze(0) == fp8_code_values().unsqueeze(1)).int().argmax(0, keepdim=True)
+    )
     assert torch.equal(at_chosen[0], fq_loss)
     # and no candidate does strictly better; ties resolved to the first minimum
     assert torch.equal(fq_loss, losses.min(0).values)

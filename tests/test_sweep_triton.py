@@ -11,11 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nvfp4_qat import nvfp4_scale_sweep
+from nvfp4_qat import fake_quantize_nvfp4, nvfp4_scale_sweep
 from nvfp4_qat._sweep_reference import block_losses, sweep_reference
-from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, e2m1_magnitude, fp8_code_values, global_scale
+from nvfp4_qat.format import (
+    E2M1_MIDPOINTS,
+    E2M1_VALUES,
+    block_code_bytes,
+    e2m1_magnitude,
+    fp8_code_values,
+    global_scale,
+)
 from nvfp4_qat.kernels import _sweep_kernels as K
-from nvfp4_qat.kernels.sweep import FIRST_DOUBLING, N_BELOW, run_sweep, sweep_triton
+from nvfp4_qat.kernels.sweep import FIRST_DOUBLING, N_BELOW, launch_sweep, run_sweep, sweep_triton
 
 METHODS = ["pruned", "exhaustive"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -254,6 +261,34 @@ def test_interpreter_shallow_windows_stay_exact(interpret, n_below, n_extra):
         assert int(count) > n_subnormal + 50  # the bound failed for many blocks
     if n_extra == 3:
         assert int(count) < run_sweep(x, g, "pruned", n_below=n_below, n_extra=0)[1]
+
+
+def check_stats_outputs(x, g, method, **kw) -> None:
+    """launch_sweep(stats=True): the same amax, each block's FP8 byte of it, and its fp32 loss."""
+    out, _, (codes, losses) = launch_sweep(x, g, method, stats=True, **kw)
+    assert_same_blocks(out, sweep_reference(x, g))
+    assert torch.equal(codes, block_code_bytes(out, global_scale(g)))
+    xf = x.float().reshape(-1, 16)
+    per_block = (fake_quantize_nvfp4(xf, out, g) - xf).double().square().sum(dim=1)
+    torch.testing.assert_close(losses.double(), per_block, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "n_below", "n_extra"), [("exhaustive", 3, 2), ("pruned", 3, 2), ("pruned", 0, 0)]
+)
+def test_interpreter_stats_outputs(interpret, method, n_below, n_extra):
+    # (0, 0) sends many blocks through the work list, whose stores are checked too
+    x = mixed_weight(600, 14)
+    check_stats_outputs(x, amax(x), method, n_below=n_below, n_extra=n_extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("method", "n_below", "n_extra"), [("exhaustive", 3, 2), ("pruned", 3, 2), ("pruned", 0, 0)]
+)
+def test_cuda_stats_outputs(method, n_below, n_extra):
+    x = mixed_weight(60000, 15, device="cuda")
+    check_stats_outputs(x, amax(x), method, n_below=n_below, n_extra=n_extra)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy: 0/0 and overflow, as intended

@@ -22,16 +22,36 @@ BMAX = X.abs().reshape(4, 2, 16).amax(-1)
         ({"x": [1.0] * 16}, TypeError, r"x must be a torch.Tensor, got list"),
         ({"x": torch.empty(0, 32)}, ValueError, r"x must be a non-empty tensor"),
         ({"x": torch.tensor(1.0)}, ValueError, r"x must be a non-empty tensor with at least 1 dim"),
-        ({"x": X.clone().index_fill_(1, torch.tensor([3]), float("nan"))}, ValueError, r"x must be finite, but 4 of 128"),
+        (
+            {"x": X.clone().index_fill_(1, torch.tensor([3]), float("nan"))},
+            ValueError,
+            r"x must be finite, but 4 of 128",
+        ),
         ({"x": X.clone().index_fill_(0, torch.tensor([1]), float("inf"))}, ValueError, r"x must be finite"),
         ({"global_amax": -1.0}, ValueError, r"global_amax must be finite and >= 0, got -1.0"),
-        ({"global_amax": torch.tensor(float("nan"))}, ValueError, r"global_amax must be finite and >= 0, got nan"),
+        (
+            {"global_amax": torch.tensor(float("nan"))},
+            ValueError,
+            r"global_amax must be finite and >= 0, got nan",
+        ),
         ({"global_amax": float("inf")}, ValueError, r"global_amax must be finite and >= 0, got inf"),
-        ({"global_amax": torch.ones(2)}, ValueError, r"global_amax must be a scalar \(one element\), got shape \(2,\)"),
+        (
+            {"global_amax": torch.ones(2)},
+            ValueError,
+            r"global_amax must be a scalar \(one element\), got shape \(2,\)",
+        ),
         ({"global_amax": "1.0"}, TypeError, r"global_amax must be a scalar tensor or a number, got str"),
         ({"global_amax": torch.tensor(3)}, TypeError, r"global_amax must be a floating tensor"),
-        ({"global_amax": torch.tensor(1.0, device="meta")}, ValueError, r"x and global_amax must be on the same device"),
-        ({"backend": "cuda"}, ValueError, r"backend must be one of \('auto', 'triton', 'reference'\), got 'cuda'"),
+        (
+            {"global_amax": torch.tensor(1.0, device="meta")},
+            ValueError,
+            r"x and global_amax must be on the same device",
+        ),
+        (
+            {"backend": "cuda"},
+            ValueError,
+            r"backend must be one of \('auto', 'triton', 'reference'\), got 'cuda'",
+        ),
         ({"method": "fast"}, ValueError, r"method must be one of \('pruned', 'exhaustive'\), got 'fast'"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -46,6 +66,7 @@ def test_sweep_rejects_bad_input(kwargs, error, match):
 def test_sweep_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     import triton  # noqa: F401 - a dependency on Linux: fail, never skip, if it is missing
+
     with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA tensor .*TRITON_INTERPRET=1.*cpu"):
         nvfp4_scale_sweep(X, G, backend="triton")
 

@@ -32,9 +32,7 @@ def check_x(x: object, block_size: object, *, name: str = "x") -> None:
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError(f"{name} must be a non-empty tensor with at least 1 dim, got shape {tuple(x.shape)}")
     if x.shape[-1] % bs != 0:
-        raise ValueError(
-            f"{name}.shape[-1] must be divisible by block_size={bs}, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name}.shape[-1] must be divisible by block_size={bs}, got shape {tuple(x.shape)}")
 
 
 def check_finite(x: torch.Tensor, *, name: str = "x") -> None:
@@ -47,9 +45,7 @@ def check_finite(x: torch.Tensor, *, name: str = "x") -> None:
 def check_global_amax(global_amax: object, x: torch.Tensor) -> torch.Tensor:
     """Return ``global_amax`` as a 0-dim fp32 tensor on ``x``'s device, or raise."""
     if isinstance(global_amax, bool) or not isinstance(global_amax, (torch.Tensor, int, float)):
-        raise TypeError(
-            f"global_amax must be a scalar tensor or a number, got {type(global_amax).__name__}"
-        )
+        raise TypeError(f"global_amax must be a scalar tensor or a number, got {type(global_amax).__name__}")
     if isinstance(global_amax, torch.Tensor):
         if global_amax.numel() != 1:
             raise ValueError(

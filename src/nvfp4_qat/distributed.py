@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from nvfp4_qat.modules import NVFP4Linear, fake_quant_sse
+from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.recalibrate import (
     LayerClock,
     LayerRecalibration,
@@ -41,10 +41,12 @@ from nvfp4_qat.recalibrate import (
     finite_flags,
     full_weight,
     recalibrate,
+    scale_codes,
     skipped_row,
-    sweep_rows,
     update_layer,
+    weight_stats,
 )
+from nvfp4_qat.sweep import sweep_with_stats
 
 __all__ = ["check_strategy", "distributed_world_size", "layer_owners", "recalibrate_distributed"]
 
@@ -127,7 +129,7 @@ def _check_and_reduce_amax(
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], set[int]]:
     """Each rank checks what it sweeps (its own layers, its rows, its shard of a gathered weight).
 
-    Returns ``(sse_before, global amax of row-sharded layers, bad layers)``, the last two the same on
+    Returns ``(weight_stats before, global amax of row-sharded layers, bad layers)``, the last two the same on
     every rank: the non-finite flags and the row shards' amax share one all-reduce (max), so every
     rank learns together which layers are bad (a rank that raised alone would leave the others
     waiting in the next collective).
@@ -138,18 +140,18 @@ def _check_and_reduce_amax(
     for i, (_, m) in enumerate(layers):
         if plan[i] == rank:
             parts[i] = m.weight.detach()
-            sse[i] = fake_quant_sse(parts[i], m.block_amax, m.global_amax)
+            sse[i] = weight_stats(m, parts[i])
         elif plan[i] == _ROWS:
             local, first = _local_rows(m.weight)  # (rows, in); rows may be 0 on the last ranks
             parts[i], rows = local, local.shape[0]
             amax[i] = torch.zeros((), dtype=torch.float32, device=device)
             if rows:
-                sse[i] = fake_quant_sse(local, m.block_amax[first : first + rows], m.global_amax)
-                amax[i] = torch.linalg.vector_norm(local, float("inf")).to(torch.float32)
+                sse[i] = weight_stats(m, local, slice(first, first + rows))
+                amax[i] = sse[i][1]
         elif plan[i] == _GATHER:  # its SSE needs the gathered weight: check the local shard exactly
             parts[i] = m.weight.to_local().detach()
     checked = list(parts)
-    finite = finite_flags([sse.get(i) for i in checked], lambda k: parts[checked[k]])
+    finite = finite_flags([sse[i][0] if i in sse else None for i in checked], lambda k: parts[checked[k]])
     flags = torch.zeros(len(layers), dtype=torch.float32)
     flags[[i for i, ok in zip(checked, finite, strict=True) if not ok]] = 1.0
     reduced = torch.cat([flags.to(device), *(a.reshape(1) for a in amax.values())])
@@ -162,7 +164,7 @@ def _check_and_reduce_amax(
 def _sweep_own_rows(
     m: NVFP4Linear,
     g: torch.Tensor,
-    sse_before: torch.Tensor | None,
+    before: torch.Tensor | None,
     stats: torch.Tensor,
     rank: int,
     backend: str,
@@ -177,9 +179,9 @@ def _sweep_own_rows(
     rows = local.shape[0]
     b_local = torch.empty(0, m.block_amax.shape[1], dtype=torch.float32, device=local.device)
     if rows:
-        b_local = sweep_rows(local, g, backend, method)  # (rows, in // 16)
-        b_old = m.block_amax[first : first + rows]
-        stats[:4] = change_stats(local, b_old, m.global_amax, b_local, g, sse_before)
+        b_flat, codes, sse_after = sweep_with_stats(local, g, backend, method)
+        b_local = b_flat.reshape(rows, -1)  # (rows, in // 16)
+        stats[:4] = change_stats(before, sse_after, scale_codes(m, slice(first, first + rows)), codes)
     full = DTensor.from_local(
         b_local, w.device_mesh, [Shard(0)], shape=m.block_amax.shape, stride=m.block_amax.stride()
     ).full_tensor()
@@ -255,10 +257,8 @@ def recalibrate_distributed(
                     reported.add(i)
             elif i not in bad and plan[i] in (rank, _GATHER):
                 w = full_weight(m)  # _GATHER: a collective
-                sse = sse_before.get(i)
-                if sse is None:  # _GATHER: finiteness was checked on the shards
-                    sse = fake_quant_sse(w, m.block_amax, m.global_amax)
-                values = update_layer(w, m, backend, method, sse)
+                # _GATHER: no stats yet (finiteness was checked on the shards): update_layer measures
+                values = update_layer(w, m, backend, method, sse_before.get(i))
                 if plan[i] == rank or rank == 0:
                     stats[i, :6] = values
                     reported.add(i)

@@ -46,6 +46,8 @@ __all__ = [
     "fp8_scale_candidates",
     "fp8_code_values",
     "fake_quantize_nvfp4",
+    "block_code_bytes",
+    "decision_table",
 ]
 
 #: The 8 non-negative E2M1 magnitudes, ascending.
@@ -117,6 +119,59 @@ def block_codes(block_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     ratio = torch.nan_to_num(ratio, nan=0.0, posinf=FP8_MAX)  # 0/0 and b/0 when s2 == 0
     ratio = torch.where(s2 > 0, ratio, torch.zeros_like(ratio)).clamp(min=0.0, max=FP8_MAX)
     return ratio.to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def block_code_bytes(block_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """The FP8 block codes of :func:`block_codes` as their ``float8_e4m3fn`` bytes (``uint8``, 0..126).
+
+    Exact: every value :func:`block_codes` returns is an FP8 value. Byte ``c`` selects row ``c`` of
+    :func:`decision_table`; the sweep kernels return the same bytes for the codes they choose.
+    """
+    return block_codes(block_amax, s2).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+#: Per-element search window of :func:`decision_table`, in fp32 ulps around ``midpoint * e * s2``.
+_WINDOW = 4
+
+
+def decision_table(s2: torch.Tensor) -> torch.Tensor:
+    """The E2M1 decision of this module restated in ``|x|`` space: ``[128, 8]`` fp32 on ``s2``'s device
+    (``s2.shape + (128, 8)`` for a tensor of several ``s2``: one table each, in one batch of ops).
+
+    Row ``c`` belongs to the FP8 byte ``c`` (code value ``e``): columns 0..6 hold, for each midpoint
+    ``m`` of :data:`E2M1_MIDPOINTS`, the smallest non-negative fp32 ``a`` for which ``u = a / s2``
+    (correctly rounded) passes ``m * e`` with the half-to-even comparison; column 7 holds the block
+    scale ``e * s2``. So, for any ``x``, the magnitude of :func:`fake_quantize_unchecked` is
+    ``q * table[c, 7]`` with ``q`` the number of thresholds ``|x| >= table[c, k]`` passed, mapped to
+    :data:`E2M1_VALUES` -- bit for bit, with no division per element (what the fused kernel uses).
+
+    Why it is exact: ``a -> fl(a / s2)`` is monotone, so each comparison is true exactly from one
+    ``a`` upwards. That ``a`` lies within 2 ulps of ``fl(m * e * s2)`` (the quotient moves by less
+    than an ulp of ``m * e`` per ulp of ``a``); the table evaluates the comparison itself, with the
+    same correctly rounded division, on the ``2 * 4 + 1`` floats around that guess and keeps the first
+    that passes. ``tests/test_format.py`` checks, for every row and s2s across the whole fp32 range,
+    that the first float fails and the last passes (the window brackets the boundary), and that the
+    table reproduces :func:`fake_quantize_unchecked`. Rows with ``e == 0`` (and the NaN byte 0x7F,
+    never produced) have infinite thresholds and scale 0: the block quantizes to 0.
+    """
+    s2 = s2.to(torch.float32)
+    batch = s2.shape
+    s2 = s2.reshape(-1, 1, 1)  # [L, 1, 1]: one table per value
+    e = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).to(s2.device)
+    e = torch.nan_to_num(e, nan=0.0)
+    mids = torch.tensor([m for m, _ in E2M1_MIDPOINTS], dtype=torch.float32, device=s2.device)
+    ties_down = torch.tensor([t for _, t in E2M1_MIDPOINTS], device=s2.device)
+    t = e[:, None] * mids  # [128, 7], exact
+    guess = (t * s2).view(torch.int32)  # [L, 128, 7]; non-negative floats order like their bits
+    steps = torch.arange(-_WINDOW, _WINDOW + 1, dtype=torch.int32, device=s2.device)
+    cand = (guess[..., None] + steps).clamp(min=0).view(torch.float32)  # [L, 128, 7, 9]
+    u = cand / s2[..., None]  # the definition's correctly rounded division
+    passed = torch.where(ties_down[:, None], u > t[..., None], u >= t[..., None])
+    first = passed.to(torch.int8).argmax(dim=-1, keepdim=True)  # first float that passes
+    thresholds = cand.gather(-1, first).squeeze(-1)
+    thresholds = torch.where(e[:, None] > 0, thresholds, torch.inf)
+    table = torch.cat([thresholds, (e * s2.reshape(-1, 1))[..., None]], dim=-1)  # [L, 128, 8]
+    return table.reshape(*batch, 128, 8)
 
 
 def e2m1_magnitude(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ __all__ = [
     "NVFP4WeightSTE",
     "fake_quant_sse",
     "fake_quantize",
+    "quant_error_stats",
 ]
 
 #: ``NVFP4Linear.fake_quant_backend`` values: ``auto`` = Triton kernel on CUDA, PyTorch elsewhere.
@@ -58,7 +59,11 @@ def _use_kernel(x: torch.Tensor, backend: str) -> bool:
 
 
 def fake_quantize(
-    x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto"
+    x: torch.Tensor,
+    block_amax: torch.Tensor,
+    global_amax: torch.Tensor,
+    backend: str = "auto",
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """NVFP4 fake-quant with block 16, unvalidated (the modules' hot path); no autograd rule.
 
@@ -67,30 +72,50 @@ def fake_quantize(
         block_amax: fp32, ``x.numel() // 16`` values on ``x``'s device.
         global_amax: 0-dim fp32 tensor on ``x``'s device.
         backend: ``"auto"`` (Triton kernel for CUDA tensors), ``"triton"`` or ``"torch"``.
+        state: the kernel's ``(codes, table)`` for these scales
+            (:func:`nvfp4_qat.kernels.fake_quant.prepare`), if the caller caches it.
 
     Returns:
         The fake-quantized tensor, same shape and dtype as ``x``, bit-identical for every backend.
     """
     if _use_kernel(x, backend):
-        s2 = global_scale(global_amax)
-        e = block_codes(block_amax.reshape(-1), s2)  # [n_blocks], the FP8 rounding of format.py
-        return torch.ops.nvfp4_qat.fake_quant_nvfp4(x, e, s2)
+        if state is None or torch.compiler.is_compiling():
+            return torch.ops.nvfp4_qat.fake_quant_nvfp4(x, block_amax, global_amax)
+        return _fused.fake_quant_prepared(x, *state)
     return fake_quantize_unchecked(x, block_amax, global_amax, 16)
+
+
+def quant_error_stats(
+    x: torch.Tensor,
+    block_amax: torch.Tensor,
+    global_amax: torch.Tensor,
+    backend: str = "auto",
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``[sum of squared NVFP4 error, max |x|, sum x^2]``, fp32, on ``x``'s device, no host sync.
+
+    The error is that of the NVFP4 value in fp32 (``fake_quantize_nvfp4(x.float(), ...)``), which
+    is what the scale sweep minimises and what an fp32 dequantization of the export gives; the
+    forward of a bf16/fp16 layer rounds that value once more to the weight's dtype. On CUDA one
+    fused kernel pass (one read, no temporaries); elsewhere PyTorch. The two agree to fp32
+    rounding of the sums (the max is exact). NaN/Inf weights make the first value NaN/Inf.
+    """
+    if _use_kernel(x, backend):
+        state = _fused.prepare(block_amax, global_amax) if state is None else state
+        return _fused.fake_quant_prepared(x, *state, stats=True)
+    xf = x.detach().to(torch.float32)
+    err = fake_quantize_unchecked(xf, block_amax, global_amax, 16) - xf
+    absx = xf.abs()
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    amax = absx.amax() if absx.numel() else zero
+    return torch.stack([err.square().sum(), amax, absx.square().sum()])
 
 
 def fake_quant_sse(
     x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
-    """``sum((fake_quantize(x, ...) - x) ** 2)`` in fp32 as a 0-dim tensor, without a host sync.
-
-    The fake-quant is taken in ``x``'s dtype (what forward uses). On CUDA one fused kernel pass
-    (no temporaries); elsewhere PyTorch. The two agree to fp32 rounding of the sum.
-    """
-    if _use_kernel(x, backend):
-        s2 = global_scale(global_amax)
-        return _fused._launch(x, block_codes(block_amax.reshape(-1), s2), s2, sse=True)
-    err = fake_quantize_unchecked(x, block_amax, global_amax, 16).to(torch.float32) - x.to(torch.float32)
-    return err.square().sum()
+    """The first value of :func:`quant_error_stats`: the fp32 sum of squared NVFP4 error (0-dim)."""
+    return quant_error_stats(x, block_amax, global_amax, backend)[0]
 
 
 class NVFP4WeightSTE(torch.autograd.Function):
@@ -101,12 +126,12 @@ class NVFP4WeightSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, weight, block_amax, global_amax, backend: str = "auto"):
-        return fake_quantize(weight, block_amax, global_amax, backend)
+    def forward(ctx: Any, weight, block_amax, global_amax, backend: str = "auto", state=None):
+        return fake_quantize(weight, block_amax, global_amax, backend, state)
 
     @staticmethod
     def backward(ctx: Any, grad_output):
-        return grad_output, None, None, None
+        return grad_output, None, None, None, None
 
 
 class NVFP4WeightClippedSTE(torch.autograd.Function):
@@ -121,9 +146,9 @@ class NVFP4WeightClippedSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, weight, block_amax, global_amax, backend: str = "auto"):
+    def forward(ctx: Any, weight, block_amax, global_amax, backend: str = "auto", state=None):
         ctx.save_for_backward(weight, block_amax, global_amax)  # no copies: a parameter, buffers
-        return fake_quantize(weight, block_amax, global_amax, backend)
+        return fake_quantize(weight, block_amax, global_amax, backend, state)
 
     @staticmethod
     def backward(ctx: Any, grad_output):
@@ -132,7 +157,7 @@ class NVFP4WeightClippedSTE(torch.autograd.Function):
         block_scale = block_codes(block_amax.reshape(-1, 1), s2) * s2  # (n_blocks, 1)
         inside = weight.detach().to(torch.float32).abs().reshape(-1, 16) <= FP4_MAX * block_scale
         grad = grad_output * inside.reshape(weight.shape).to(grad_output.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class NVFP4ActivationSTE(NVFP4WeightSTE):
@@ -195,6 +220,8 @@ class NVFP4Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.config = config
         self.fake_quant_backend = "auto"
+        self._kernel_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kernel_state_key: tuple | None = None
         kw = {"dtype": torch.float32, "device": self.weight.device}
         self.register_buffer("block_amax", torch.zeros(out_features, in_features // config.block_size, **kw))
         self.register_buffer("global_amax", torch.zeros((), **kw))
@@ -253,7 +280,40 @@ class NVFP4Linear(nn.Linear):
     def fake_quantized_weight(self) -> torch.Tensor:
         """The weight as forward uses it: fake-quantized, same dtype, with the configured STE."""
         ste = _WEIGHT_STE[self.config.gradient]
-        return ste.apply(self.weight, self.block_amax, self.global_amax, self.fake_quant_backend)
+        state = None if torch.compiler.is_compiling() else self.kernel_state(self.weight)
+        return ste.apply(self.weight, self.block_amax, self.global_amax, self.fake_quant_backend, state)
+
+    def kernel_state(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fused kernel's ``(FP8 bytes, decision table)`` for the current scales, cached.
+
+        Recomputed only when a scale buffer changes: the cache holds the two buffer objects
+        themselves (so their storage cannot be reused by another tensor meanwhile) and their version
+        counters, which every in-place write bumps (``copy_``, ``load_state_dict``, recalibration,
+        DDP's buffer broadcast); a replaced or moved buffer is another object. ``None`` where the
+        kernel is not used for ``like`` (default: the weight); inference-mode buffers (no version
+        counter) are not cached.
+        """
+        like = self.weight if like is None else like
+        if not _use_kernel(like, self.fake_quant_backend):
+            return None
+        b, g = self.block_amax, self.global_amax
+        try:
+            versions = (b._version, g._version)
+        except RuntimeError:  # inference tensors have no version counter
+            return _fused.prepare(b, g)
+        key = self._kernel_state_key
+        if key is None or key[0] is not b or key[1] is not g or key[2] != versions:
+            self._kernel_state = _fused.prepare(b, g)
+            self._kernel_state_key = (b, g, versions)
+        return self._kernel_state
+
+    def set_kernel_state(self, codes: torch.Tensor, table: torch.Tensor) -> None:
+        """Install :meth:`kernel_state` for the scales the buffers hold now (a recalibration that
+        already has the FP8 bytes hands them over, so that the next forward need not recompute them).
+        The caller guarantees that ``(codes, table)`` equal ``prepare(block_amax, global_amax)``."""
+        b, g = self.block_amax, self.global_amax
+        self._kernel_state = (codes, table)
+        self._kernel_state_key = (b, g, (b._version, g._version))
 
     def fake_quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as forward uses it with ``quantize_activations`` (updates ``input_amax`` in training)."""

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nvfp4_qat._recalibrate_fused import fused_applicable, stale_stats, sweep_all
 from nvfp4_qat._validation import BACKENDS, METHODS, check_choice
-from nvfp4_qat.format import block_codes, global_scale
-from nvfp4_qat.modules import NVFP4Linear, fake_quant_sse
+from nvfp4_qat.format import block_code_bytes, global_scale
+from nvfp4_qat.modules import NVFP4Linear, quant_error_stats
 from nvfp4_qat.quantize import nvfp4_layers
-from nvfp4_qat.sweep import nvfp4_scale_sweep, sweep_unchecked
+from nvfp4_qat.sweep import nvfp4_scale_sweep, sweep_unchecked, sweep_with_stats
 
 __all__ = [
     "LayerClock",
@@ -41,10 +42,12 @@ __all__ = [
     "full_weight",
     "recalibrate",
     "recalibrate_layer",
+    "scale_codes",
     "skipped_row",
     "sweep_rows",
     "update_layer",
     "weight_sse",
+    "weight_stats",
 ]
 
 #: ``on_nonfinite`` values: ``"raise"`` (nothing written) or ``"skip"`` (that layer keeps its scales; warns).
@@ -59,16 +62,48 @@ def full_weight(layer: NVFP4Linear) -> torch.Tensor:
     return gather() if callable(gather) else w
 
 
+def weight_stats(
+    layer: NVFP4Linear, w: torch.Tensor | None = None, rows: slice | None = None
+) -> torch.Tensor:
+    """``[sse, max |w|, sum w^2]`` (fp32, no host sync) of the layer's weight at its current scales.
+
+    ``sse`` is the summed squared NVFP4 error in fp32 (:func:`~nvfp4_qat.modules.quant_error_stats`),
+    what the sweep minimises. One read of the weight on a GPU.
+
+    Args:
+        layer: the layer.
+        w: the weight to measure (default: :func:`full_weight`); with ``rows``, those rows only.
+        rows: the rows of the layer that ``w`` holds (a row shard), to pick their scales.
+    """
+    with torch.no_grad():
+        w = full_weight(layer) if w is None else w
+        if rows is None:
+            state = layer.kernel_state(w)
+            return quant_error_stats(w, layer.block_amax, layer.global_amax, layer.fake_quant_backend, state)
+        return quant_error_stats(w, layer.block_amax[rows], layer.global_amax, layer.fake_quant_backend)
+
+
 def weight_sse(layer: NVFP4Linear) -> tuple[torch.Tensor, int]:
-    """Sum of squared weight error of the fake-quant at the layer's current scales.
+    """Sum of squared weight error (fp32 NVFP4 error) at the layer's current scales.
 
     Returns:
         ``(sse, numel)``: a 0-dim fp32 tensor on the weight's device (no host sync) and the
         number of weights.
     """
-    with torch.no_grad():
-        w = full_weight(layer)
-        return fake_quant_sse(w, layer.block_amax, layer.global_amax), w.numel()
+    return weight_stats(layer)[0], layer.weight.numel()
+
+
+def scale_codes(layer: NVFP4Linear, rows: slice | None = None) -> torch.Tensor:
+    """The FP8 bytes (``uint8``, flat, row-major) of the layer's current block scales (``rows`` only).
+
+    The fused kernel's cached bytes where the layer has them, else :func:`~nvfp4_qat.format.block_code_bytes`.
+    """
+    state = layer.kernel_state(layer.block_amax)
+    if state is not None:
+        codes = state[0].reshape(layer.block_amax.shape)
+    else:
+        codes = block_code_bytes(layer.block_amax, global_scale(layer.global_amax))
+    return (codes if rows is None else codes[rows]).reshape(-1)
 
 
 def compute_scales(
@@ -85,11 +120,6 @@ def compute_scales(
         return g, nvfp4_scale_sweep(w, g, backend=backend, method=method).reshape(layer.block_amax.shape)
 
 
-def _scales(w: torch.Tensor, backend: str, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.linalg.vector_norm(w, float("inf")).to(torch.float32)  # max |w|, no |w| temporary
-    return g, sweep_rows(w, g, backend, method)
-
-
 def sweep_rows(w: torch.Tensor, g: torch.Tensor, backend: str, method: str) -> torch.Tensor:
     """The sweep of ``w`` (rows, in) at global amax ``g``: block amax ``(rows, in // 16)`` fp32.
 
@@ -102,19 +132,16 @@ def sweep_rows(w: torch.Tensor, g: torch.Tensor, backend: str, method: str) -> t
 
 
 def change_stats(
-    w: torch.Tensor,
-    b_old: torch.Tensor,
-    g_old: torch.Tensor,
-    b_new: torch.Tensor,
-    g_new: torch.Tensor,
-    sse_before: torch.Tensor,
+    before: torch.Tensor, sse_after: torch.Tensor, codes_old: torch.Tensor, codes_new: torch.Tensor
 ) -> torch.Tensor:
-    """``[sse_before, sse_after, n_changed_blocks, energy]`` float64 (no host sync) of ``w`` going
-    from scales ``(b_old, g_old)`` to ``(b_new, g_new)``. Sums, so that row shards add up."""
-    sse_after = fake_quant_sse(w, b_new, g_new)
-    changed = (block_codes(b_new, global_scale(g_new)) != block_codes(b_old, global_scale(g_old))).sum()
-    energy = torch.linalg.vector_norm(w, dtype=torch.float32).square()  # sum(w^2), for the SQNR
-    return torch.stack([t.to(torch.float64) for t in (sse_before, sse_after, changed, energy)])
+    """``[sse_before, sse_after, n_changed_blocks, energy]`` float64 (no host sync).
+
+    ``before`` is :func:`weight_stats` at the old scales (``[sse, amax, energy]``), ``sse_after`` the
+    sweep's error at the new ones, ``codes_*`` the FP8 bytes of the old and new block scales. Sums,
+    so that row shards add up.
+    """
+    changed = (codes_new.reshape(-1) != codes_old.reshape(-1)).sum()
+    return torch.stack([t.to(torch.float64) for t in (before[0], sse_after, changed, before[2])])
 
 
 @dataclass(frozen=True)
@@ -152,20 +179,29 @@ class LayerRecalibration:
 
 
 def update_layer(
-    w: torch.Tensor, layer: NVFP4Linear, backend: str, method: str, sse_before: torch.Tensor
+    w: torch.Tensor, layer: NVFP4Linear, backend: str, method: str, before: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Sweep ``w`` (the layer's full weight) and write the new scales in place; no host sync.
+
+    Args:
+        w: the layer's full weight (finite).
+        layer: the layer.
+        backend, method: sweep settings.
+        before: :func:`weight_stats` of ``w`` at the current scales, if the caller has it (its
+            ``max |w|`` is the new global amax). Computed here otherwise.
 
     Returns:
         float64 ``[6]`` on the weight's device: :func:`change_stats`' four sums, then the global
         amax before and after.
     """
-    g_new, b_new = _scales(w, backend, method)
+    before = weight_stats(layer, w) if before is None else before
+    g_new = before[1].clone()  # max |w|: exact, whatever the order of the reduction
+    b_new, codes_new, sse_after = sweep_with_stats(w, g_new, backend, method)
     # Statistics first (they read the old buffers; same stream), then the in-place writes.
-    stats = change_stats(w, layer.block_amax, layer.global_amax, b_new, g_new, sse_before)
+    stats = change_stats(before, sse_after, scale_codes(layer), codes_new)
     amax = torch.stack([layer.global_amax, g_new]).to(torch.float64)
     layer.global_amax.copy_(g_new)
-    layer.block_amax.copy_(b_new)
+    layer.block_amax.copy_(b_new.reshape(layer.block_amax.shape))
     return torch.cat([stats, amax])
 
 
@@ -208,7 +244,7 @@ def recalibrate_layer(
     layer: NVFP4Linear,
     backend: str = "auto",
     method: str = "pruned",
-    sse_before: torch.Tensor | None = None,
+    before: torch.Tensor | None = None,
 ) -> LayerRecalibration:
     """Recalibrate one layer in place (``copy_`` into its buffers) and describe the change.
 
@@ -216,9 +252,8 @@ def recalibrate_layer(
         name: the layer's name, for the report.
         layer: the layer.
         backend, method: sweep settings, as :func:`recalibrate`.
-        sse_before: the weight SSE at the current scales, if a caller computed it (:func:`weight_sse`)
-            and checked with it that the weight is finite (:func:`finite_flags`). Otherwise both
-            happen here.
+        before: :func:`weight_stats` at the current scales, if a caller computed it and checked
+            with it that the weight is finite (:func:`finite_flags`). Otherwise both happen here.
 
     Returns:
         The report row. ``seconds`` covers this call, its host sync included.
@@ -229,11 +264,11 @@ def recalibrate_layer(
     start = time.perf_counter()
     with torch.no_grad():
         w = full_weight(layer)
-        if sse_before is None:
-            sse_before = fake_quant_sse(w, layer.block_amax, layer.global_amax)
-            if not finite_flags([sse_before], lambda _: w)[0]:
+        if before is None:
+            before = weight_stats(layer, w)
+            if not finite_flags([before[0]], lambda _: w)[0]:
                 raise ValueError(f"non-finite (NaN/Inf) weights in layer {name!r}; no scale was changed")
-        values = update_layer(w, layer, backend, method, sse_before).tolist()  # float64: exact counts
+        values = update_layer(w, layer, backend, method, before).tolist()  # float64: exact counts
         return LayerRecalibration.from_stats(name, w.numel(), *values, time.perf_counter() - start)
 
 
@@ -400,26 +435,62 @@ def recalibrate(
     layers = checked_layers(model, backend, method, on_nonfinite)
     start = time.perf_counter()
     with torch.no_grad():
-        # The error at the stale scales is needed for the report anyway and doubles as the
-        # finiteness check, done before any scale is written so that "raise" leaves the model as is.
-        before = [weight_sse(m)[0] for _, m in layers]
-        finite = finite_flags(before, lambda i: full_weight(layers[i][1]))
-        apply_nonfinite_policy(
-            [name for (name, _), ok in zip(layers, finite, strict=True) if not ok], on_nonfinite
-        )
-        # Queue every layer's work, then read all the statistics with one host sync: a sync per
-        # layer would leave the GPU idle while the host prepares the next layer.
-        clock, pending = LayerClock(clock_device(layers)), []
-        for (_, m), ok, sse in zip(layers, finite, before, strict=True):
-            if ok:
-                pending.append(update_layer(full_weight(m), m, backend, method, sse))
-            clock.mark()
-        values = iter(torch.stack([t.to(pending[0].device) for t in pending]).tolist() if pending else [])
-        seconds = clock.seconds()
-        rows = [
-            LayerRecalibration.from_stats(name, m.weight.numel(), *next(values), t)
-            if ok
-            else skipped_row(name, m)
-            for (name, m), ok, t in zip(layers, finite, seconds, strict=True)
-        ]
+        if fused_applicable(layers, backend):
+            rows = _recalibrate_fused(layers, method, on_nonfinite)
+        else:
+            rows = _recalibrate_generic(layers, backend, method, on_nonfinite)
     return RecalibrationReport(layers=rows, seconds=time.perf_counter() - start)
+
+
+def _recalibrate_generic(
+    layers: list[tuple[str, NVFP4Linear]], backend: str, method: str, on_nonfinite: str
+) -> list[LayerRecalibration]:
+    # The error at the stale scales is needed for the report anyway and doubles as the finiteness
+    # check, done before any scale is written so that "raise" leaves the model as is. One read of
+    # each weight gives it together with the new global amax and the energy.
+    before = [weight_stats(m) for _, m in layers]
+    finite = finite_flags([b[0] for b in before], lambda i: full_weight(layers[i][1]))
+    apply_nonfinite_policy(
+        [name for (name, _), ok in zip(layers, finite, strict=True) if not ok], on_nonfinite
+    )
+    # Queue every layer's work, then read all the statistics with one host sync: a sync per
+    # layer would leave the GPU idle while the host prepares the next layer.
+    clock, pending = LayerClock(clock_device(layers)), []
+    for (_, m), ok, stats in zip(layers, finite, before, strict=True):
+        if ok:
+            pending.append(update_layer(full_weight(m), m, backend, method, stats))
+        clock.mark()
+    values = iter(torch.stack([t.to(pending[0].device) for t in pending]).tolist() if pending else [])
+    seconds = clock.seconds()
+    return [
+        LayerRecalibration.from_stats(name, m.weight.numel(), *next(values), t)
+        if ok
+        else skipped_row(name, m)
+        for (name, m), ok, t in zip(layers, finite, seconds, strict=True)
+    ]
+
+
+def _recalibrate_fused(
+    layers: list[tuple[str, NVFP4Linear]], method: str, on_nonfinite: str
+) -> list[LayerRecalibration]:
+    # The same steps on the GPU fast path (see nvfp4_qat._recalibrate_fused): the scales are
+    # bit-identical, the launches per layer few.
+    before = stale_stats(layers)
+    finite = finite_flags(list(before[:, 0].unbind()), lambda i: layers[i][1].weight.detach())
+    apply_nonfinite_policy(
+        [name for (name, _), ok in zip(layers, finite, strict=True) if not ok], on_nonfinite
+    )
+    keep = [i for i, ok in enumerate(finite) if ok]
+    clock = LayerClock(clock_device(layers))
+    values = []
+    if keep:
+        index = torch.tensor(keep, device=before.device)
+        values = sweep_all([layers[i] for i in keep], before[index], method, clock.mark).tolist()
+    seconds, rows, k = clock.seconds(), [], 0
+    for i, (name, m) in enumerate(layers):
+        if finite[i]:
+            rows.append(LayerRecalibration.from_stats(name, m.weight.numel(), *values[k], seconds[k]))
+            k += 1
+        else:
+            rows.append(skipped_row(name, m))
+    return rows

@@ -15,6 +15,7 @@ from nvfp4_qat._validation import (
     check_global_amax,
     check_x,
 )
+from nvfp4_qat.format import block_code_bytes, fake_quantize_unchecked, global_scale
 
 
 def triton_available() -> bool:
@@ -96,7 +97,11 @@ def nvfp4_scale_sweep(
 
 
 def sweep_unchecked(
-    x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16, backend: str = "auto", method: str = "pruned"
+    x: torch.Tensor,
+    global_amax: torch.Tensor,
+    block_size: int = 16,
+    backend: str = "auto",
+    method: str = "pruned",
 ) -> torch.Tensor:
     """:func:`nvfp4_scale_sweep` without the value checks, for callers that have made them.
 
@@ -110,3 +115,26 @@ def sweep_unchecked(
 
         return sweep_triton(x, global_amax, method=method)
     return sweep_reference(x, global_amax, block_size)
+
+
+def sweep_with_stats(
+    x: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto", method: str = "pruned"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sweep_unchecked` (block 16) plus what a recalibration report needs, from the same pass.
+
+    Returns:
+        ``(block_amax [n_blocks] fp32, FP8 bytes [n_blocks] uint8, sse 0-dim fp32)``: the sweep's
+        result, the code byte it selects in each block (:func:`~nvfp4_qat.format.block_code_bytes`)
+        and the summed squared fp32 error at the new scales (the minimised loss). The Triton kernels
+        write the bytes and per-block losses while sweeping; the reference recomputes them.
+    """
+    if resolve_backend(backend, x.device, 16) == "triton":
+        from nvfp4_qat.kernels.sweep import launch_sweep
+
+        out, _, (codes, losses) = launch_sweep(x, global_amax, method, stats=True)
+        return out, codes, losses.sum()
+    out = sweep_reference(x, global_amax, 16)
+    codes = block_code_bytes(out, global_scale(global_amax))
+    xf = x.to(torch.float32)
+    sse = (fake_quantize_unchecked(xf, out, global_amax, 16) - xf).square().sum()
+    return out, codes, sse

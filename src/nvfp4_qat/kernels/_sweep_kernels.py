@@ -132,7 +132,7 @@ def _load_blocks(x_ptr, rows, mask, g_ptr, B: tl.constexpr):
 
 @triton.jit
 def _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES: tl.constexpr, B: tl.constexpr):
-    # Exhaustive running argmin over all codes, ascending, strict <. -> [B] int32
+    # Exhaustive running argmin over all codes, ascending, strict <. -> ([B] int32, [B] fp32 loss)
     best_loss = tl.full([B], float("inf"), dtype=tl.float32)
     best_idx = tl.full([B], 0, tl.int32)
     for k in range(NUM_CANDIDATES):
@@ -141,7 +141,7 @@ def _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES: tl.constexpr, B: tl.con
         better = loss < best_loss
         best_loss = tl.where(better, loss, best_loss)
         best_idx = tl.where(better, k, best_idx)
-    return best_idx
+    return best_idx, best_loss
 
 
 @triton.jit
@@ -150,7 +150,7 @@ def _argmin_lanes(
 ):
     # The same argmin with the codes split into LANES ascending slices, one per copy of the block:
     # each slice keeps its first minimum, then the smallest loss wins and, among equal losses, the
-    # smallest code: exactly the sequential first minimum. -> [B] int32
+    # smallest code: exactly the sequential first minimum. -> ([B] int32, [B] fp32 loss)
     CHUNK: tl.constexpr = (NUM_CANDIDATES + LANES - 1) // LANES
     R: tl.constexpr = B * LANES
     absw = tl.reshape(tl.broadcast_to(absw[:, None, :], [B, LANES, 16]), [R, 16])
@@ -167,7 +167,7 @@ def _argmin_lanes(
     best_loss = tl.reshape(best_loss, [B, LANES])
     best_idx = tl.reshape(best_idx, [B, LANES])
     low = tl.reduce(best_loss, 1, _MIN)
-    return tl.reduce(tl.where(best_loss == low[:, None], best_idx, NUM_CANDIDATES), 1, _MIN)
+    return tl.reduce(tl.where(best_loss == low[:, None], best_idx, NUM_CANDIDATES), 1, _MIN), low
 
 
 @triton.autotune(configs=EXHAUSTIVE_CONFIGS, key=["n_blocks"])
@@ -178,15 +178,20 @@ def _sweep_exhaustive_kernel(
     cands_ptr,  # [126] fp32, code values / 448 (format.fp8_scale_candidates)
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax
+    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
+    loss_ptr,  # [n_blocks] fp32, the winning code's loss (STATS only)
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = rows < n_blocks
     absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
-    best = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
+    best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
+    if STATS:
+        _store_stats(code_ptr, loss_ptr, rows, best, loss, mask)
 
 
 @triton.autotune(configs=PRUNED_CONFIGS, key=["n_blocks"], reset_to_zero=["count_ptr"])
@@ -197,10 +202,13 @@ def _sweep_pruned_kernel(
     cands_ptr,  # [126] fp32, code values / 448
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax (flagged blocks are left to the second pass)
+    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
+    loss_ptr,  # [n_blocks] fp32, the winning code's loss (STATS only)
     work_ptr,  # [n_blocks] int32, indices of flagged blocks
     count_ptr,  # [1] int32, number of flagged blocks (zeroed by the caller)
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
+    STATS: tl.constexpr,  # also store each block's code byte and loss
     FIRST_DOUBLING: tl.constexpr,  # first k from which v[k + 8] == 2 * v[k] (normal codes)
     N_BELOW: tl.constexpr,  # codes scored below k0 by every block
     N_EXTRA: tl.constexpr,  # further codes below, scored by a tile only where its bound fails
@@ -258,22 +266,35 @@ def _sweep_pruned_kernel(
 
     amax = tl.reshape(tl.load(cands_ptr + best_idx) * g, [BLOCK_B])
     tl.store(out_ptr + rows, amax, mask=mask & ~flag)
+    if STATS:
+        _store_stats(code_ptr, loss_ptr, rows, tl.reshape(best_idx, [BLOCK_B]),
+                     tl.reshape(best_loss, [BLOCK_B]), mask & ~flag)  # fmt: skip
     # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
     slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag)
     tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag & (slot < n_blocks))
 
 
 @triton.jit
+def _store_stats(code_ptr, loss_ptr, rows, best, loss, mask):
+    # Code index k is FP8 byte k + 1 (the table starts at 0x01); the loss is the reference's.
+    tl.store(code_ptr + rows, (best + 1).to(tl.uint8), mask=mask)
+    tl.store(loss_ptr + rows, loss, mask=mask)
+
+
+@triton.jit
 def _sweep_listed(
-    x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, work_ptr, tile, count, NUM_CANDIDATES, BLOCK_B, LANES
-):
+    x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, loss_ptr, work_ptr, tile, count,
+    NUM_CANDIDATES, STATS, BLOCK_B, LANES
+):  # fmt: skip
     # Exhaustive sweep of the listed blocks work[tile * BLOCK_B :][:BLOCK_B] (those below count).
     slots = tile * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = slots < count
     rows = tl.load(work_ptr + slots, mask=mask, other=0).to(tl.int64)
     absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
-    best = _argmin_lanes(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B, LANES)
+    best, loss = _argmin_lanes(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B, LANES)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
+    if STATS:
+        _store_stats(code_ptr, loss_ptr, rows, best, loss, mask)
 
 
 @triton.jit
@@ -283,9 +304,12 @@ def _sweep_worklist_kernel(
     cands_ptr,  # [126] fp32, code values / 448
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax
+    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
+    loss_ptr,  # [n_blocks] fp32, the winning code's loss (STATS only)
     work_ptr,  # [n_blocks] int32, block indices to sweep exhaustively
     count_ptr,  # [1] int32, how many entries of work_ptr are valid
     NUM_CANDIDATES: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     LANES: tl.constexpr,
     PERSISTENT: tl.constexpr,
@@ -294,12 +318,12 @@ def _sweep_worklist_kernel(
     if PERSISTENT:  # CUDA: the list's length is only known on the device, so loop up to it
         n_tiles = (count + BLOCK_B - 1) // BLOCK_B
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, work_ptr, tile, count,
-                          NUM_CANDIDATES, BLOCK_B, LANES)  # fmt: skip
+            _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, loss_ptr, work_ptr, tile,
+                          count, NUM_CANDIDATES, STATS, BLOCK_B, LANES)  # fmt: skip
     else:  # one tile per program, the grid sized by the caller (Triton 3.6's interpreter
         # cannot loop to a bound read from memory)
-        _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, work_ptr, tl.program_id(0), count,
-                      NUM_CANDIDATES, BLOCK_B, LANES)  # fmt: skip
+        _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, loss_ptr, work_ptr,
+                      tl.program_id(0), count, NUM_CANDIDATES, STATS, BLOCK_B, LANES)  # fmt: skip
 
 
 @functools.cache

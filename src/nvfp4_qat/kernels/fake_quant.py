@@ -1,36 +1,32 @@
-"""Fused NVFP4 fake-quantization forward in Triton: one read and one write per element.
+"""Fused NVFP4 fake-quantization in Triton: one read and one write per element, no division.
 
 Computes exactly :func:`nvfp4_qat.format.fake_quantize_unchecked` (and so
 :func:`~nvfp4_qat.fake_quantize_nvfp4`), bit for bit, for fp32/fp16/bf16 tensors whose last dim is
-a multiple of 16::
+a multiple of 16. The kernel does not divide: it receives each block's FP8 byte
+(:func:`~nvfp4_qat.format.block_code_bytes`) and the tensor's :func:`~nvfp4_qat.format.decision_table`,
+which restates the format's rounding decision ``u = |x| / s2`` against ``midpoint * e`` as seven
+thresholds on ``|x|`` itself (exact, because the rounded division is monotone). Per element::
 
-    u = div_rn(|x|, s2)                       # the one correctly rounded division per element
-    q = E2M1 magnitude: compare u with midpoint * e (half to even), 0 where e == 0
-    out = copysign(q * (e * s2), x)           # fp32, then cast to x.dtype (round to nearest even)
+    a = |x|                                       # exact widening to fp32
+    q = E2M1 value of the number of thresholds a >= table[code, k] passes (k = 0..6)
+    out = copysign(q * table[code, 7], x)         # q * (e * s2) in fp32, cast to x.dtype
 
 Why the result is exact and portable:
 
-* The FP8 block code ``e`` is computed in PyTorch by :func:`nvfp4_qat.format.block_codes` (one
-  value per 16 elements, so its cost is a sixteenth of the pass) and handed to the kernel; the
-  FP8 rounding and saturation rules therefore exist in one place only.
-* The midpoints and magnitudes are read from :data:`nvfp4_qat.format.E2M1_MIDPOINTS` and
-  :data:`~nvfp4_qat.format.E2M1_VALUES`; the tie direction of each comparison is checked against
-  that table when this module is imported.
-* Arithmetic is one ``div_rn``, three multiplications and selects: no add follows a multiply, so
-  there is nothing the compiler could contract into an FMA. (The ``SSE`` mode, below, adds squares;
-  that sum is a reported metric, not part of the bit-exact contract.)
+* The FP8 rounding and the threshold search run in PyTorch (:mod:`nvfp4_qat.format`), once per
+  scale change (``NVFP4Linear`` caches them) and at a sixteenth of the elements at most; the
+  kernel only compares, selects and multiplies once, so there is nothing to contract into an FMA.
 * bf16 is converted by bit manipulation (widening is a shift; narrowing is the usual round to
   nearest even on the fp32 bits), which is exact on the GPU and in Triton's CPU interpreter alike
   (the interpreter's own fp32 -> bf16 cast truncates).
 
-The same kernel has an ``SSE`` mode for recalibration reports (:func:`fake_quant_sse_triton`): it
-stores one fp32 partial sum of ``(fake_quant(x) - x)^2`` per program instead of the tensor, so the
-weight error costs one read of the weight and no temporaries.
+The ``STATS`` mode (:func:`fake_quant_stats_triton`) stores, instead of the tensor, three fp32
+partial sums per program: the squared NVFP4 error ``(q * e * s2 - |x|)^2`` in fp32 (the error the
+scale sweep minimises), ``max |x|`` and ``sum x^2``. Recalibration gets the stale-scale error, the
+new global amax and the weight energy from one read of the weight.
 
-Tile: ``ROWS`` blocks of 16 per program. The default (128 blocks = 2048 elements, 4 warps) is the
-usual size for a memory-bound elementwise kernel; it was chosen a priori, not measured, and
-``benchmarks/bench_qat_step.py --configs`` prints the time of each candidate in
-:data:`CONFIGS` so that the choice can be confirmed on the GPU. Tests pin every candidate in turn.
+Tile: ``ROWS`` blocks of 16 per program (:data:`CONFIGS`; ``benchmarks/bench_qat_step.py
+--configs`` times each). Tests pin every candidate in turn.
 """
 
 from __future__ import annotations
@@ -44,9 +40,17 @@ import triton
 import triton.language as tl
 
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
-from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, block_codes, global_scale
+from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "fake_quant_sse_triton", "fake_quant_triton"]
+__all__ = [
+    "CONFIGS",
+    "DEFAULT_CONFIG",
+    "fake_quant_prepared",
+    "fake_quant_stats_triton",
+    "fake_quant_triton",
+    "prepare",
+    "stats_programs",
+]
 
 #: Candidate launch configurations (blocks of 16 per program, warps).
 CONFIGS: tuple[dict[str, int], ...] = (
@@ -57,10 +61,6 @@ CONFIGS: tuple[dict[str, int], ...] = (
 )
 DEFAULT_CONFIG: dict[str, int] = CONFIGS[2]
 
-# The kernel's comparisons alternate u > t (ties round down) and u >= t (ties round up), starting
-# with ">", exactly as the table in format.py says; refuse to import if the table ever changes.
-assert tuple(t for _, t in E2M1_MIDPOINTS) == (True, False, True, False, True, False, True)
-_T0, _T1, _T2, _T3, _T4, _T5, _T6 = (tl.constexpr(m) for m, _ in E2M1_MIDPOINTS)
 _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (tl.constexpr(v) for v in E2M1_VALUES[1:])
 
 
@@ -72,58 +72,58 @@ def _add(a, b):
 
 
 @triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _fake_quant_kernel(
     x_ptr,  # [n_blocks * 16] fp32 | fp16 | int16 (bf16 bits), contiguous
-    e_ptr,  # [n_blocks] fp32, FP8 code value per block
-    s2_ptr,  # [] fp32, global scale global_amax / 2688
-    out_ptr,  # [n_blocks * 16] same dtype as x_ptr (SSE: unused, pass x)
-    sse_ptr,  # [n_programs] fp32 partial sums of squared error (SSE only; else unused)
+    code_ptr,  # [n_blocks] uint8, FP8 byte of each block (format.block_code_bytes)
+    table_ptr,  # [128 * 8] fp32, format.decision_table(s2)
+    out_ptr,  # [n_blocks * 16] same dtype as x_ptr (STATS: unused, pass x)
+    stats_ptr,  # [3, >= n_programs] fp32: sse, amax, energy partials (STATS only; else unused)
     n_blocks,  # int, number of 16-blocks
+    stats_stride,  # int, row stride of stats_ptr
     ROWS: tl.constexpr,  # blocks per program
     BF16: tl.constexpr,  # x and out hold bf16 bit patterns as int16
-    SSE: tl.constexpr,  # store sum((fake_quant(x) - x)^2) per program instead of the tensor
+    STATS: tl.constexpr,  # store the partial sums instead of the tensor
 ):
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    rows = pid * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]: per-block values share the tile's layout
     row_ok = rows < n_blocks
-    offs = rows.to(tl.int64)[:, None] * 16 + tl.arange(0, 16)[None, :]  # [ROWS, 16]
-    mask = row_ok[:, None] & (offs >= 0)  # [ROWS, 16]
+    offs = rows.to(tl.int64) * 16 + tl.arange(0, 16)[None, :]  # [ROWS, 16]
+    mask = row_ok & (offs >= 0)  # [ROWS, 16]
     if BF16:
         bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
         xf = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # exact widening
     else:
         xf = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + rows, mask=row_ok, other=0.0)[:, None]  # [ROWS, 1]
-    s2 = tl.load(s2_ptr)
-    u = tl.div_rn(tl.abs(xf), tl.broadcast_to(s2, (ROWS, 16)))  # correctly rounded, [ROWS, 16]
-    q = tl.where(u > e * _T0, _Q1, 0.0)
-    q = tl.where(u >= e * _T1, _Q2, q)
-    q = tl.where(u > e * _T2, _Q3, q)
-    q = tl.where(u >= e * _T3, _Q4, q)
-    q = tl.where(u > e * _T4, _Q5, q)
-    q = tl.where(u >= e * _T5, _Q6, q)
-    q = tl.where(u > e * _T6, _Q7, q)
-    q = tl.where(e == 0.0, 0.0, q)
-    mag = q * (e * s2)  # >= 0, the same two products as format.fake_quantize_unchecked
-    sign = xf.to(tl.uint32, bitcast=True) & 0x80000000
-    out_bits = mag.to(tl.uint32, bitcast=True) | sign  # copysign(mag, x), NaN/-0 included
-    if BF16:
-        top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
-        if SSE:
-            fq = (top << 16).to(tl.float32, bitcast=True)
-        else:
-            tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    xbits = xf.to(tl.uint32, bitcast=True)
+    a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
+    row = table_ptr + tl.load(code_ptr + rows, mask=row_ok, other=0).to(tl.int32) * 8  # [ROWS, 1]
+    # Masked rows read code 0: infinite thresholds, scale 0, so they add exactly 0 to the sums.
+    q = tl.where(a >= tl.load(row), _Q1, 0.0)
+    q = tl.where(a >= tl.load(row + 1), _Q2, q)
+    q = tl.where(a >= tl.load(row + 2), _Q3, q)
+    q = tl.where(a >= tl.load(row + 3), _Q4, q)
+    q = tl.where(a >= tl.load(row + 4), _Q5, q)
+    q = tl.where(a >= tl.load(row + 5), _Q6, q)
+    q = tl.where(a >= tl.load(row + 6), _Q7, q)
+    mag = q * tl.load(row + 7)  # >= 0: q * (e * s2), the product of format.fake_quantize_unchecked
+    if STATS:
+        d = mag - a  # the fp32 error (NaN for a NaN weight, Inf for an Inf one)
+        tl.store(stats_ptr + pid, tl.reduce(tl.reduce(d * d, 1, _add), 0, _add))
+        tl.store(stats_ptr + stats_stride + pid, tl.reduce(tl.reduce(a, 1, _max), 0, _max))
+        tl.store(stats_ptr + 2 * stats_stride + pid, tl.reduce(tl.reduce(a * a, 1, _add), 0, _add))
     else:
-        out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
-        if SSE:
-            fq = out.to(tl.float32)
+        out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
+        if BF16:
+            top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
+            tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
         else:
+            out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + offs, out, mask=mask)
-    if SSE:
-        # The error of the weight as forward sees it (in x's dtype), squared and summed in fp32;
-        # masked lanes hold x = 0 and e = 0, so they add exactly 0.
-        d = fq - xf
-        tl.store(sse_ptr + pid, tl.reduce(tl.reduce(d * d, 1, _add), 0, _add))
 
 
 def _interpreter_on() -> bool:
@@ -143,49 +143,79 @@ def _interpreted_kernel():
     return InterpretedFunction(fn)
 
 
-def _launch(
-    x: torch.Tensor,
-    e: torch.Tensor,
-    s2: torch.Tensor,
-    config: dict[str, int] | None = None,
-    sse: bool = False,
-) -> torch.Tensor:
-    """Run the kernel on validated inputs: ``e`` fp32 ``[n_blocks]``, ``s2`` 0-dim fp32 on x's device.
+def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel needs besides ``x``: ``(FP8 bytes [n_blocks] uint8, decision table [128 * 8])``.
 
-    Returns the fake-quantized tensor, or with ``sse=True`` the 0-dim fp32 sum of squared errors.
+    PyTorch, on the scales' device; ``block_amax`` with ``n_blocks`` values in any shape, ``global_amax``
+    a one-element fp32 tensor. ``NVFP4Linear`` caches the pair until its scales change.
+    """
+    s2 = global_scale(global_amax)
+    return block_code_bytes(block_amax.reshape(-1), s2), decision_table(s2).reshape(-1)
+
+
+def stats_programs(n_blocks: int, config: dict[str, int] | None = None) -> int:
+    """Programs (so partial sums per value) of one stats launch over ``n_blocks`` blocks."""
+    return max(1, triton.cdiv(n_blocks, (DEFAULT_CONFIG if config is None else config)["ROWS"]))
+
+
+def fake_quant_prepared(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table: torch.Tensor,
+    config: dict[str, int] | None = None,
+    stats: bool = False,
+    partials: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the kernel on validated inputs and :func:`prepare`'s pair (all on x's device, unchecked).
+
+    Returns the fake-quantized tensor (contiguous, x's shape and dtype), or with ``stats=True`` the
+    fp32 ``[3]`` tensor ``(sum of squared fp32 error, max |x|, sum x^2)``. With ``partials`` (an fp32
+    ``[3, stats_programs(n_blocks)]`` view to fill) the per-program sums are written there instead
+    and returned unreduced, so that a caller can reduce many tensors' partials in one launch.
     """
     cfg = DEFAULT_CONFIG if config is None else config
     xc = x.contiguous()
     n_blocks = xc.numel() // 16
-    grid = (triton.cdiv(n_blocks, cfg["ROWS"]),)
-    out = xc if sse else torch.empty_like(xc)
-    partial = torch.empty(grid[0] if sse else 1, dtype=torch.float32, device=xc.device)
+    grid = (stats_programs(n_blocks, cfg),)
+    stats = stats or partials is not None
+    out = xc if stats else torch.empty_like(xc)
+    if partials is None:
+        partial = torch.empty((3, grid[0]) if stats else (1,), dtype=torch.float32, device=xc.device)
+    else:
+        partial = partials
     bf16 = xc.dtype == torch.bfloat16
     x_arg, out_arg = (xc.view(torch.int16), out.view(torch.int16)) if bf16 else (xc, out)
     kernel = _fake_quant_kernel if xc.is_cuda else _interpreted_kernel()
     kernel[grid](
         x_arg,
-        e.reshape(-1).contiguous(),
-        s2.reshape(()).contiguous(),
+        codes.reshape(-1),
+        table.reshape(-1),
         out_arg,
         partial,
         n_blocks,
+        partial.stride(0) if stats else 0,
         ROWS=cfg["ROWS"],
         BF16=bf16,
-        SSE=sse,
+        STATS=stats,
         num_warps=cfg["num_warps"],
     )
-    return partial.sum() if sse else out.reshape(x.shape)
+    if partials is not None:
+        return partials
+    if stats:
+        return torch.stack([partial[0].sum(), partial[1].amax(), partial[2].sum()])
+    return out.reshape(x.shape)
 
 
 @torch.library.custom_op("nvfp4_qat::fake_quant_nvfp4", mutates_args=())
-def fake_quant_op(x: torch.Tensor, e: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """The kernel as a PyTorch operator, so ``torch.compile`` treats it as one opaque node."""
-    return _launch(x, e, s2)
+def fake_quant_op(x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
+    """The scale preparation and the kernel as one PyTorch operator, so that ``torch.compile``
+    treats them as one opaque node: Inductor would otherwise generate its own (approximate)
+    divisions for the FP8 code and lose bit-exactness."""
+    return fake_quant_prepared(x, *prepare(block_amax, global_amax))
 
 
 @fake_quant_op.register_fake
-def _(x: torch.Tensor, e: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -233,33 +263,27 @@ def fake_quant_triton(
         TypeError, ValueError: bad tensor, dtype, shape, device, amax or config (names the argument).
     """
     g = _check_inputs(x, block_amax, global_amax, config)
-    s2 = global_scale(g)
-    e = block_codes(block_amax.reshape(-1), s2)  # [n_blocks] fp32, format.py's FP8 rounding
-    return _launch(x, e, s2, config)
+    return fake_quant_prepared(x, *prepare(block_amax, g), config)
 
 
-def fake_quant_sse_triton(
+def fake_quant_stats_triton(
     x: torch.Tensor,
     block_amax: torch.Tensor,
     global_amax: torch.Tensor | float,
     *,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """Sum of squared NVFP4 fake-quant error, ``sum((fake_quantize_nvfp4(x, ...) - x) ** 2)``.
+    """``(sum((q - |x|)^2), max |x|, sum(x^2))`` in fp32 from one read of ``x``: ``[3]`` tensor.
 
-    The fake-quantized values are exactly those of :func:`fake_quant_triton` (in ``x``'s dtype);
-    the differences are squared and summed in fp32 inside the kernel (a tree per tile, then the
-    tiles), so the sum agrees with a PyTorch sum to fp32 rounding, not bit for bit. One read per
-    element, no temporaries: this is what :func:`nvfp4_qat.recalibrate` reports.
+    ``q`` is the NVFP4 magnitude of each element in fp32 (:func:`~nvfp4_qat.fake_quantize_nvfp4` of
+    ``x.float()``), so the first value is the error the scale sweep minimises. The sums are trees per
+    tile, then over tiles: they agree with a PyTorch sum to fp32 rounding, not bit for bit; the max is
+    exact. NaN or Inf in ``x`` makes the error NaN or Inf.
 
     Args: as :func:`fake_quant_triton`.
-
-    Returns:
-        0-dim fp32 tensor on ``x``'s device (NaN or Inf when ``x`` holds such values).
 
     Raises:
         TypeError, ValueError: as :func:`fake_quant_triton`.
     """
     g = _check_inputs(x, block_amax, global_amax, config)
-    s2 = global_scale(g)
-    return _launch(x, block_codes(block_amax.reshape(-1), s2), s2, config, sse=True)
+    return fake_quant_prepared(x, *prepare(block_amax, g), config, stats=True)

@@ -121,6 +121,24 @@ def run_sweep(
     n_below: int = N_BELOW,
     n_extra: int = N_EXTRA,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernels on validated input: ``(block_amax, flagged-block count or None)``.
+
+    See :func:`launch_sweep` for the arguments.
+    """
+    out, count, _ = launch_sweep(x, global_amax, method, config, n_below, n_extra)
+    return out, count
+
+
+def launch_sweep(
+    x: torch.Tensor,
+    global_amax: torch.Tensor,
+    method: str = "pruned",
+    config: triton.Config | None = None,
+    n_below: int = N_BELOW,
+    n_extra: int = N_EXTRA,
+    stats: bool = False,
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """Launch the kernels on validated input; also return the pruned pass's flagged-block count.
 
     Args:
@@ -130,28 +148,47 @@ def run_sweep(
         config: pin one autotune config (tests use this to cover every tile size).
         n_below, n_extra: the pruned window's depth below ``k0`` (tests shrink it to force the
             bound and the second pass; any value gives the same result).
+        stats: also return each block's FP8 byte (uint8) and loss (fp32, the reference's score of
+            the winning code).
+        buffers: preallocated outputs and scratch on x's device, any of ``out`` (fp32
+            ``[n_blocks]``, e.g. a layer's ``block_amax`` viewed flat), ``codes``, ``losses``,
+            ``count`` (int32 ``[1]``, zeroed by the caller) and ``work`` (int32, ``>= n_blocks``;
+            may be shared by launches on one stream). Saves allocations and a launch per call.
 
     Returns:
-        ``(block_amax [n_blocks] fp32, n_flagged [1] int32 or None for "exhaustive")``.
+        ``(block_amax [n_blocks] fp32, n_flagged [1] int32 or None for "exhaustive",
+        (codes, losses) or None)``.
     """
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
     n_blocks = flat.numel() // BLOCK_SIZE
     values, cands = _candidate_tables(x.device)
     g = global_amax.detach().reshape(1).to(torch.float32)
-    out = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-    tables = (flat, values, cands, g, out)  # the arguments every kernel starts with
+    buf = buffers or {}
+    out = buf.get("out")
+    out = torch.empty(n_blocks, dtype=torch.float32, device=x.device) if out is None else out
+    if stats:
+        codes = buf.get("codes")
+        codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device) if codes is None else codes
+        losses = buf.get("losses")
+        losses = torch.empty(n_blocks, dtype=torch.float32, device=x.device) if losses is None else losses
+    else:  # never written (STATS=False); the kernels still take the pointers
+        codes, losses = out, out
+    tables = (flat, values, cands, g, out, codes, losses)  # the arguments every kernel starts with
+    extra = (codes, losses) if stats else None
     n_cand = values.numel()
     on_cuda = x.device.type == "cuda"
     with torch.cuda.device(x.device) if on_cuda else contextlib.nullcontext():
         if method == "exhaustive":
             _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), *tables, n_blocks,
-                    NUM_CANDIDATES=n_cand, config=config)  # fmt: skip
-            return out, None
-        count = torch.zeros(1, dtype=torch.int32, device=x.device)
-        work = torch.empty(n_blocks, dtype=torch.int32, device=x.device)
+                    NUM_CANDIDATES=n_cand, STATS=stats, config=config)  # fmt: skip
+            return out, None, extra
+        count = buf.get("count")
+        count = torch.zeros(1, dtype=torch.int32, device=x.device) if count is None else count
+        work = buf.get("work")
+        work = torch.empty(n_blocks, dtype=torch.int32, device=x.device) if work is None else work
         _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks,
-                NUM_CANDIDATES=n_cand, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below, N_EXTRA=n_extra,
-                config=config)  # fmt: skip
+                NUM_CANDIDATES=n_cand, STATS=stats, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
+                N_EXTRA=n_extra, config=config)  # fmt: skip
         wl = _k.WORKLIST_CONFIG
         if on_cuda:
             grid = (_worklist_programs(x, n_blocks),)
@@ -159,8 +196,8 @@ def run_sweep(
             grid = (triton.cdiv(int(count), wl.kwargs["BLOCK_B"]),)
         if grid[0]:
             _launch("_sweep_worklist_kernel", x.device, grid, *tables, work, count, NUM_CANDIDATES=n_cand,
-                    PERSISTENT=on_cuda, config=wl)  # fmt: skip
-    return out, count
+                    STATS=stats, PERSISTENT=on_cuda, config=wl)  # fmt: skip
+    return out, count, extra
 
 
 def sweep_triton(x: torch.Tensor, global_amax: torch.Tensor, method: str = "pruned") -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""The GPU fast path of :func:`~nvfp4_qat.recalibrate`: the kernel cost plus little else.
+
+The generic path (:func:`~nvfp4_qat.recalibrate.update_layer`) spends a dozen small launches per
+layer on bookkeeping; on a model with hundreds of layers those launches, not the weight passes,
+dominate. Here every layer costs:
+
+1. one stats pass of the fused fake-quant kernel (stale-scale error, ``max |w|`` and ``sum w^2``
+   from one read of the weight), its partial sums written into one shared buffer;
+2. then, after a single host sync for the finiteness check, the sweep kernels, which write the new
+   ``block_amax`` straight into the layer's buffer and also emit each block's FP8 byte and loss,
+   plus two small reductions (new error, changed codes).
+
+Everything else runs once for all layers: the partial sums are reduced with ``segment_reduce``, the
+global amaxes are written with one ``_foreach_copy_``, and the decision tables of the new scales are
+built in one batch and installed in the layers' kernel caches (the FP8 bytes come from the sweep),
+so the next forward does not prepare them again.
+
+It returns exactly what the generic path returns: the same scales, bit for bit, and report values
+equal to fp32 rounding of the sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nvfp4_qat.format import GLOBAL_SCALE_DIVISOR, decision_table
+from nvfp4_qat.kernels import fake_quant as fq
+from nvfp4_qat.kernels.sweep import launch_sweep
+from nvfp4_qat.modules import NVFP4Linear
+from nvfp4_qat.sweep import resolve_backend
+
+__all__ = ["fused_applicable", "stale_stats", "sweep_all"]
+
+
+def fused_applicable(layers: list[tuple[str, NVFP4Linear]], backend: str) -> bool:
+    """Whether every layer can take the fast path: plain weights on one device where the fused
+    fake-quant kernel runs, and a sweep backend that resolves to Triton."""
+    if not layers:
+        return False
+    devices = {m.weight.device for _, m in layers} | {m.block_amax.device for _, m in layers}
+    if len(devices) != 1:
+        return False
+    for _, m in layers:
+        w = m.weight
+        if type(w.data) is not torch.Tensor or m.kernel_state(w) is None:  # DTensor, other devices
+            return False
+    device = devices.pop()
+    return resolve_backend(backend, device, 16) == "triton"
+
+
+def stale_stats(layers: list[tuple[str, NVFP4Linear]]) -> torch.Tensor:
+    """``[L, 3]`` fp32: each layer's ``[sse, max |w|, sum w^2]`` at its current scales (no host sync)."""
+    weights = [m.weight.detach() for _, m in layers]
+    programs = [fq.stats_programs(w.numel() // 16) for w in weights]
+    device = weights[0].device
+    partials = torch.empty(3, sum(programs), dtype=torch.float32, device=device)
+    start = 0
+    for (_, m), w, n in zip(layers, weights, programs, strict=True):
+        fq.fake_quant_prepared(w, *m.kernel_state(w), partials=partials[:, start : start + n])
+        start += n
+    lengths = torch.tensor(programs, device=device)
+    sse = torch.segment_reduce(partials[0], "sum", lengths=lengths)
+    amax = torch.segment_reduce(partials[1], "max", lengths=lengths)
+    energy = torch.segment_reduce(partials[2], "sum", lengths=lengths)
+    return torch.stack([sse, amax, energy], dim=1)
+
+
+def sweep_all(
+    layers: list[tuple[str, NVFP4Linear]], before: torch.Tensor, method: str, on_layer_done
+) -> torch.Tensor:
+    """Sweep every layer at its new global amax (``before[:, 1]``) and write the scales in place.
+
+    Args:
+        layers: the layers to recalibrate (all finite).
+        before: :func:`stale_stats` of those layers.
+        method: ``"pruned"`` or ``"exhaustive"``.
+        on_layer_done: called after each layer's work is queued (per-layer clock marks).
+
+    Returns:
+        float64 ``[L, 6]``: ``sse_before, sse_after, n_changed, energy, amax_before, amax_after``.
+    """
+    device = before.device
+    n_blocks = [m.block_amax.numel() for _, m in layers]
+    g_new = before[:, 1].clone()  # max |w| of each layer: exact
+    g_old = torch.stack([m.global_amax for _, m in layers])
+    codes = torch.empty(sum(n_blocks), dtype=torch.uint8, device=device)  # kept by the layers' caches
+    losses = torch.empty(max(n_blocks), dtype=torch.float32, device=device)  # scratch, one stream
+    work = torch.empty(max(n_blocks), dtype=torch.int32, device=device)
+    counts = torch.zeros(len(layers), dtype=torch.int32, device=device)
+    sse_after, changed, start = [], [], 0
+    for i, ((_, m), n) in enumerate(zip(layers, n_blocks, strict=True)):
+        old = m.kernel_state(m.weight)[0].reshape(-1)
+        new = codes[start : start + n]
+        buffers = {"out": m.block_amax.view(-1), "codes": new, "losses": losses[:n], "count": counts[i : i + 1],
+                   "work": work}  # fmt: skip
+        # The sweep reads only the weight and g_new; the old scales' bytes were cached before.
+        launch_sweep(m.weight.detach(), g_new[i], method, stats=True, buffers=buffers)
+        torch.autograd.graph.increment_version(m.block_amax)  # written by a kernel, not by PyTorch
+        sse_after.append(losses[:n].sum())
+        changed.append(torch.count_nonzero(new != old))
+        start += n
+        on_layer_done()
+    torch._foreach_copy_([m.global_amax for _, m in layers], list(g_new.unbind()))
+    # The next forward's kernel state: bytes from the sweep, tables for the new s2 in one batch.
+    s2 = g_new / torch.tensor(GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device)  # format.global_scale
+    tables = decision_table(s2).reshape(len(layers), -1)
+    start = 0
+    for i, ((_, m), n) in enumerate(zip(layers, n_blocks, strict=True)):
+        m.set_kernel_state(codes[start : start + n], tables[i])
+        start += n
+    cols = (before[:, 0], torch.stack(sse_after), torch.stack(changed), before[:, 2], g_old, g_new)
+    return torch.stack([c.to(torch.float64) for c in cols], dim=1)
