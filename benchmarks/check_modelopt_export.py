@@ -135,6 +135,13 @@ def check_case(label, w, b, g, NVFP4QTensor) -> bool:
     s_order = int(s_order_mask.sum())
     s_order_ulps = int(ulps[s_order_mask].max()) if s_order else 0
     s_other = int(scale_differs.sum()) - s_zero - s_flush - s_order
+    other_mask = scale_differs & ~(b == 0) & ~(ours_zero & (b > 0)) & ~s_order_mask
+    for idx in other_mask.reshape(-1).nonzero().flatten()[:5].tolist():  # describe what is unexplained
+        bf, wsf, mof = b.reshape(-1), ws.reshape(-1), mo_ws.reshape(-1)
+        print(f"    unexplained scale byte at block {idx}: amax {float(bf[idx])!r} (0x{int(bf[idx].view(torch.int32)):08x}), "
+              f"g {float(g)!r}, ours (amax/6)/s2 = {float(our_ratio.reshape(-1)[idx])!r} -> 0x{int(wsf[idx].view(torch.uint8)):02x}, "
+              f"ModelOpt-order ratio {float(mo_ratio.reshape(-1)[idx])!r} -> 0x{int(mo_ratio.reshape(-1)[idx].to(torch.float8_e4m3fn).view(torch.uint8)):02x}, "
+              f"ModelOpt byte 0x{int(mof[idx].view(torch.uint8)):02x}; weight_scale_2 ours {float(ws2)!r} ModelOpt {float(mo_ws2)!r}")  # fmt: skip
     # ModelOpt divides by a Python scalar: on CUDA that multiplies by the reciprocal (1 ulp off at most).
     scale2_ulps = abs(int(mo_ws2.reshape(()).view(torch.int32)) - int(ws2.reshape(()).view(torch.int32)))
     # ModelOpt's packer on the same weights and *our* scales.

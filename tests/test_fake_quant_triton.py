@@ -162,8 +162,10 @@ SSE_CASES = [(torch.bfloat16, c) for c in CONFIGS] + [(d, CONFIGS[0]) for d in (
 @pytest.mark.parametrize(
     ("dtype", "config"), SSE_CASES, ids=lambda v: f"rows{v['ROWS']}" if isinstance(v, dict) else str(v)[6:]
 )
-def test_interpreter_stats_mode(interpret, dtype, config):
-    x, block, g = random_case((config["ROWS"] + 3, 16), dtype, 4)  # a partial second tile
+@pytest.mark.parametrize("tiles", [1.5, 2], ids=["partial-tile", "whole-tiles"])  # masked / unmasked
+def test_interpreter_stats_mode(interpret, dtype, config, tiles):
+    x, block, g = random_case((int(config["ROWS"] * tiles), 16), dtype, 4)
+    assert_bits_equal(fake_quant_triton(x, block, g, config=config), fake_quantize_nvfp4(x, block, g))
     stats = fake_quant_stats_triton(x, block, g, config=config)
     assert stats.dtype == torch.float32 and stats.shape == (3,)
     want = torch_stats(x, block, g)

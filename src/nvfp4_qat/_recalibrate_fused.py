@@ -7,8 +7,8 @@ dominate. Here every layer costs:
 1. one stats pass of the fused fake-quant kernel (stale-scale error, ``max |w|`` and ``sum w^2``
    from one read of the weight), its partial sums written into one shared buffer;
 2. then, after a single host sync for the finiteness check, the sweep kernels, which write the new
-   ``block_amax`` straight into the layer's buffer and also emit each block's FP8 byte and loss,
-   plus two small reductions (new error, changed codes).
+   ``block_amax`` straight into the layer's buffer and also emit each block's FP8 byte and, per
+   program, the sum of the winning losses and the count of changed bytes.
 
 Everything else runs once for all layers: the partial sums are reduced with ``segment_reduce``, the
 global amaxes are written with one ``_foreach_copy_``, and the decision tables of the new scales are
@@ -25,7 +25,7 @@ import torch
 
 from nvfp4_qat.format import GLOBAL_SCALE_DIVISOR, decision_table
 from nvfp4_qat.kernels import fake_quant as fq
-from nvfp4_qat.kernels.sweep import launch_sweep
+from nvfp4_qat.kernels.sweep import launch_sweep, stats_slots
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.sweep import resolve_backend
 
@@ -84,22 +84,27 @@ def sweep_all(
     g_new = before[:, 1].clone()  # max |w| of each layer: exact
     g_old = torch.stack([m.global_amax for _, m in layers])
     codes = torch.empty(sum(n_blocks), dtype=torch.uint8, device=device)  # kept by the layers' caches
-    losses = torch.empty(max(n_blocks), dtype=torch.float32, device=device)  # scratch, one stream
-    work = torch.empty(max(n_blocks), dtype=torch.int32, device=device)
+    slots = [stats_slots(n) for n in n_blocks]
+    partials = torch.zeros(2, sum(slots), dtype=torch.float32, device=device)
+    work = torch.empty(max(n_blocks), dtype=torch.int32, device=device)  # scratch, one stream
     counts = torch.zeros(len(layers), dtype=torch.int32, device=device)
-    sse_after, changed, start = [], [], 0
-    for i, ((_, m), n) in enumerate(zip(layers, n_blocks, strict=True)):
-        old = m.kernel_state(m.weight)[0].reshape(-1)
-        new = codes[start : start + n]
-        buffers = {"out": m.block_amax.view(-1), "codes": new, "losses": losses[:n], "count": counts[i : i + 1],
-                   "work": work}  # fmt: skip
-        # The sweep reads only the weight and g_new; the old scales' bytes were cached before.
+    start = col = 0
+    for i, ((_, m), n, k) in enumerate(zip(layers, n_blocks, slots, strict=True)):
+        buffers = {
+            "out": m.block_amax.view(-1),  # written in place by the kernel
+            "codes": codes[start : start + n],
+            "old": m.kernel_state(m.weight)[0].reshape(-1),  # the stale scales' bytes, cached
+            "partials": partials[:, col : col + k],
+            "count": counts[i : i + 1],
+            "work": work,
+        }
         launch_sweep(m.weight.detach(), g_new[i], method, stats=True, buffers=buffers)
         torch.autograd.graph.increment_version(m.block_amax)  # written by a kernel, not by PyTorch
-        sse_after.append(losses[:n].sum())
-        changed.append(torch.count_nonzero(new != old))
-        start += n
+        start, col = start + n, col + k
         on_layer_done()
+    lengths = torch.tensor(slots, device=device)
+    sse_after = torch.segment_reduce(partials[0], "sum", lengths=lengths)
+    changed = torch.segment_reduce(partials[1], "sum", lengths=lengths)
     torch._foreach_copy_([m.global_amax for _, m in layers], list(g_new.unbind()))
     # The next forward's kernel state: bytes from the sweep, tables for the new s2 in one batch.
     s2 = g_new / torch.tensor(GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device)  # format.global_scale
@@ -108,5 +113,5 @@ def sweep_all(
     for i, ((_, m), n) in enumerate(zip(layers, n_blocks, strict=True)):
         m.set_kernel_state(codes[start : start + n], tables[i])
         start += n
-    cols = (before[:, 0], torch.stack(sse_after), torch.stack(changed), before[:, 2], g_old, g_new)
+    cols = (before[:, 0], sse_after, changed, before[:, 2], g_old, g_new)
     return torch.stack([c.to(torch.float64) for c in cols], dim=1)

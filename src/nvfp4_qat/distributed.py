@@ -179,9 +179,10 @@ def _sweep_own_rows(
     rows = local.shape[0]
     b_local = torch.empty(0, m.block_amax.shape[1], dtype=torch.float32, device=local.device)
     if rows:
-        b_flat, codes, sse_after = sweep_with_stats(local, g, backend, method)
+        old = scale_codes(m, slice(first, first + rows))
+        b_flat, _, sse_after, n_changed = sweep_with_stats(local, g, backend, method, old)
         b_local = b_flat.reshape(rows, -1)  # (rows, in // 16)
-        stats[:4] = change_stats(before, sse_after, scale_codes(m, slice(first, first + rows)), codes)
+        stats[:4] = change_stats(before, sse_after, n_changed)
     full = DTensor.from_local(
         b_local, w.device_mesh, [Shard(0)], shape=m.block_amax.shape, stride=m.block_amax.stride()
     ).full_tensor()

@@ -131,17 +131,14 @@ def sweep_rows(w: torch.Tensor, g: torch.Tensor, backend: str, method: str) -> t
     return sweep_unchecked(w, g, 16, backend, method).reshape(w.shape[0], -1)
 
 
-def change_stats(
-    before: torch.Tensor, sse_after: torch.Tensor, codes_old: torch.Tensor, codes_new: torch.Tensor
-) -> torch.Tensor:
+def change_stats(before: torch.Tensor, sse_after: torch.Tensor, n_changed: torch.Tensor) -> torch.Tensor:
     """``[sse_before, sse_after, n_changed_blocks, energy]`` float64 (no host sync).
 
-    ``before`` is :func:`weight_stats` at the old scales (``[sse, amax, energy]``), ``sse_after`` the
-    sweep's error at the new ones, ``codes_*`` the FP8 bytes of the old and new block scales. Sums,
-    so that row shards add up.
+    ``before`` is :func:`weight_stats` at the old scales (``[sse, amax, energy]``), ``sse_after``
+    and ``n_changed`` come from :func:`~nvfp4_qat.sweep.sweep_with_stats`. Sums, so that row shards
+    add up.
     """
-    changed = (codes_new.reshape(-1) != codes_old.reshape(-1)).sum()
-    return torch.stack([t.to(torch.float64) for t in (before[0], sse_after, changed, before[2])])
+    return torch.stack([t.to(torch.float64) for t in (before[0], sse_after, n_changed, before[2])])
 
 
 @dataclass(frozen=True)
@@ -196,9 +193,9 @@ def update_layer(
     """
     before = weight_stats(layer, w) if before is None else before
     g_new = before[1].clone()  # max |w|: exact, whatever the order of the reduction
-    b_new, codes_new, sse_after = sweep_with_stats(w, g_new, backend, method)
-    # Statistics first (they read the old buffers; same stream), then the in-place writes.
-    stats = change_stats(before, sse_after, scale_codes(layer), codes_new)
+    # The old bytes are read before the in-place writes below (same stream).
+    b_new, _, sse_after, n_changed = sweep_with_stats(w, g_new, backend, method, scale_codes(layer))
+    stats = change_stats(before, sse_after, n_changed)
     amax = torch.stack([layer.global_amax, g_new]).to(torch.float64)
     layer.global_amax.copy_(g_new)
     layer.block_amax.copy_(b_new.reshape(layer.block_amax.shape))

@@ -118,23 +118,28 @@ def sweep_unchecked(
 
 
 def sweep_with_stats(
-    x: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto", method: str = "pruned"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, global_amax: torch.Tensor, backend: str, method: str, old_codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`sweep_unchecked` (block 16) plus what a recalibration report needs, from the same pass.
 
+    Args:
+        x, global_amax, backend, method: as :func:`sweep_unchecked` (``x`` finite).
+        old_codes: uint8 ``[n_blocks]``, the FP8 bytes of the scales being replaced.
+
     Returns:
-        ``(block_amax [n_blocks] fp32, FP8 bytes [n_blocks] uint8, sse 0-dim fp32)``: the sweep's
-        result, the code byte it selects in each block (:func:`~nvfp4_qat.format.block_code_bytes`)
-        and the summed squared fp32 error at the new scales (the minimised loss). The Triton kernels
-        write the bytes and per-block losses while sweeping; the reference recomputes them.
+        ``(block_amax [n_blocks] fp32, codes [n_blocks] uint8, sse, n_changed)``: the sweep's result,
+        the FP8 byte it selects in each block (:func:`~nvfp4_qat.format.block_code_bytes`), the
+        summed squared fp32 error at the new scales (the minimised loss; 0-dim fp32) and the number
+        of blocks whose byte differs from ``old_codes`` (0-dim). The Triton kernels produce the
+        last three while sweeping; the reference recomputes them.
     """
     if resolve_backend(backend, x.device, 16) == "triton":
         from nvfp4_qat.kernels.sweep import launch_sweep
 
-        out, _, (codes, losses) = launch_sweep(x, global_amax, method, stats=True)
-        return out, codes, losses.sum()
+        out, _, (codes, part) = launch_sweep(x, global_amax, method, stats=True, buffers={"old": old_codes})
+        return out, codes, part[0].sum(), part[1].sum()
     out = sweep_reference(x, global_amax, 16)
     codes = block_code_bytes(out, global_scale(global_amax))
     xf = x.to(torch.float32)
     sse = (fake_quantize_unchecked(xf, out, global_amax, 16) - xf).square().sum()
-    return out, codes, sse
+    return out, codes, sse, (codes != old_codes.reshape(-1)).sum()

@@ -170,7 +170,7 @@ def _argmin_lanes(
     return tl.reduce(tl.where(best_loss == low[:, None], best_idx, NUM_CANDIDATES), 1, _MIN), low
 
 
-@triton.autotune(configs=EXHAUSTIVE_CONFIGS, key=["n_blocks"])
+@triton.autotune(configs=EXHAUSTIVE_CONFIGS, key=["n_blocks"], reset_to_zero=["part_ptr"])
 @triton.jit
 def _sweep_exhaustive_kernel(
     x_ptr,  # [n_blocks * 16] fp32/fp16/bf16
@@ -179,7 +179,9 @@ def _sweep_exhaustive_kernel(
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
-    loss_ptr,  # [n_blocks] fp32, the winning code's loss (STATS only)
+    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale (STATS only)
+    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts (STATS only)
+    part_stride,
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
     STATS: tl.constexpr,
@@ -191,10 +193,14 @@ def _sweep_exhaustive_kernel(
     best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
     if STATS:
-        _store_stats(code_ptr, loss_ptr, rows, best, loss, mask)
+        _store_stats(
+            code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False
+        )
 
 
-@triton.autotune(configs=PRUNED_CONFIGS, key=["n_blocks"], reset_to_zero=["count_ptr"])
+# Both zeroed before each autotuning trial: the flagged count, and the partial sums (a tile size
+# with more programs would leave sums in slots that the chosen one does not overwrite).
+@triton.autotune(configs=PRUNED_CONFIGS, key=["n_blocks"], reset_to_zero=["count_ptr", "part_ptr"])
 @triton.jit
 def _sweep_pruned_kernel(
     x_ptr,  # [n_blocks * 16] fp32/fp16/bf16
@@ -203,7 +209,9 @@ def _sweep_pruned_kernel(
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax (flagged blocks are left to the second pass)
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
-    loss_ptr,  # [n_blocks] fp32, the winning code's loss (STATS only)
+    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale (STATS only)
+    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts (STATS only)
+    part_stride,
     work_ptr,  # [n_blocks] int32, indices of flagged blocks
     count_ptr,  # [1] int32, number of flagged blocks (zeroed by the caller)
     n_blocks,
@@ -267,24 +275,38 @@ def _sweep_pruned_kernel(
     amax = tl.reshape(tl.load(cands_ptr + best_idx) * g, [BLOCK_B])
     tl.store(out_ptr + rows, amax, mask=mask & ~flag)
     if STATS:
-        _store_stats(code_ptr, loss_ptr, rows, tl.reshape(best_idx, [BLOCK_B]),
-                     tl.reshape(best_loss, [BLOCK_B]), mask & ~flag)  # fmt: skip
+        _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows,
+                     tl.reshape(best_idx, [BLOCK_B]), tl.reshape(best_loss, [BLOCK_B]), mask & ~flag, False)  # fmt: skip
     # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
     slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag)
     tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag & (slot < n_blocks))
 
 
 @triton.jit
-def _store_stats(code_ptr, loss_ptr, rows, best, loss, mask):
-    # Code index k is FP8 byte k + 1 (the table starts at 0x01); the loss is the reference's.
-    tl.store(code_ptr + rows, (best + 1).to(tl.uint8), mask=mask)
-    tl.store(loss_ptr + rows, loss, mask=mask)
+def _store_stats(
+    code_ptr, old_ptr, part_ptr, part_stride, slot, rows, best, loss, mask, ATOMIC: tl.constexpr
+):
+    # Code index k is FP8 byte k + 1 (the table starts at 0x01). The tile's sum of the winning
+    # losses (the reference's scores) and its count of blocks whose byte changed go to slot `slot`
+    # of the two partial rows: stored by the pruned/exhaustive programs (one slot each), added
+    # atomically by the work list's tiles (one shared slot; these blocks are rare).
+    code = (best + 1).to(tl.uint8)
+    tl.store(code_ptr + rows, code, mask=mask)
+    old = tl.load(old_ptr + rows, mask=mask, other=0)
+    loss_sum = tl.reduce(tl.where(mask, loss, 0.0), 0, _SUM)
+    changed = tl.reduce(tl.where(mask & (code != old), 1.0, 0.0), 0, _SUM)  # exact: < 2**24
+    if ATOMIC:
+        tl.atomic_add(part_ptr + slot, loss_sum)
+        tl.atomic_add(part_ptr + part_stride + slot, changed)
+    else:
+        tl.store(part_ptr + slot, loss_sum)
+        tl.store(part_ptr + part_stride + slot, changed)
 
 
 @triton.jit
 def _sweep_listed(
-    x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, loss_ptr, work_ptr, tile, count,
-    NUM_CANDIDATES, STATS, BLOCK_B, LANES
+    x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, old_ptr, part_ptr, part_stride, acc_slot,
+    work_ptr, tile, count, NUM_CANDIDATES, STATS, BLOCK_B, LANES
 ):  # fmt: skip
     # Exhaustive sweep of the listed blocks work[tile * BLOCK_B :][:BLOCK_B] (those below count).
     slots = tile * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -294,7 +316,7 @@ def _sweep_listed(
     best, loss = _argmin_lanes(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B, LANES)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
     if STATS:
-        _store_stats(code_ptr, loss_ptr, rows, best, loss, mask)
+        _store_stats(code_ptr, old_ptr, part_ptr, part_stride, acc_slot, rows, best, loss, mask, True)
 
 
 @triton.jit
@@ -305,7 +327,10 @@ def _sweep_worklist_kernel(
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
-    loss_ptr,  # [n_blocks] fp32, the winning code's loss (STATS only)
+    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale (STATS only)
+    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts (STATS only)
+    part_stride,
+    acc_slot,  # slot of part_ptr that the listed blocks' sums are added to (STATS only)
     work_ptr,  # [n_blocks] int32, block indices to sweep exhaustively
     count_ptr,  # [1] int32, how many entries of work_ptr are valid
     NUM_CANDIDATES: tl.constexpr,
@@ -318,12 +343,12 @@ def _sweep_worklist_kernel(
     if PERSISTENT:  # CUDA: the list's length is only known on the device, so loop up to it
         n_tiles = (count + BLOCK_B - 1) // BLOCK_B
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, loss_ptr, work_ptr, tile,
-                          count, NUM_CANDIDATES, STATS, BLOCK_B, LANES)  # fmt: skip
+            _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, old_ptr, part_ptr, part_stride,
+                          acc_slot, work_ptr, tile, count, NUM_CANDIDATES, STATS, BLOCK_B, LANES)  # fmt: skip
     else:  # one tile per program, the grid sized by the caller (Triton 3.6's interpreter
         # cannot loop to a bound read from memory)
-        _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, loss_ptr, work_ptr,
-                      tl.program_id(0), count, NUM_CANDIDATES, STATS, BLOCK_B, LANES)  # fmt: skip
+        _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, old_ptr, part_ptr, part_stride,
+                      acc_slot, work_ptr, tl.program_id(0), count, NUM_CANDIDATES, STATS, BLOCK_B, LANES)  # fmt: skip
 
 
 @functools.cache

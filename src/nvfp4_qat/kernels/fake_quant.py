@@ -88,21 +88,28 @@ def _fake_quant_kernel(
     ROWS: tl.constexpr,  # blocks per program
     BF16: tl.constexpr,  # x and out hold bf16 bit patterns as int16
     STATS: tl.constexpr,  # store the partial sums instead of the tensor
+    EVEN: tl.constexpr,  # n_blocks is a multiple of ROWS: no masks (full-width vector loads)
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]: per-block values share the tile's layout
+    # The mask is a [ROWS, 1] column broadcast over the 16 elements, so the compiler still sees rows
+    # of 16 contiguous elements under one predicate and keeps vector loads.
     row_ok = rows < n_blocks
+    mask = None if EVEN else row_ok
     offs = rows.to(tl.int64) * 16 + tl.arange(0, 16)[None, :]  # [ROWS, 16]
-    mask = row_ok & (offs >= 0)  # [ROWS, 16]
+    if EVEN:
+        raw = tl.load(x_ptr + offs)
+        code = tl.load(code_ptr + rows)
+    else:  # masked rows read 0 and code 0 (infinite thresholds, scale 0): they add exactly 0
+        raw = tl.load(x_ptr + offs, mask=mask, other=0)
+        code = tl.load(code_ptr + rows, mask=mask, other=0)
     if BF16:
-        bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
-        xf = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # exact widening
+        xf = (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # exact
     else:
-        xf = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xf = raw.to(tl.float32)
     xbits = xf.to(tl.uint32, bitcast=True)
     a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
-    row = table_ptr + tl.load(code_ptr + rows, mask=row_ok, other=0).to(tl.int32) * 8  # [ROWS, 1]
-    # Masked rows read code 0: infinite thresholds, scale 0, so they add exactly 0 to the sums.
+    row = table_ptr + code.to(tl.int32) * 8  # [ROWS, 1]
     q = tl.where(a >= tl.load(row), _Q1, 0.0)
     q = tl.where(a >= tl.load(row + 1), _Q2, q)
     q = tl.where(a >= tl.load(row + 2), _Q3, q)
@@ -197,6 +204,7 @@ def fake_quant_prepared(
         ROWS=cfg["ROWS"],
         BF16=bf16,
         STATS=stats,
+        EVEN=n_blocks % cfg["ROWS"] == 0,
         num_warps=cfg["num_warps"],
     )
     if partials is not None:

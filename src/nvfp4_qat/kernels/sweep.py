@@ -79,6 +79,15 @@ def _check_inputs(x: object, global_amax: object, method: object) -> None:
         )
 
 
+def stats_slots(n_blocks: int) -> int:
+    """Columns of the partial-sum buffer for ``n_blocks``: one per program of the smallest tile,
+    plus the work list's shared slot (the last)."""
+    smallest = min(
+        c.kwargs["BLOCK_B"] for c in (*_k.EXHAUSTIVE_CONFIGS, *_k.PRUNED_CONFIGS, INTERPRETER_CONFIG)
+    )
+    return triton.cdiv(n_blocks, smallest) + 1
+
+
 def _grid(n_blocks: int):
     return lambda meta: (triton.cdiv(n_blocks, meta["BLOCK_B"]),)
 
@@ -148,16 +157,19 @@ def launch_sweep(
         config: pin one autotune config (tests use this to cover every tile size).
         n_below, n_extra: the pruned window's depth below ``k0`` (tests shrink it to force the
             bound and the second pass; any value gives the same result).
-        stats: also return each block's FP8 byte (uint8) and loss (fp32, the reference's score of
-            the winning code).
-        buffers: preallocated outputs and scratch on x's device, any of ``out`` (fp32
-            ``[n_blocks]``, e.g. a layer's ``block_amax`` viewed flat), ``codes``, ``losses``,
-            ``count`` (int32 ``[1]``, zeroed by the caller) and ``work`` (int32, ``>= n_blocks``;
-            may be shared by launches on one stream). Saves allocations and a launch per call.
+        stats: also return each block's FP8 byte (uint8) and partial sums from which the total
+            loss (the reference's scores of the winning codes) and the number of blocks whose byte
+            differs from ``buffers["old"]`` (required) are one ``sum`` each.
+        buffers: preallocated inputs, outputs and scratch on x's device: ``old`` (uint8
+            ``[n_blocks]``, the previous scales' bytes), any of ``out`` (fp32 ``[n_blocks]``, e.g. a
+            layer's ``block_amax`` viewed flat), ``codes``, ``partials`` (fp32 ``[2, >=
+            stats_slots(n_blocks)]``, zeroed), ``count`` (int32 ``[1]``, zeroed) and ``work`` (int32,
+            ``>= n_blocks``; may be shared by launches on one stream).
 
     Returns:
         ``(block_amax [n_blocks] fp32, n_flagged [1] int32 or None for "exhaustive",
-        (codes, losses) or None)``.
+        (codes, partials) or None)``: ``partials[0].sum()`` is the loss, ``partials[1].sum()`` the
+        number of changed bytes.
     """
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
     n_blocks = flat.numel() // BLOCK_SIZE
@@ -169,12 +181,18 @@ def launch_sweep(
     if stats:
         codes = buf.get("codes")
         codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device) if codes is None else codes
-        losses = buf.get("losses")
-        losses = torch.empty(n_blocks, dtype=torch.float32, device=x.device) if losses is None else losses
-    else:  # never written (STATS=False); the kernels still take the pointers
-        codes, losses = out, out
-    tables = (flat, values, cands, g, out, codes, losses)  # the arguments every kernel starts with
-    extra = (codes, losses) if stats else None
+        old = buf["old"]
+        part = buf.get("partials")
+        part = (
+            torch.zeros(2, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
+            if part is None
+            else part
+        )
+        stride, acc_slot = part.stride(0), part.shape[1] - 1
+    else:  # never touched (STATS=False); the kernels still take the pointers
+        codes, old, part, stride, acc_slot = out, out, out, 0, 0
+    tables = (flat, values, cands, g, out, codes, old, part, stride)  # the arguments every kernel starts with
+    extra = (codes, part) if stats else None
     n_cand = values.numel()
     on_cuda = x.device.type == "cuda"
     with torch.cuda.device(x.device) if on_cuda else contextlib.nullcontext():
@@ -195,7 +213,7 @@ def launch_sweep(
         else:  # the interpreter gets one tile per program (a host sync costs nothing there)
             grid = (triton.cdiv(int(count), wl.kwargs["BLOCK_B"]),)
         if grid[0]:
-            _launch("_sweep_worklist_kernel", x.device, grid, *tables, work, count, NUM_CANDIDATES=n_cand,
+            _launch("_sweep_worklist_kernel", x.device, grid, *tables, acc_slot, work, count, NUM_CANDIDATES=n_cand,
                     STATS=stats, PERSISTENT=on_cuda, config=wl)  # fmt: skip
     return out, count, extra
 
