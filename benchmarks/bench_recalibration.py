@@ -37,7 +37,7 @@ from torch import nn
 import nvfp4_qat
 from nvfp4_qat import nvfp4_scale_sweep, quantize_model, recalibrate
 from nvfp4_qat.quantize import nvfp4_layers
-from nvfp4_qat.recalibrate import weight_stats
+from nvfp4_qat.recalibrate import scale_codes, weight_stats
 from nvfp4_qat.sweep import sweep_unchecked, sweep_with_stats
 
 #: out x in of one Llama-3-8B decoder layer's linear weights.
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
             weight_stats(m, w)
 
     def sweep_stats() -> None:
-        for w, g in zip(weights, amaxes, strict=True):
-            sweep_with_stats(w, g, args.backend, args.method)
+        for m, w, g in zip(layers, weights, amaxes, strict=True):
+            sweep_with_stats(w, g, args.backend, args.method, scale_codes(m))
 
     kernel = timed(sweep_only, device, args.repeats)
     full = timed(lambda: recalibrate(model, backend=args.backend, method=args.method), device, args.repeats)

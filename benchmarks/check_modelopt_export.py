@@ -122,11 +122,13 @@ def check_case(label, w, b, g, NVFP4QTensor) -> bool:
     ours_zero = ws.float() == 0  # format.py: code 0 when (amax/6)/s2 rounds below 2^-9 (or amax == 0)
     s_zero = int((scale_differs & (b == 0)).sum())
     s_flush = int((scale_differs & ours_zero & (b > 0)).sum())
-    # ModelOpt's rounding order: ((amax / 6) * 448) / (g / 6), three roundings, vs ours (amax / 6) / s2.
+    # ModelOpt's rounding order: ((amax / 6) * 448) / (g / 6), with both "/ 6" by a Python float (on
+    # CUDA a multiplication by the reciprocal), vs ours (amax / 6) / s2 with correctly rounded divisions.
     # Where the two ratios straddle an FP8 rounding boundary, the bytes differ by one code.
     b6 = b.float() / 6.0
     mo_ratio = (b6 * 448.0 / (g.float() / 6.0)).clamp(2**-9, 448.0)
-    our_ratio = b6 / global_scale(g)
+    # ours exactly as format.block_codes computes it (tensor divisions: correctly rounded on CUDA too)
+    our_ratio = (b.float() / torch.tensor(6.0, device=b.device)) / global_scale(g)
     mo_order = (mo_ratio.to(torch.float8_e4m3fn).view(torch.uint8) == mo_ws.view(torch.uint8)) & (
         our_ratio.clamp(0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8) == ws.view(torch.uint8)
     )

@@ -35,7 +35,7 @@ step qat_step_gelu 60 python3 benchmarks/bench_qat_step.py --mlp gelu --configs
 step recalibration 90 python3 benchmarks/bench_recalibration.py
 step gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests --ignore=tests/test_sweep_triton.py
 step modelopt_export 60 python3 benchmarks/check_modelopt_export.py
-step sweep_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sweep_triton.py
+step sweep_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sweep_triton.py -k "not every_s2_mantissa"
 step gpu_recipe 130 python3 -m nvfp4_qat recipe=gpu stages.fp.steps=150 stages.qat.steps=200 \
   trainer.val_check_interval=100 trainer.limit_val_batches=5 trainer.enable_progress_bar=false \
   hydra.run.dir=/tmp/gpu_recipe_run  # the command behind BENCHMARKS.md's GPU recipe figures

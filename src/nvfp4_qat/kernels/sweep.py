@@ -188,9 +188,14 @@ def launch_sweep(
             if part is None
             else part
         )
-        stride, acc_slot = part.stride(0), part.shape[1] - 1
-    else:  # never touched (STATS=False); the kernels still take the pointers
-        codes, old, part, stride, acc_slot = out, out, out, 0, 0
+    else:
+        # The statistics are computed anyway, into scratch: one compiled variant of each kernel
+        # serves both callers (compiling and autotuning a second one cost ~15 s in a recipe run),
+        # for one byte and a few partial sums per block.
+        codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device)
+        old = codes
+        part = torch.empty(2, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
+    stride, acc_slot = part.stride(0), part.shape[1] - 1
     tables = (flat, values, cands, g, out, codes, old, part, stride)  # the arguments every kernel starts with
     extra = (codes, part) if stats else None
     n_cand = values.numel()
@@ -198,14 +203,14 @@ def launch_sweep(
     with torch.cuda.device(x.device) if on_cuda else contextlib.nullcontext():
         if method == "exhaustive":
             _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), *tables, n_blocks,
-                    NUM_CANDIDATES=n_cand, STATS=stats, config=config)  # fmt: skip
+                    NUM_CANDIDATES=n_cand, STATS=True, config=config)  # fmt: skip
             return out, None, extra
         count = buf.get("count")
         count = torch.zeros(1, dtype=torch.int32, device=x.device) if count is None else count
         work = buf.get("work")
         work = torch.empty(n_blocks, dtype=torch.int32, device=x.device) if work is None else work
         _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks,
-                NUM_CANDIDATES=n_cand, STATS=stats, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
+                NUM_CANDIDATES=n_cand, STATS=True, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
                 N_EXTRA=n_extra, config=config)  # fmt: skip
         wl = _k.WORKLIST_CONFIG
         if on_cuda:
@@ -214,7 +219,7 @@ def launch_sweep(
             grid = (triton.cdiv(int(count), wl.kwargs["BLOCK_B"]),)
         if grid[0]:
             _launch("_sweep_worklist_kernel", x.device, grid, *tables, acc_slot, work, count, NUM_CANDIDATES=n_cand,
-                    STATS=stats, PERSISTENT=on_cuda, config=wl)  # fmt: skip
+                    STATS=True, PERSISTENT=on_cuda, config=wl)  # fmt: skip
     return out, count, extra
 
 
