@@ -342,7 +342,7 @@ def test_cuda_recalibrate_matches_cpu():
 def test_interpreter_recalibrate_fused_path_matches_reference(interpret, monkeypatch):
     """recalibrate() through the kernels (stats pass, sweep with codes and losses) reports what the
     PyTorch path reports and writes the same scales; the next forward reuses the sweep's bytes."""
-    recal = importlib.import_module("nvfp4_qat.recalibrate")  # the package's attribute is the function
+    recal = importlib.import_module("nvfp4_qat._recalibrate_fused")
 
     fused_calls, prepare_calls = [], []
     sweep_all, prepare = recal.sweep_all, fq.prepare

@@ -21,7 +21,9 @@ Blocks whose FP8 code rounds to 0 (``(amax / 6) / s2 <= 2^-10``) get ``weight_sc
 dequantize to 0, as in fake-quant; ModelOpt's own exporter clamps such scales to 2^-9 instead.
 
 Beside the tensors: ``hf_quant_config.json`` (ModelOpt's keys: ``quant_algo`` is ``"NVFP4"`` when the
-layers quantize activations and ``"W4A16_NVFP4"`` for weight-only QAT, as ModelOpt labels them;
+layers quantize activations and ``"W4A16_NVFP4"`` for weight-only QAT, as ModelOpt 0.47 labels them
+(``modelopt/torch/export/quant_utils.py``): a runtime that reads ``"NVFP4"`` quantizes activations
+too and looks for each layer's ``input_scale``, which a weight-only checkpoint does not have;
 ``group_size`` 16; ``exclude_modules`` = the unquantized linears), ``config.json`` with a
 ``quantization_config`` block when the model has a Hugging Face config, and ``model.safetensors`` or
 shards with ``model.safetensors.index.json``. Each safetensors header carries ``"nvfp4_qat"`` metadata

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nvfp4_qat._recalibrate_fused import fused_applicable, stale_stats, sweep_all
 from nvfp4_qat._validation import BACKENDS, METHODS, check_choice
 from nvfp4_qat.format import block_code_bytes, global_scale
 from nvfp4_qat.modules import NVFP4Linear, quant_error_stats
@@ -432,8 +431,9 @@ def recalibrate(
     layers = checked_layers(model, backend, method, on_nonfinite)
     start = time.perf_counter()
     with torch.no_grad():
-        if fused_applicable(layers, backend):
-            rows = _recalibrate_fused(layers, method, on_nonfinite)
+        fused = _fused_module()
+        if fused is not None and fused.fused_applicable(layers, backend):
+            rows = _recalibrate_fused(fused, layers, method, on_nonfinite)
         else:
             rows = _recalibrate_generic(layers, backend, method, on_nonfinite)
     return RecalibrationReport(layers=rows, seconds=time.perf_counter() - start)
@@ -467,12 +467,21 @@ def _recalibrate_generic(
     ]
 
 
+def _fused_module():
+    """``nvfp4_qat._recalibrate_fused``, or ``None`` without triton (the generic path serves)."""
+    try:
+        from nvfp4_qat import _recalibrate_fused
+    except ImportError:
+        return None
+    return _recalibrate_fused
+
+
 def _recalibrate_fused(
-    layers: list[tuple[str, NVFP4Linear]], method: str, on_nonfinite: str
+    fused, layers: list[tuple[str, NVFP4Linear]], method: str, on_nonfinite: str
 ) -> list[LayerRecalibration]:
     # The same steps on the GPU fast path (see nvfp4_qat._recalibrate_fused): the scales are
     # bit-identical, the launches per layer few.
-    before = stale_stats(layers)
+    before = fused.stale_stats(layers)
     finite = finite_flags(list(before[:, 0].unbind()), lambda i: layers[i][1].weight.detach())
     apply_nonfinite_policy(
         [name for (name, _), ok in zip(layers, finite, strict=True) if not ok], on_nonfinite
@@ -482,7 +491,7 @@ def _recalibrate_fused(
     values = []
     if keep:
         index = torch.tensor(keep, device=before.device)
-        values = sweep_all([layers[i] for i in keep], before[index], method, clock.mark).tolist()
+        values = fused.sweep_all([layers[i] for i in keep], before[index], method, clock.mark).tolist()
     seconds, rows, k = clock.seconds(), [], 0
     for i, (name, m) in enumerate(layers):
         if finite[i]:
