@@ -27,7 +27,6 @@ __all__ = [
     "NVFP4Linear",
     "NVFP4WeightClippedSTE",
     "NVFP4WeightSTE",
-    "fake_quant_sse",
     "fake_quantize",
     "quant_error_stats",
 ]
@@ -109,13 +108,6 @@ def quant_error_stats(
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     amax = absx.amax() if absx.numel() else zero
     return torch.stack([err.square().sum(), amax, absx.square().sum()])
-
-
-def fake_quant_sse(
-    x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, backend: str = "auto"
-) -> torch.Tensor:
-    """The first value of :func:`quant_error_stats`: the fp32 sum of squared NVFP4 error (0-dim)."""
-    return quant_error_stats(x, block_amax, global_amax, backend)[0]
 
 
 class NVFP4WeightSTE(torch.autograd.Function):

@@ -25,7 +25,7 @@ from nvfp4_qat._validation import BACKENDS, METHODS, check_choice
 from nvfp4_qat.format import block_code_bytes, global_scale
 from nvfp4_qat.modules import NVFP4Linear, quant_error_stats
 from nvfp4_qat.quantize import nvfp4_layers
-from nvfp4_qat.sweep import nvfp4_scale_sweep, sweep_unchecked, sweep_with_stats
+from nvfp4_qat.sweep import nvfp4_scale_sweep, sweep_with_stats
 
 __all__ = [
     "LayerClock",
@@ -43,7 +43,6 @@ __all__ = [
     "recalibrate_layer",
     "scale_codes",
     "skipped_row",
-    "sweep_rows",
     "update_layer",
     "weight_sse",
     "weight_stats",
@@ -117,17 +116,6 @@ def compute_scales(
         w = full_weight(layer)
         g = torch.linalg.vector_norm(w, float("inf")).to(torch.float32)
         return g, nvfp4_scale_sweep(w, g, backend=backend, method=method).reshape(layer.block_amax.shape)
-
-
-def sweep_rows(w: torch.Tensor, g: torch.Tensor, backend: str, method: str) -> torch.Tensor:
-    """The sweep of ``w`` (rows, in) at global amax ``g``: block amax ``(rows, in // 16)`` fp32.
-
-    The one place the recalibration paths call the sweep (a whole weight here, a row shard in
-    :mod:`nvfp4_qat.distributed`). Unchecked: the callers have validated ``backend``/``method`` and
-    established that ``w`` is finite (:func:`finite_flags`), so the public function's own check (a
-    pass over the weight and a host sync) is skipped.
-    """
-    return sweep_unchecked(w, g, 16, backend, method).reshape(w.shape[0], -1)
 
 
 def change_stats(before: torch.Tensor, sse_after: torch.Tensor, n_changed: torch.Tensor) -> torch.Tensor:

@@ -178,13 +178,12 @@ def _sweep_exhaustive_kernel(
     cands_ptr,  # [126] fp32, code values / 448 (format.fp8_scale_candidates)
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax
-    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
-    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale (STATS only)
-    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts (STATS only)
+    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
+    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
+    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts
     part_stride,
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
-    STATS: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -192,10 +191,7 @@ def _sweep_exhaustive_kernel(
     absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
     best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
-    if STATS:
-        _store_stats(
-            code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False
-        )
+    _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False)
 
 
 # Both zeroed before each autotuning trial: the flagged count, and the partial sums (a tile size
@@ -208,15 +204,14 @@ def _sweep_pruned_kernel(
     cands_ptr,  # [126] fp32, code values / 448
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax (flagged blocks are left to the second pass)
-    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
-    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale (STATS only)
-    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts (STATS only)
+    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
+    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
+    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts
     part_stride,
     work_ptr,  # [n_blocks] int32, indices of flagged blocks
     count_ptr,  # [1] int32, number of flagged blocks (zeroed by the caller)
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
-    STATS: tl.constexpr,  # also store each block's code byte and loss
     FIRST_DOUBLING: tl.constexpr,  # first k from which v[k + 8] == 2 * v[k] (normal codes)
     N_BELOW: tl.constexpr,  # codes scored below k0 by every block
     N_EXTRA: tl.constexpr,  # further codes below, scored by a tile only where its bound fails
@@ -274,8 +269,7 @@ def _sweep_pruned_kernel(
 
     amax = tl.reshape(tl.load(cands_ptr + best_idx) * g, [BLOCK_B])
     tl.store(out_ptr + rows, amax, mask=mask & ~flag)
-    if STATS:
-        _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows,
+    _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows,
                      tl.reshape(best_idx, [BLOCK_B]), tl.reshape(best_loss, [BLOCK_B]), mask & ~flag, False)  # fmt: skip
     # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
     slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag)
@@ -306,7 +300,7 @@ def _store_stats(
 @triton.jit
 def _sweep_listed(
     x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, old_ptr, part_ptr, part_stride, acc_slot,
-    work_ptr, tile, count, NUM_CANDIDATES, STATS, BLOCK_B, LANES
+    work_ptr, tile, count, NUM_CANDIDATES, BLOCK_B, LANES
 ):  # fmt: skip
     # Exhaustive sweep of the listed blocks work[tile * BLOCK_B :][:BLOCK_B] (those below count).
     slots = tile * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -315,8 +309,7 @@ def _sweep_listed(
     absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
     best, loss = _argmin_lanes(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B, LANES)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
-    if STATS:
-        _store_stats(code_ptr, old_ptr, part_ptr, part_stride, acc_slot, rows, best, loss, mask, True)
+    _store_stats(code_ptr, old_ptr, part_ptr, part_stride, acc_slot, rows, best, loss, mask, True)
 
 
 @triton.jit
@@ -326,15 +319,14 @@ def _sweep_worklist_kernel(
     cands_ptr,  # [126] fp32, code values / 448
     g_ptr,  # [1] fp32, global amax
     out_ptr,  # [n_blocks] fp32, block amax
-    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code (STATS only)
-    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale (STATS only)
-    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts (STATS only)
+    code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
+    old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
+    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts
     part_stride,
-    acc_slot,  # slot of part_ptr that the listed blocks' sums are added to (STATS only)
+    acc_slot,  # slot of part_ptr that the listed blocks' sums are added to
     work_ptr,  # [n_blocks] int32, block indices to sweep exhaustively
     count_ptr,  # [1] int32, how many entries of work_ptr are valid
     NUM_CANDIDATES: tl.constexpr,
-    STATS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     LANES: tl.constexpr,
     PERSISTENT: tl.constexpr,
@@ -344,11 +336,11 @@ def _sweep_worklist_kernel(
         n_tiles = (count + BLOCK_B - 1) // BLOCK_B
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, old_ptr, part_ptr, part_stride,
-                          acc_slot, work_ptr, tile, count, NUM_CANDIDATES, STATS, BLOCK_B, LANES)  # fmt: skip
+                          acc_slot, work_ptr, tile, count, NUM_CANDIDATES, BLOCK_B, LANES)  # fmt: skip
     else:  # one tile per program, the grid sized by the caller (Triton 3.6's interpreter
         # cannot loop to a bound read from memory)
         _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, old_ptr, part_ptr, part_stride,
-                      acc_slot, work_ptr, tl.program_id(0), count, NUM_CANDIDATES, STATS, BLOCK_B, LANES)  # fmt: skip
+                      acc_slot, work_ptr, tl.program_id(0), count, NUM_CANDIDATES, BLOCK_B, LANES)  # fmt: skip
 
 
 @functools.cache

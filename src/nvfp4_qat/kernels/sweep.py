@@ -189,9 +189,8 @@ def launch_sweep(
             else part
         )
     else:
-        # The statistics are computed anyway, into scratch: one compiled variant of each kernel
-        # serves both callers (compiling and autotuning a second one cost ~15 s in a recipe run),
-        # for one byte and a few partial sums per block.
+        # The kernels always write the statistics (one compiled kernel serves both callers: a second
+        # variant cost ~15 s of compiling and autotuning in a recipe run); here they go to scratch.
         codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device)
         old = codes
         part = torch.empty(2, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
@@ -203,14 +202,14 @@ def launch_sweep(
     with torch.cuda.device(x.device) if on_cuda else contextlib.nullcontext():
         if method == "exhaustive":
             _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), *tables, n_blocks,
-                    NUM_CANDIDATES=n_cand, STATS=True, config=config)  # fmt: skip
+                    NUM_CANDIDATES=n_cand, config=config)  # fmt: skip
             return out, None, extra
         count = buf.get("count")
         count = torch.zeros(1, dtype=torch.int32, device=x.device) if count is None else count
         work = buf.get("work")
         work = torch.empty(n_blocks, dtype=torch.int32, device=x.device) if work is None else work
         _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks,
-                NUM_CANDIDATES=n_cand, STATS=True, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
+                NUM_CANDIDATES=n_cand, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
                 N_EXTRA=n_extra, config=config)  # fmt: skip
         wl = _k.WORKLIST_CONFIG
         if on_cuda:
@@ -219,7 +218,7 @@ def launch_sweep(
             grid = (triton.cdiv(int(count), wl.kwargs["BLOCK_B"]),)
         if grid[0]:
             _launch("_sweep_worklist_kernel", x.device, grid, *tables, acc_slot, work, count, NUM_CANDIDATES=n_cand,
-                    STATS=True, PERSISTENT=on_cuda, config=wl)  # fmt: skip
+                    PERSISTENT=on_cuda, config=wl)  # fmt: skip
     return out, count, extra
 
 
