@@ -9,8 +9,9 @@ Measures one MLP block, Llama-2-7B shaped by default (SwiGLU: gate and up 4096 -
 * ``nvfp4 torch``: ``NVFP4Linear`` with the PyTorch fake-quant (:func:`format.fake_quantize_unchecked`);
 * ``w4a4 triton``: weights and inputs fake-quantized (``quantize_activations=True``).
 
-It also times the weight fake-quant alone (one 11008 x 4096 weight), and with ``--configs`` each
-launch configuration of the kernel. Medians from ``triton.testing.do_bench`` on CUDA; on the CPU
+It also times the weight fake-quant alone (one 11008 x 4096 weight): the kernel with the layer's
+cached FP8 bytes and decision table (what a training step runs between scale changes), and with
+their preparation; with ``--configs``, each launch configuration of the kernel. Medians from ``triton.testing.do_bench`` on CUDA; on the CPU
 (``--small``, for a smoke test) medians of ``time.perf_counter`` over a few runs.
 
     python benchmarks/bench_qat_step.py            # on the GPU
@@ -136,21 +137,25 @@ def bench_fake_quant(args, device: str) -> None:
     g, block = max_block_amax(w)
     gbytes = 2 * w.numel() * w.element_size() / 1e9  # one read, one write
     print(f"\nweight fake-quant alone, {args.ffn} x {args.hidden} bf16")
-    print(f"{'implementation':<30} {'median ms':>10} {'GB/s':>8}")
+    print(f"{'implementation':<34} {'median ms':>10} {'GB/s':>8}")
     rows = [("torch (format.py)", lambda: fake_quantize(w, block, g, "torch"))]
     if device == "cuda":
-        from nvfp4_qat.kernels.fake_quant import CONFIGS, DEFAULT_CONFIG, fake_quant_triton
+        from nvfp4_qat.kernels.fake_quant import CONFIGS, DEFAULT_CONFIG, fake_quant_prepared, prepare
 
-        rows.append(("triton (module path, default)", lambda: fake_quantize(w, block, g, "triton")))
-        for cfg in CONFIGS if args.configs else ():
+        # The layers cache the FP8 bytes and decision table between scale changes: the kernel then
+        # runs alone ("cached"); "+ prepare" also builds them (a dozen small PyTorch ops), as
+        # fake_quant_triton and an uncached first forward do.
+        codes, table = prepare(block, g)
+        rows.append(("triton + prepare (uncached)", lambda: fake_quantize(w, block, g, "triton")))
+        for cfg in CONFIGS if args.configs else (DEFAULT_CONFIG,):
             tag = " (default)" if cfg == DEFAULT_CONFIG else ""
-            rows.append((f"triton ROWS={cfg['ROWS']} warps={cfg['num_warps']}{tag}",
-                         lambda cfg=cfg: fake_quant_triton(w, block, g, config=cfg)))  # fmt: skip
+            rows.append((f"triton cached R{cfg['ROWS']} w{cfg['num_warps']} t{cfg.get('TILES', 1)}{tag}",
+                         lambda cfg=cfg: fake_quant_prepared(w, codes, table, config=cfg)))  # fmt: skip
         same = torch.equal(fake_quantize(w, block, g, "triton"), fake_quantize(w, block, g, "torch"))
         print(f"check: triton equals torch bit for bit: {same}")
     for label, fn in rows:
         ms = median_ms(fn, device)
-        print(f"{label:<30} {ms:>10.4f} {gbytes / (ms / 1e3):>8.1f}")
+        print(f"{label:<34} {ms:>10.4f} {gbytes / (ms / 1e3):>8.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from nvfp4_qat import NVFP4Linear, QATConfig, fake_quantize_nvfp4, quantize_model, recalibrate
 from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, fp8_code_values
 from nvfp4_qat.kernels import fake_quant as fq
-from nvfp4_qat.kernels.fake_quant import CONFIGS, fake_quant_stats_triton, fake_quant_triton
+from nvfp4_qat.kernels.fake_quant import CONFIGS, STATS_CONFIG, fake_quant_stats_triton, fake_quant_triton
 from nvfp4_qat.modules import quant_error_stats
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -41,6 +41,15 @@ def assert_bits_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
 def max_amax(x: torch.Tensor):
     xf = x.float().abs()
     return xf.reshape(*x.shape[:-1], -1, 16).amax(-1), xf.amax()
+
+
+def span(config: dict) -> int:
+    """Blocks one program of ``config`` covers."""
+    return config["ROWS"] * config.get("TILES", 1)
+
+
+def config_id(config: dict) -> str:
+    return f"rows{config['ROWS']}w{config['num_warps']}t{config.get('TILES', 1)}"
 
 
 def random_case(shape, dtype, seed, device="cpu"):
@@ -102,9 +111,9 @@ def test_interpreter_matches_reference(interpret, dtype, shape, seed):
     assert_bits_equal(fake_quant_triton(x, block, g), fake_quantize_nvfp4(x, block, g))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"rows{c['ROWS']}w{c['num_warps']}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: config_id(c))
 def test_interpreter_each_config_with_partial_last_tile(interpret, config):
-    n_blocks = 2 * config["ROWS"] + 3
+    n_blocks = 2 * span(config) + 3
     x, block, g = random_case((n_blocks, 16), torch.bfloat16, 5)
     assert_bits_equal(fake_quant_triton(x, block, g, config=config), fake_quantize_nvfp4(x, block, g))
 
@@ -156,15 +165,17 @@ def torch_stats(x, block, g) -> list[float]:
     return [float(err.square().sum()), float(xf.abs().max()), float(xf.square().sum())]
 
 
-SSE_CASES = [(torch.bfloat16, c) for c in CONFIGS] + [(d, CONFIGS[0]) for d in (torch.float32, torch.float16)]
+SSE_CASES = [(torch.bfloat16, c) for c in CONFIGS] + [
+    (d, c) for d in (torch.float32, torch.float16) for c in (CONFIGS[0], STATS_CONFIG)
+]
 
 
 @pytest.mark.parametrize(
-    ("dtype", "config"), SSE_CASES, ids=lambda v: f"rows{v['ROWS']}" if isinstance(v, dict) else str(v)[6:]
+    ("dtype", "config"), SSE_CASES, ids=lambda v: config_id(v) if isinstance(v, dict) else str(v)[6:]
 )
 @pytest.mark.parametrize("tiles", [1.5, 2], ids=["partial-tile", "whole-tiles"])  # masked / unmasked
 def test_interpreter_stats_mode(interpret, dtype, config, tiles):
-    x, block, g = random_case((int(config["ROWS"] * tiles), 16), dtype, 4)
+    x, block, g = random_case((int(span(config) * tiles), 16), dtype, 4)
     assert_bits_equal(fake_quant_triton(x, block, g, config=config), fake_quantize_nvfp4(x, block, g))
     stats = fake_quant_stats_triton(x, block, g, config=config)
     assert stats.dtype == torch.float32 and stats.shape == (3,)
@@ -227,6 +238,10 @@ def test_launcher_validation(interpret, monkeypatch):
         fake_quant_triton(x, block, float("nan"))
     with pytest.raises(ValueError, match="config must be None or a dict"):
         fake_quant_triton(x, block, g, config={"ROWS": 48, "num_warps": 4})
+    with pytest.raises(ValueError, match="config must be None or a dict"):
+        fake_quant_stats_triton(x, block, g, config={"ROWS": 64, "num_warps": 2, "TILES": 0})
+    with pytest.raises(ValueError, match="config must be None or a dict"):
+        fake_quant_triton(x, block, g, config={"ROWS": 64, "num_warps": 2, "STAGES": 2})
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         fake_quant_triton(x, block, g)
@@ -259,10 +274,10 @@ def test_cuda_stats_mode(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"rows{c['ROWS']}w{c['num_warps']}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: config_id(c))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_each_config_and_edge_cases(config, dtype):
-    n_blocks = 1000 * config["ROWS"] + 5
+    n_blocks = 1000 * span(config) + 5
     x, block, g = random_case((n_blocks, 16), dtype, 3, device="cuda")
     assert_bits_equal(fake_quant_triton(x, block, g, config=config), fake_quantize_nvfp4(x, block, g))
     for x, block, g in (midpoint_walk(dtype, "cuda"), special_values_case(dtype, "cuda")):
@@ -345,8 +360,8 @@ def test_interpreter_recalibrate_fused_path_matches_reference(interpret, monkeyp
     recal = importlib.import_module("nvfp4_qat._recalibrate_fused")
 
     fused_calls, prepare_calls = [], []
-    sweep_all, prepare = recal.sweep_all, fq.prepare
-    monkeypatch.setattr(recal, "sweep_all", lambda *a: fused_calls.append(1) or sweep_all(*a))
+    recalibrate_all, prepare = recal.recalibrate_all, fq.prepare
+    monkeypatch.setattr(recal, "recalibrate_all", lambda *a, **k: fused_calls.append(1) or recalibrate_all(*a, **k))
     monkeypatch.setattr(fq, "prepare", lambda *a: prepare_calls.append(1) or prepare(*a))
     torch.manual_seed(0)
     models = []

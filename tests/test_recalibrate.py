@@ -1,13 +1,21 @@
 """recalibrate(): in-place scales equal to the sweep, report values, non-finite policy, no autograd;
 the helpers it shares with recalibrate_distributed."""
 
+import importlib
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from nvfp4_qat import RecalibrationReport, fake_quantize_nvfp4, nvfp4_scale_sweep, quantize_model, recalibrate
+from nvfp4_qat import (
+    NVFP4Linear,
+    RecalibrationReport,
+    fake_quantize_nvfp4,
+    nvfp4_scale_sweep,
+    quantize_model,
+    recalibrate,
+)
 from nvfp4_qat.distributed import layer_owners, recalibrate_distributed
 from nvfp4_qat.format import block_codes, global_scale
 from nvfp4_qat.recalibrate import compute_scales, finite_flags, recalibrate_layer, weight_sse
@@ -125,22 +133,45 @@ def test_no_autograd_or_optimizer_side_effects():
     assert not any(m.block_amax.requires_grad for m in (model[0], model[2], model[3]))
 
 
+@pytest.fixture(params=["generic", "fused"])
+def recal(request, monkeypatch):
+    """``recalibrate`` on the generic path (PyTorch), or on the GPU fast path (the Triton kernels,
+    here under the interpreter), which queues every layer before it knows which weights are finite."""
+    if request.param == "generic":
+        yield recalibrate
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused = importlib.import_module("nvfp4_qat._recalibrate_fused")
+    calls, real = [], fused.recalibrate_all
+    monkeypatch.setattr(fused, "recalibrate_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(model, **kwargs):
+        for m in model.modules():
+            if isinstance(m, NVFP4Linear):
+                m.fake_quant_backend = "triton"
+        return recalibrate(model, backend="triton", **kwargs)
+
+    yield run
+    assert calls, "the fused path was not taken"
+
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_non_finite_weights(policy):
+def test_non_finite_weights(policy, recal):
     model = prepared()
     drift(model)
     with torch.no_grad():
         model[2].weight[1, 1] = float("nan")
+        model[3].weight[0, 0] = float("-inf") if policy == "raise" else model[3].weight[0, 0]
     before = {k: v.clone() for k, v in model.state_dict().items() if "amax" in k}
     if policy == "raise":
-        with pytest.raises(ValueError, match="non-finite .* in layer '2'; no scale was changed"):
-            recalibrate(model, on_nonfinite=policy)
+        with pytest.raises(ValueError, match="non-finite .* in layer '2' and 1 more; no scale was changed"):
+            recal(model, on_nonfinite=policy)
         for k, v in model.state_dict().items():  # not even the finite layer '0' before it moved
             if "amax" in k:
                 assert torch.equal(v, before[k]), k
         return
     with pytest.warns(UserWarning, match=r"skipped 1 layer\(s\) with non-finite weights.*\['2'\]"):
-        report = recalibrate(model, on_nonfinite=policy)
+        report = recal(model, on_nonfinite=policy)
     rows = {r.name: r for r in report.layers}
     assert rows["2"].skipped and math.isnan(rows["2"].mse_after) and not rows["0"].skipped
     assert torch.equal(model[2].block_amax, before["2.block_amax"])
@@ -149,12 +180,12 @@ def test_non_finite_weights(policy):
     assert "skipped: non-finite weights" in str(report)
 
 
-def test_garbage_stale_scales_and_huge_finite_weights_are_recalibrated():
+def test_garbage_stale_scales_and_huge_finite_weights_are_recalibrated(recal):
     model = prepared()
     model[0].block_amax.fill_(float("nan"))  # e.g. uninitialised buffers after to_empty()
     with torch.no_grad():
         model[2].weight.mul_(1e19)  # finite, but squared errors overflow fp32: the SSE is Inf
-    report = recalibrate(model)
+    report = recal(model)
     rows = {r.name: r for r in report.layers}
     assert report.n_skipped == 0
     # a NaN block amax gives FP8 code 0 (format.block_codes): the stale error is that of all zeros

@@ -298,6 +298,32 @@ def test_cuda_stats_outputs(method, n_below, n_extra):
     check_stats_outputs(x, amax(x), method, n_below=n_below, n_extra=n_extra)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_interpreter_non_finite_global_amax_writes_nothing(interpret, method, bad):
+    # How recalibration skips a layer with NaN/Inf weights without a host sync: its sweep is
+    # launched with a non-finite global amax and must leave every output as it was.
+    x = mixed_weight(300, 16)
+    n = x.numel() // 16
+    sentinel = torch.full((n,), 0.125)
+    buffers = {
+        "out": sentinel.clone(),
+        "codes": torch.full((n,), 7, dtype=torch.uint8),
+        "old": torch.zeros(n, dtype=torch.uint8),
+        "partials": torch.full((2, 40), -1.0),
+        "count": torch.zeros(1, dtype=torch.int32),
+    }
+    out, count, _ = launch_sweep(x, torch.tensor(bad), method, stats=True, buffers=buffers, n_below=0, n_extra=0)
+    assert torch.equal(out, sentinel) and out is buffers["out"]
+    assert torch.equal(buffers["codes"], torch.full((n,), 7, dtype=torch.uint8))
+    assert count is None or int(count) == 0  # nothing flagged for the work list
+    # one program under the interpreter (1024-block tile): it wrote zero loss and zero changes
+    assert torch.equal(buffers["partials"][:, 0], torch.zeros(2))
+    # the same buffers with the finite amax: now written (the sweep's result)
+    out, _, _ = launch_sweep(x, amax(x), method, stats=True, buffers=buffers)
+    assert_same_blocks(out, sweep_reference(x, amax(x)))
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy: 0/0 and overflow, as intended
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", ["zero-tensor", "amax-too-small", "amax-huge", "s2-tiny", "losses-overflow"])

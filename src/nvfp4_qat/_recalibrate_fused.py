@@ -6,9 +6,15 @@ dominate. Here every layer costs:
 
 1. one stats pass of the fused fake-quant kernel (stale-scale error, ``max |w|`` and ``sum w^2``
    from one read of the weight), its partial sums written into one shared buffer;
-2. then, after a single host sync for the finiteness check, the sweep kernels, which write the new
-   ``block_amax`` straight into the layer's buffer and also emit each block's FP8 byte and, per
-   program, the sum of the winning losses and the count of changed bytes.
+2. the sweep kernels, which write the new ``block_amax`` straight into the layer's buffer and also
+   emit each block's FP8 byte and, per program, the sum of the winning losses and the count of
+   changed bytes.
+
+No host sync comes between them: the GPU runs every stats pass and every sweep back to back while
+the host queues them, and the finiteness check rides on the global amax (a layer with NaN/Inf
+weights gets a NaN one, for which the sweep kernels do nothing; see :func:`recalibrate_all`). A sync
+per layer, or one between the two passes, left the GPU idle while the host launched the next
+kernels (the stats kernel is shorter than its launch on the small layers).
 
 Everything else runs once for all layers: the partial sums are reduced with ``segment_reduce``, the
 global amaxes are written with one ``_foreach_copy_``, and the decision tables of the new scales are
@@ -29,7 +35,7 @@ from nvfp4_qat.kernels.sweep import launch_sweep, stats_slots
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.sweep import resolve_backend
 
-__all__ = ["fused_applicable", "stale_stats", "sweep_all"]
+__all__ = ["fused_applicable", "recalibrate_all", "stale_stats"]
 
 
 def fused_applicable(layers: list[tuple[str, NVFP4Linear]], backend: str) -> bool:
@@ -65,53 +71,73 @@ def stale_stats(layers: list[tuple[str, NVFP4Linear]]) -> torch.Tensor:
     return torch.stack([sse, amax, energy], dim=1)
 
 
-def sweep_all(
-    layers: list[tuple[str, NVFP4Linear]], before: torch.Tensor, method: str, on_layer_done
-) -> torch.Tensor:
-    """Sweep every layer at its new global amax (``before[:, 1]``) and write the scales in place.
+def recalibrate_all(
+    layers: list[tuple[str, NVFP4Linear]], method: str, all_or_nothing: bool
+) -> tuple[list[list[float]], list[bool], list[float]]:
+    """Recalibrate every finite layer in place, with one host sync at the very end.
+
+    Nothing waits for the finiteness check: a layer whose weight holds NaN/Inf has a non-finite
+    max (the stats pass's max propagates NaN), and the sweep kernels launched with a non-finite
+    global amax read and write nothing (``_sweep_kernels._live``); its ``global_amax`` is written
+    back unchanged. With ``all_or_nothing`` (``on_nonfinite="raise"``) one such layer makes every
+    layer's amax non-finite, so that no scale anywhere changes and the caller can raise.
 
     Args:
-        layers: the layers to recalibrate (all finite).
-        before: :func:`stale_stats` of those layers.
+        layers: the layers, all on one GPU (:func:`fused_applicable`).
         method: ``"pruned"`` or ``"exhaustive"``.
-        on_layer_done: called after each layer's work is queued (per-layer clock marks).
+        all_or_nothing: leave every layer untouched if any weight is non-finite.
 
     Returns:
-        float64 ``[L, 6]``: ``sse_before, sse_after, n_changed, energy, amax_before, amax_after``.
+        ``(rows, finite, seconds)``: per layer ``[sse_before, sse_after, n_changed, energy,
+        amax_before, amax_after]`` (float64 values; meaningless where the layer was left alone),
+        whether its weight is finite, and the device time of its sweep.
     """
+    from nvfp4_qat.recalibrate import LayerClock  # lazily: that module imports this one lazily
+
+    before = stale_stats(layers)
     device = before.device
-    n_blocks = [m.block_amax.numel() for _, m in layers]
-    g_new = before[:, 1].clone()  # max |w| of each layer: exact
+    g_new = before[:, 1]  # max |w| of each layer: exact; NaN or Inf for a non-finite weight
+    finite = torch.isfinite(g_new)
+    live = finite & finite.all() if all_or_nothing else finite
+    g_use = torch.where(live, g_new, torch.nan)
     g_old = torch.stack([m.global_amax for _, m in layers])
+    n_blocks = [m.block_amax.numel() for _, m in layers]
     codes = torch.empty(sum(n_blocks), dtype=torch.uint8, device=device)  # kept by the layers' caches
     slots = [stats_slots(n) for n in n_blocks]
     partials = torch.zeros(2, sum(slots), dtype=torch.float32, device=device)
     work = torch.empty(max(n_blocks), dtype=torch.int32, device=device)  # scratch, one stream
     counts = torch.zeros(len(layers), dtype=torch.int32, device=device)
+    clock = LayerClock(device)
     start = col = 0
-    for i, ((_, m), n, k) in enumerate(zip(layers, n_blocks, slots, strict=True)):
+    for i, ((_, m), g, n, k) in enumerate(
+        zip(layers, g_use.view(-1, 1).unbind(), n_blocks, slots, strict=True)
+    ):
         buffers = {
-            "out": m.block_amax.view(-1),  # written in place by the kernel
+            "out": m.block_amax.view(-1),  # written in place by the kernel (not at all if g is NaN)
             "codes": codes[start : start + n],
             "old": m.kernel_state(m.weight)[0].reshape(-1),  # the stale scales' bytes, cached
             "partials": partials[:, col : col + k],
             "count": counts[i : i + 1],
             "work": work,
         }
-        launch_sweep(m.weight.detach(), g_new[i], method, stats=True, buffers=buffers)
+        launch_sweep(m.weight.detach(), g, method, stats=True, buffers=buffers)
         torch.autograd.graph.increment_version(m.block_amax)  # written by a kernel, not by PyTorch
         start, col = start + n, col + k
-        on_layer_done()
+        clock.mark()
     lengths = torch.tensor(slots, device=device)
     sse_after = torch.segment_reduce(partials[0], "sum", lengths=lengths)
     changed = torch.segment_reduce(partials[1], "sum", lengths=lengths)
-    torch._foreach_copy_([m.global_amax for _, m in layers], list(g_new.unbind()))
+    g_write = torch.where(live, g_new, g_old)
+    torch._foreach_copy_([m.global_amax for _, m in layers], list(g_write.unbind()))
     # The next forward's kernel state: bytes from the sweep, tables for the new s2 in one batch.
-    s2 = g_new / torch.tensor(GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device)  # format.global_scale
+    divisor = torch.tensor(GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device)
+    s2 = g_write / divisor  # format.global_scale
     tables = decision_table(s2).reshape(len(layers), -1)
+    cols = (before[:, 0], sse_after, changed, before[:, 2], g_old, g_new, finite, live)
+    values = torch.stack([c.to(torch.float64) for c in cols], dim=1).tolist()  # the host sync
     start = 0
     for i, ((_, m), n) in enumerate(zip(layers, n_blocks, strict=True)):
-        m.set_kernel_state(codes[start : start + n], tables[i])
+        if values[i][7]:  # written: hand the sweep's bytes to the layer
+            m.set_kernel_state(codes[start : start + n], tables[i])
         start += n
-    cols = (before[:, 0], sse_after, changed, before[:, 2], g_old, g_new)
-    return torch.stack([c.to(torch.float64) for c in cols], dim=1)
+    return [v[:6] for v in values], [bool(v[6]) for v in values], clock.seconds()

@@ -468,23 +468,13 @@ def _recalibrate_fused(
     fused, layers: list[tuple[str, NVFP4Linear]], method: str, on_nonfinite: str
 ) -> list[LayerRecalibration]:
     # The same steps on the GPU fast path (see nvfp4_qat._recalibrate_fused): the scales are
-    # bit-identical, the launches per layer few.
-    before = fused.stale_stats(layers)
-    finite = finite_flags(list(before[:, 0].unbind()), lambda i: layers[i][1].weight.detach())
+    # bit-identical, the launches per layer few, and the only host sync comes at the end. With
+    # "raise", a non-finite weight anywhere made the kernels skip every layer: nothing was written.
+    values, finite, seconds = fused.recalibrate_all(layers, method, all_or_nothing=on_nonfinite == "raise")
     apply_nonfinite_policy(
         [name for (name, _), ok in zip(layers, finite, strict=True) if not ok], on_nonfinite
     )
-    keep = [i for i, ok in enumerate(finite) if ok]
-    clock = LayerClock(clock_device(layers))
-    values = []
-    if keep:
-        index = torch.tensor(keep, device=before.device)
-        values = fused.sweep_all([layers[i] for i in keep], before[index], method, clock.mark).tolist()
-    seconds, rows, k = clock.seconds(), [], 0
-    for i, (name, m) in enumerate(layers):
-        if finite[i]:
-            rows.append(LayerRecalibration.from_stats(name, m.weight.numel(), *values[k], seconds[k]))
-            k += 1
-        else:
-            rows.append(skipped_row(name, m))
-    return rows
+    return [
+        LayerRecalibration.from_stats(name, m.weight.numel(), *row, t) if ok else skipped_row(name, m)
+        for (name, m), row, ok, t in zip(layers, values, finite, seconds, strict=True)
+    ]

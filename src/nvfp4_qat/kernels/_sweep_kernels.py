@@ -120,6 +120,17 @@ def _block_loss(
 
 
 @triton.jit
+def _live(g_ptr, B: tl.constexpr):
+    # Whether the global amax is finite. A non-finite one (NaN: the weight holds NaN/Inf, see
+    # nvfp4_qat._recalibrate_fused) turns the launch into a no-op: no block is read or written and
+    # the partial sums are 0, so recalibration can queue every layer's sweep before it knows (after
+    # its one host sync) which weights were finite, and still leave a non-finite layer's scales as
+    # they were. The public sweep validates a finite global amax first.
+    g = tl.full([B], 0.0, tl.float32) + tl.load(g_ptr)  # [B]: the interpreter cannot & a scalar bool
+    return tl.abs(g) < float("inf")  # False for NaN too -> [B]
+
+
+@triton.jit
 def _load_blocks(x_ptr, rows, mask, g_ptr, B: tl.constexpr):
     # rows: [B] int64 block indices. -> |w| [B, 16] fp32, u [B, 16] fp32, s2, g (fp32 scalars)
     offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
@@ -187,7 +198,7 @@ def _sweep_exhaustive_kernel(
     BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask = rows < n_blocks
+    mask = (rows < n_blocks) & _live(g_ptr, BLOCK_B)
     absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
     best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
@@ -221,7 +232,7 @@ def _sweep_pruned_kernel(
     # layout (1-D vectors would be shuffled through shared memory at every code).
     N_WINDOW: tl.constexpr = N_BELOW + 8
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask = rows < n_blocks
+    mask = (rows < n_blocks) & _live(g_ptr, BLOCK_B)  # all False: nothing read, written or flagged
     absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
     m = tl.reduce(absw, 1, _MAX, keep_dims=True)  # [B, 1]
     u_max = tl.reduce(u, 1, _MAX, keep_dims=True)  # = fl(m / s2): rounding is monotone

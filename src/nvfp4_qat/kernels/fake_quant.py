@@ -22,11 +22,12 @@ Why the result is exact and portable:
 
 The ``STATS`` mode (:func:`fake_quant_stats_triton`) stores, instead of the tensor, three fp32
 partial sums per program: the squared NVFP4 error ``(q * e * s2 - |x|)^2`` in fp32 (the error the
-scale sweep minimises), ``max |x|`` and ``sum x^2``. Recalibration gets the stale-scale error, the
+scale sweep minimises), ``max |x|`` (NaN if any element is NaN) and ``sum x^2``. Recalibration gets the stale-scale error, the
 new global amax and the weight energy from one read of the weight.
 
-Tile: ``ROWS`` blocks of 16 per program (:data:`CONFIGS`; ``benchmarks/bench_qat_step.py
---configs`` times each). Tests pin every candidate in turn.
+Tile: ``ROWS`` blocks of 16, ``TILES`` tiles per program (:data:`CONFIGS`;
+``benchmarks/bench_qat_step.py --configs`` times each). Tests pin every candidate in turn. Each
+block's table row arrives in one 32-byte load (``_table_row``), not eight gathers.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, glob
 __all__ = [
     "CONFIGS",
     "DEFAULT_CONFIG",
+    "STATS_CONFIG",
     "fake_quant_prepared",
     "fake_quant_stats_triton",
     "fake_quant_triton",
@@ -52,14 +54,22 @@ __all__ = [
     "stats_programs",
 ]
 
-#: Candidate launch configurations (blocks of 16 per program, warps).
+#: Candidate launch configurations: ``ROWS`` blocks of 16 per tile, warps, and optionally ``TILES``
+#: tiles per program (default 1).
 CONFIGS: tuple[dict[str, int], ...] = (
     {"ROWS": 32, "num_warps": 2},
     {"ROWS": 64, "num_warps": 4},
     {"ROWS": 128, "num_warps": 4},
     {"ROWS": 256, "num_warps": 8},
+    {"ROWS": 64, "num_warps": 2, "TILES": 8},
 )
-DEFAULT_CONFIG: dict[str, int] = CONFIGS[2]
+#: The forward's default. On an H100 (11008x4096 bf16, cached bytes and table, ``bench_qat_step.py
+#: --configs``): R32 w2 0.0804 ms, R64 w4 0.0805, R128 w4 0.1040, R256 w8 0.1111, R64 w2 t8 0.1027.
+DEFAULT_CONFIG: dict[str, int] = CONFIGS[1]
+#: The stats pass's default: 512 blocks per program in 8 tiles, summed in registers. On an H100
+#: (14336x4096 bf16, ``benchmarks/probe_stats.py``) 0.084 ms against 0.091 ms with one 128-block
+#: tile per program (and 0.135 ms with the table read by eight scalar gathers per block).
+STATS_CONFIG: dict[str, int] = CONFIGS[4]
 
 _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (tl.constexpr(v) for v in E2M1_VALUES[1:])
 
@@ -73,7 +83,9 @@ def _add(a, b):
 
 @triton.jit
 def _max(a, b):
-    return tl.maximum(a, b)
+    # NaN wins (fmax would drop it): a NaN anywhere in the weight makes its max NaN, so that
+    # recalibration can tell non-finite weights from the max alone (Inf is already the max).
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -85,52 +97,73 @@ def _fake_quant_kernel(
     stats_ptr,  # [3, >= n_programs] fp32: sse, amax, energy partials (STATS only; else unused)
     n_blocks,  # int, number of 16-blocks
     stats_stride,  # int, row stride of stats_ptr
-    ROWS: tl.constexpr,  # blocks per program
+    ROWS: tl.constexpr,  # blocks per tile
+    TILES: tl.constexpr,  # tiles per program, one after another (STATS: fewer, larger partial sums)
     BF16: tl.constexpr,  # x and out hold bf16 bit patterns as int16
     STATS: tl.constexpr,  # store the partial sums instead of the tensor
-    EVEN: tl.constexpr,  # n_blocks is a multiple of ROWS: no masks (full-width vector loads)
+    EVEN: tl.constexpr,  # n_blocks is a multiple of ROWS * TILES: no masks (full-width vector loads)
 ):
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]: per-block values share the tile's layout
-    # The mask is a [ROWS, 1] column broadcast over the 16 elements, so the compiler still sees rows
-    # of 16 contiguous elements under one predicate and keeps vector loads.
-    row_ok = rows < n_blocks
-    mask = None if EVEN else row_ok
-    offs = rows.to(tl.int64) * 16 + tl.arange(0, 16)[None, :]  # [ROWS, 16]
-    if EVEN:
-        raw = tl.load(x_ptr + offs)
-        code = tl.load(code_ptr + rows)
-    else:  # masked rows read 0 and code 0 (infinite thresholds, scale 0): they add exactly 0
-        raw = tl.load(x_ptr + offs, mask=mask, other=0)
-        code = tl.load(code_ptr + rows, mask=mask, other=0)
-    if BF16:
-        xf = (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # exact
-    else:
-        xf = raw.to(tl.float32)
-    xbits = xf.to(tl.uint32, bitcast=True)
-    a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
-    row = table_ptr + code.to(tl.int32) * 8  # [ROWS, 1]
-    q = tl.where(a >= tl.load(row), _Q1, 0.0)
-    q = tl.where(a >= tl.load(row + 1), _Q2, q)
-    q = tl.where(a >= tl.load(row + 2), _Q3, q)
-    q = tl.where(a >= tl.load(row + 3), _Q4, q)
-    q = tl.where(a >= tl.load(row + 4), _Q5, q)
-    q = tl.where(a >= tl.load(row + 5), _Q6, q)
-    q = tl.where(a >= tl.load(row + 6), _Q7, q)
-    mag = q * tl.load(row + 7)  # >= 0: q * (e * s2), the product of format.fake_quantize_unchecked
-    if STATS:
-        d = mag - a  # the fp32 error (NaN for a NaN weight, Inf for an Inf one)
-        tl.store(stats_ptr + pid, tl.reduce(tl.reduce(d * d, 1, _add), 0, _add))
-        tl.store(stats_ptr + stats_stride + pid, tl.reduce(tl.reduce(a, 1, _max), 0, _max))
-        tl.store(stats_ptr + 2 * stats_stride + pid, tl.reduce(tl.reduce(a * a, 1, _add), 0, _add))
-    else:
-        out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
+    if STATS:  # elementwise accumulators, reduced once at the end
+        acc_sse = tl.full([ROWS, 16], 0.0, tl.float32)
+        acc_max = tl.full([ROWS, 16], 0.0, tl.float32)
+        acc_energy = tl.full([ROWS, 16], 0.0, tl.float32)
+    for tile in range(TILES):
+        # [ROWS, 1]: per-block values share the tile's layout
+        rows = (pid * TILES + tile) * ROWS + tl.arange(0, ROWS)[:, None]
+        # The mask is a [ROWS, 1] column broadcast over the 16 elements, so the compiler still sees
+        # rows of 16 contiguous elements under one predicate and keeps vector loads.
+        row_ok = rows < n_blocks
+        mask = None if EVEN else row_ok
+        offs = rows.to(tl.int64) * 16 + tl.arange(0, 16)[None, :]  # [ROWS, 16]
+        if EVEN:
+            raw = tl.load(x_ptr + offs)
+            code = tl.load(code_ptr + rows)
+        else:  # masked rows read 0 and code 0 (infinite thresholds, scale 0): they add exactly 0
+            raw = tl.load(x_ptr + offs, mask=mask, other=0)
+            code = tl.load(code_ptr + rows, mask=mask, other=0)
         if BF16:
-            top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
-            tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+            xf = (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # exact
         else:
-            out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + offs, out, mask=mask)
+            xf = raw.to(tl.float32)
+        xbits = xf.to(tl.uint32, bitcast=True)
+        a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
+        # Row `code` of the decision table for each block: one 32-byte load per block, split into
+        # its 8 columns ([ROWS] each). Eight scalar gathers per block made the stats pass 1.6x
+        # slower. (Inline: the interpreted kernel cannot call a jitted helper.)
+        tbl = tl.load(table_ptr + code.to(tl.int32) * 8 + tl.arange(0, 8)[None, :])  # [ROWS, 8]
+        even, odd = tl.split(tl.reshape(tbl, [ROWS, 4, 2]))  # columns 0 2 4 6 | 1 3 5 7
+        e04, e26 = tl.split(tl.reshape(even, [ROWS, 2, 2]))
+        o15, o37 = tl.split(tl.reshape(odd, [ROWS, 2, 2]))
+        t0, t4 = tl.split(e04)
+        t2, t6 = tl.split(e26)
+        t1, t5 = tl.split(o15)
+        t3, scale = tl.split(o37)
+        q = tl.where(a >= t0[:, None], _Q1, 0.0)
+        q = tl.where(a >= t1[:, None], _Q2, q)
+        q = tl.where(a >= t2[:, None], _Q3, q)
+        q = tl.where(a >= t3[:, None], _Q4, q)
+        q = tl.where(a >= t4[:, None], _Q5, q)
+        q = tl.where(a >= t5[:, None], _Q6, q)
+        q = tl.where(a >= t6[:, None], _Q7, q)
+        mag = q * scale[:, None]  # >= 0: q * (e * s2), the product of format.fake_quantize_unchecked
+        if STATS:
+            d = mag - a  # the fp32 error (NaN for a NaN weight, Inf for an Inf one)
+            acc_sse += d * d
+            acc_max = tl.maximum(acc_max, a, propagate_nan=tl.PropagateNan.ALL)  # as _max
+            acc_energy += a * a
+        else:
+            out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
+            if BF16:
+                top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
+                tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+            else:
+                out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + offs, out, mask=mask)
+    if STATS:
+        tl.store(stats_ptr + pid, tl.reduce(tl.reduce(acc_sse, 1, _add), 0, _add))
+        tl.store(stats_ptr + stats_stride + pid, tl.reduce(tl.reduce(acc_max, 1, _max), 0, _max))
+        tl.store(stats_ptr + 2 * stats_stride + pid, tl.reduce(tl.reduce(acc_energy, 1, _add), 0, _add))
 
 
 def _interpreter_on() -> bool:
@@ -160,9 +193,13 @@ def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.
     return block_code_bytes(block_amax.reshape(-1), s2), decision_table(s2).reshape(-1)
 
 
+def _programs(n_blocks: int, config: dict[str, int]) -> int:
+    return max(1, triton.cdiv(n_blocks, config["ROWS"] * config.get("TILES", 1)))
+
+
 def stats_programs(n_blocks: int, config: dict[str, int] | None = None) -> int:
     """Programs (so partial sums per value) of one stats launch over ``n_blocks`` blocks."""
-    return max(1, triton.cdiv(n_blocks, (DEFAULT_CONFIG if config is None else config)["ROWS"]))
+    return _programs(n_blocks, STATS_CONFIG if config is None else config)
 
 
 def fake_quant_prepared(
@@ -180,11 +217,12 @@ def fake_quant_prepared(
     ``[3, stats_programs(n_blocks)]`` view to fill) the per-program sums are written there instead
     and returned unreduced, so that a caller can reduce many tensors' partials in one launch.
     """
-    cfg = DEFAULT_CONFIG if config is None else config
+    stats = stats or partials is not None
+    cfg = (STATS_CONFIG if stats else DEFAULT_CONFIG) if config is None else config
+    tiles = cfg.get("TILES", 1)
     xc = x.contiguous()
     n_blocks = xc.numel() // 16
-    grid = (stats_programs(n_blocks, cfg),)
-    stats = stats or partials is not None
+    grid = (_programs(n_blocks, cfg),)
     out = xc if stats else torch.empty_like(xc)
     if partials is None:
         partial = torch.empty((3, grid[0]) if stats else (1,), dtype=torch.float32, device=xc.device)
@@ -202,9 +240,10 @@ def fake_quant_prepared(
         n_blocks,
         partial.stride(0) if stats else 0,
         ROWS=cfg["ROWS"],
+        TILES=tiles,
         BF16=bf16,
         STATS=stats,
-        EVEN=n_blocks % cfg["ROWS"] == 0,
+        EVEN=n_blocks % (cfg["ROWS"] * tiles) == 0,
         num_warps=cfg["num_warps"],
     )
     if partials is not None:
@@ -238,12 +277,13 @@ def _check_inputs(x: object, block_amax: object, global_amax: object, config: ob
     check_block_amax(block_amax, x, 16)
     if config is not None and (
         not isinstance(config, dict)
-        or set(config) != {"ROWS", "num_warps"}
-        or not all(isinstance(v, int) and v > 0 for v in config.values())
+        or not {"ROWS", "num_warps"} <= set(config) <= {"ROWS", "num_warps", "TILES"}
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in config.values())
         or config["ROWS"] & (config["ROWS"] - 1)
     ):
         raise ValueError(
-            f"config must be None or a dict like {DEFAULT_CONFIG} (ROWS a power of two), got {config!r}"
+            f"config must be None or a dict like {DEFAULT_CONFIG} or {STATS_CONFIG} (positive ints, "
+            f"ROWS a power of two), got {config!r}"
         )
     return g
 
@@ -285,10 +325,10 @@ def fake_quant_stats_triton(
 
     ``q`` is the NVFP4 magnitude of each element in fp32 (:func:`~nvfp4_qat.fake_quantize_nvfp4` of
     ``x.float()``), so the first value is the error the scale sweep minimises. The sums are trees per
-    tile, then over tiles: they agree with a PyTorch sum to fp32 rounding, not bit for bit; the max is
-    exact. NaN or Inf in ``x`` makes the error NaN or Inf.
+    program, then over programs: they agree with a PyTorch sum to fp32 rounding, not bit for bit; the max is
+    exact. NaN or Inf in ``x`` makes the error NaN or Inf and the max NaN or Inf.
 
-    Args: as :func:`fake_quant_triton`.
+    Args: as :func:`fake_quant_triton` (``config`` default: :data:`STATS_CONFIG`).
 
     Raises:
         TypeError, ValueError: as :func:`fake_quant_triton`.
