@@ -188,6 +188,60 @@ def test_interpreter_stats_mode(interpret, dtype, config, tiles):
         assert math.isclose(got, ref, rel_tol=1e-6)
 
 
+def check_stats_partials(dtype, device, shapes):
+    """One launch over tensors of different sizes (and one not 16-byte aligned, which is copied)
+    gives each tensor's sums in its own columns, as the per-tensor PyTorch sums."""
+    cases = [random_case(shape, dtype, seed, device) for seed, shape in enumerate(shapes)]
+    base = random_case((41, 16), dtype, 9, device)[0].reshape(-1)
+    odd = base[3 : 3 + 40 * 16].view(40, 16)  # a view 3 elements in: not 16-byte aligned
+    assert odd.data_ptr() % 16 != 0
+    cases.append((odd, *max_amax(odd)))
+    states = [fq.prepare(block, g) for _, block, g in cases]
+    partials, programs = fq.stats_partials([x for x, _, _ in cases], states)
+    assert partials.shape == (3, sum(programs))
+    assert programs == [max(1, -(-x.numel() // 16 // span(STATS_CONFIG))) for x, _, _ in cases]
+    start = 0
+    for (x, block, g), n in zip(cases, programs, strict=True):
+        part = partials[:, start : start + n]
+        got = [float(part[0].sum()), float(part[1].max()), float(part[2].sum())]
+        want = torch_stats(x.cpu(), block.cpu(), g.cpu())
+        for a, b in zip(got, want, strict=True):
+            assert math.isclose(a, b, rel_tol=1e-5)
+        assert got[1] == want[1]  # the max is exact
+        start += n
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_interpreter_stats_partials_over_many_tensors(interpret, dtype):
+    check_stats_partials(dtype, "cpu", [(7, 16), (130, 32), (1, 16), (600, 48)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_stats_partials_over_many_tensors(dtype):
+    check_stats_partials(dtype, "cuda", [(7, 16), (1024, 4096), (1, 16), (4096, 1008), (333, 64)])
+
+
+def test_interpreter_stale_stats_groups_layers_by_dtype(interpret):
+    recal = importlib.import_module("nvfp4_qat._recalibrate_fused")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 32).to(torch.bfloat16), nn.Linear(32, 16))
+    quantize_model(model, QATConfig(init_calibration="max", backend="reference"))
+    with torch.no_grad():
+        model[1].weight[2, 3] = float("nan")
+    for m in model:
+        m.fake_quant_backend = "triton"
+    stats = recal.stale_stats([(str(i), m) for i, m in enumerate(model)])
+    for i, m in enumerate(model):
+        want = quant_error_stats(m.weight.detach(), m.block_amax, m.global_amax, "torch")
+        if i == 1:  # NaN weight: NaN error and NaN max (the finiteness flag), in its own row
+            assert stats[i, :2].isnan().all()
+            continue
+        assert stats[i, 1] == want[1]
+        assert math.isclose(float(stats[i, 0]), float(want[0]), rel_tol=1e-6)
+        assert math.isclose(float(stats[i, 2]), float(want[2]), rel_tol=1e-6)
+
+
 def test_interpreter_stats_of_non_finite_input(interpret):
     x, block, g = random_case((8, 32), torch.float32, 0)
     x[3, 3] = float("inf")

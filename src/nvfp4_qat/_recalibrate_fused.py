@@ -16,10 +16,11 @@ weights gets a NaN one, for which the sweep kernels do nothing; see :func:`recal
 per layer, or one between the two passes, left the GPU idle while the host launched the next
 kernels (the stats kernel is shorter than its launch on the small layers).
 
-Everything else runs once for all layers: the partial sums are reduced with ``segment_reduce``, the
-global amaxes are written with one ``_foreach_copy_``, and the decision tables of the new scales are
-built in one batch and installed in the layers' kernel caches (the FP8 bytes come from the sweep),
-so the next forward does not prepare them again.
+Everything else runs once for all layers: the stats pass itself is one launch over all weights of a
+dtype (:func:`~nvfp4_qat.kernels.fake_quant.stats_partials`), the partial sums are reduced by one
+launch each (:func:`~nvfp4_qat.kernels.fake_quant.segment_totals`), the global amaxes are written
+with one ``_foreach_copy_``, and the decision tables of the new scales are built in one batch and
+installed in the layers' kernel caches (the FP8 bytes come from the sweep), so the next forward does not prepare them again.
 
 It returns exactly what the generic path returns: the same scales, bit for bit, and report values
 equal to fp32 rounding of the sums.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from nvfp4_qat.format import GLOBAL_SCALE_DIVISOR, decision_table
+from nvfp4_qat.format import GLOBAL_SCALE_DIVISOR, decision_table, on_device
 from nvfp4_qat.kernels import fake_quant as fq
 from nvfp4_qat.kernels.sweep import launch_sweep, stats_slots
 from nvfp4_qat.modules import NVFP4Linear
@@ -55,20 +56,26 @@ def fused_applicable(layers: list[tuple[str, NVFP4Linear]], backend: str) -> boo
 
 
 def stale_stats(layers: list[tuple[str, NVFP4Linear]]) -> torch.Tensor:
-    """``[L, 3]`` fp32: each layer's ``[sse, max |w|, sum w^2]`` at its current scales (no host sync)."""
-    weights = [m.weight.detach() for _, m in layers]
-    programs = [fq.stats_programs(w.numel() // 16) for w in weights]
-    device = weights[0].device
-    partials = torch.empty(3, sum(programs), dtype=torch.float32, device=device)
-    start = 0
-    for (_, m), w, n in zip(layers, weights, programs, strict=True):
-        fq.fake_quant_prepared(w, *m.kernel_state(w), partials=partials[:, start : start + n])
-        start += n
-    lengths = torch.tensor(programs, device=device)
-    sse = torch.segment_reduce(partials[0], "sum", lengths=lengths)
-    amax = torch.segment_reduce(partials[1], "max", lengths=lengths)
-    energy = torch.segment_reduce(partials[2], "sum", lengths=lengths)
-    return torch.stack([sse, amax, energy], dim=1)
+    """``[L, 3]`` fp32: each layer's ``[sse, max |w|, sum w^2]`` at its current scales (no host sync).
+
+    One stats launch per weight dtype (usually one for the whole model): a launch per layer cost
+    more host time than GPU time on the small layers."""
+    device = layers[0][1].weight.device
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, (_, m) in enumerate(layers):
+        groups.setdefault(m.weight.dtype, []).append(i)
+    parts = []
+    for idx in groups.values():
+        weights = [layers[i][1].weight.detach() for i in idx]
+        states = [layers[i][1].kernel_state(w) for i, w in zip(idx, weights, strict=True)]
+        partials, programs = fq.stats_partials(weights, states)
+        parts.append(fq.segment_totals(partials, programs, max_row=1))  # max: NaN wins
+    if len(parts) == 1:
+        return parts[0]
+    order = on_device([i for idx in groups.values() for i in idx], torch.int64, device)
+    return torch.empty(len(layers), 3, dtype=torch.float32, device=device).index_copy_(
+        0, order, torch.cat(parts)
+    )
 
 
 def recalibrate_all(
@@ -124,14 +131,11 @@ def recalibrate_all(
         torch.autograd.graph.increment_version(m.block_amax)  # written by a kernel, not by PyTorch
         start, col = start + n, col + k
         clock.mark()
-    lengths = torch.tensor(slots, device=device)
-    sse_after = torch.segment_reduce(partials[0], "sum", lengths=lengths)
-    changed = torch.segment_reduce(partials[1], "sum", lengths=lengths)
+    sse_after, changed = fq.segment_totals(partials, slots).unbind(1)
     g_write = torch.where(live, g_new, g_old)
     torch._foreach_copy_([m.global_amax for _, m in layers], list(g_write.unbind()))
     # The next forward's kernel state: bytes from the sweep, tables for the new s2 in one batch.
-    divisor = torch.tensor(GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device)
-    s2 = g_write / divisor  # format.global_scale
+    s2 = g_write / torch.full((), GLOBAL_SCALE_DIVISOR, device=device)  # as format.global_scale
     tables = decision_table(s2).reshape(len(layers), -1)
     cols = (before[:, 0], sse_after, changed, before[:, 2], g_old, g_new, finite, live)
     values = torch.stack([c.to(torch.float64) for c in cols], dim=1).tolist()  # the host sync

@@ -97,9 +97,20 @@ def fp8_scale_candidates(device: torch.device | str | None = None) -> torch.Tens
     return (values / torch.tensor(FP8_MAX)).to(device)
 
 
+def on_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync.
+
+    A plain copy to a GPU from pageable memory waits for everything queued on the stream; the
+    recalibration pipeline queues its kernels for all layers and must not stall on a constant.
+    """
+    t = torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     # A 0-dim fp32 tensor on ``like``'s device: dividing by it is a true division on CUDA too.
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
+    return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
 def global_scale(global_amax: torch.Tensor) -> torch.Tensor:
@@ -159,8 +170,8 @@ def decision_table(s2: torch.Tensor) -> torch.Tensor:
     s2 = s2.reshape(-1, 1, 1)  # [L, 1, 1]: one table per value
     e = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).to(s2.device)
     e = torch.nan_to_num(e, nan=0.0)
-    mids = torch.tensor([m for m, _ in E2M1_MIDPOINTS], dtype=torch.float32, device=s2.device)
-    ties_down = torch.tensor([t for _, t in E2M1_MIDPOINTS], device=s2.device)
+    mids = on_device([m for m, _ in E2M1_MIDPOINTS], torch.float32, s2.device)
+    ties_down = on_device([t for _, t in E2M1_MIDPOINTS], torch.bool, s2.device)
     t = e[:, None] * mids  # [128, 7], exact
     guess = (t * s2).view(torch.int32)  # [L, 128, 7]; non-negative floats order like their bits
     steps = torch.arange(-_WINDOW, _WINDOW + 1, dtype=torch.int32, device=s2.device)

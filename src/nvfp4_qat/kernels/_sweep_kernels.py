@@ -40,15 +40,12 @@ an interpreted kernel cannot call one when triton was imported without ``TRITON_
 
 from __future__ import annotations
 
-import functools
-import types
-
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import KernelInterface
 
 from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, FP4_MAX, GLOBAL_SCALE_DIVISOR
+from nvfp4_qat.kernels import _interpret
 
 # The E2M1 rule, imported from the format module (never restated): midpoint, ties-down flag and
 # the magnitude reached by passing it, one triple per midpoint, ascending.
@@ -354,23 +351,6 @@ def _sweep_worklist_kernel(
                       acc_slot, work_ptr, tl.program_id(0), count, NUM_CANDIDATES, BLOCK_B, LANES)  # fmt: skip
 
 
-@functools.cache
-def _interpreted_namespace() -> dict:
-    # A copy of this module's globals in which every jitted function is an interpreted one that
-    # resolves its callees in the copy (so nested helpers are interpreted too).
-    ns = dict(globals())
-    for name, obj in list(ns.items()):
-        if isinstance(obj, KernelInterface):
-            raw = obj
-            while not isinstance(raw, types.FunctionType):
-                raw = raw.fn  # Autotuner -> JITFunction / InterpretedFunction -> function
-            if raw.__module__ != __name__:
-                continue  # Triton's combine functions (_SUM, _MAX): the interpreter knows them
-            copy = types.FunctionType(raw.__code__, ns, raw.__name__, raw.__defaults__, raw.__closure__)
-            ns[name] = InterpretedFunction(copy)
-    return ns
-
-
 def interpreted(name: str) -> InterpretedFunction:
     """The kernel ``name`` of this module, built for Triton's CPU interpreter."""
-    return _interpreted_namespace()[name]
+    return _interpret.interpreted(__name__, name)

@@ -32,7 +32,6 @@ block's table row arrives in one 32-byte load (``_table_row``), not eight gather
 
 from __future__ import annotations
 
-import functools
 import os
 import typing
 
@@ -41,7 +40,8 @@ import triton
 import triton.language as tl
 
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
-from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale
+from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale, on_device
+from nvfp4_qat.kernels import _interpret
 
 __all__ = [
     "CONFIGS",
@@ -51,7 +51,9 @@ __all__ = [
     "fake_quant_stats_triton",
     "fake_quant_triton",
     "prepare",
-    "stats_programs",
+    "segment_totals",
+    "stats_partials",
+    "stats_prepared",
 ]
 
 #: Candidate launch configurations: ``ROWS`` blocks of 16 per tile, warps, and optionally ``TILES``
@@ -76,8 +78,8 @@ _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (tl.constexpr(v) for v in E2M1_VALUES[1:])
 
 @triton.jit
 def _add(a, b):
-    # tl.sum's combine; spelled out because tl.sum is itself a jitted function, which the
-    # interpreter built by _interpreted_kernel() cannot call when triton was imported uninterpreted.
+    # tl.sum's combine; spelled out because tl.sum is itself a jitted function of Triton's, which an
+    # interpreted kernel cannot call (kernels._interpret only interprets this module's functions).
     return a + b
 
 
@@ -89,98 +91,180 @@ def _max(a, b):
 
 
 @triton.jit
+def _widen(raw, BF16: tl.constexpr):
+    # The loaded tile as fp32: bf16 (held as int16 bits) by a shift, exact on the GPU and in the
+    # interpreter alike; fp16/fp32 by a cast.
+    if BF16:
+        return (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return raw.to(tl.float32)
+
+
+@triton.jit
+def _magnitude(a, code, table_ptr, ROWS: tl.constexpr):
+    # NVFP4 magnitude (fp32) of |x| = a [ROWS, 16] for the blocks' FP8 bytes `code` [ROWS, 1]:
+    # q * (e * s2), q the E2M1 value of the number of thresholds of table row `code` that a passes.
+    # The row arrives in one 32-byte load per block, split into its 8 columns: eight scalar gathers
+    # per block made the stats pass 1.6x slower.
+    tbl = tl.load(table_ptr + code.to(tl.int32) * 8 + tl.arange(0, 8)[None, :])  # [ROWS, 8]
+    even, odd = tl.split(tl.reshape(tbl, [ROWS, 4, 2]))  # columns 0 2 4 6 | 1 3 5 7
+    e04, e26 = tl.split(tl.reshape(even, [ROWS, 2, 2]))
+    o15, o37 = tl.split(tl.reshape(odd, [ROWS, 2, 2]))
+    t0, t4 = tl.split(e04)
+    t2, t6 = tl.split(e26)
+    t1, t5 = tl.split(o15)
+    t3, scale = tl.split(o37)
+    q = tl.where(a >= t0[:, None], _Q1, 0.0)
+    q = tl.where(a >= t1[:, None], _Q2, q)
+    q = tl.where(a >= t2[:, None], _Q3, q)
+    q = tl.where(a >= t3[:, None], _Q4, q)
+    q = tl.where(a >= t4[:, None], _Q5, q)
+    q = tl.where(a >= t5[:, None], _Q6, q)
+    q = tl.where(a >= t6[:, None], _Q7, q)
+    return q * scale[:, None]  # >= 0: q * (e * s2), the product of format.fake_quantize_unchecked
+
+
+@triton.jit
 def _fake_quant_kernel(
     x_ptr,  # [n_blocks * 16] fp32 | fp16 | int16 (bf16 bits), contiguous
     code_ptr,  # [n_blocks] uint8, FP8 byte of each block (format.block_code_bytes)
     table_ptr,  # [128 * 8] fp32, format.decision_table(s2)
-    out_ptr,  # [n_blocks * 16] same dtype as x_ptr (STATS: unused, pass x)
-    stats_ptr,  # [3, >= n_programs] fp32: sse, amax, energy partials (STATS only; else unused)
+    out_ptr,  # [n_blocks * 16] same dtype as x_ptr
     n_blocks,  # int, number of 16-blocks
-    stats_stride,  # int, row stride of stats_ptr
     ROWS: tl.constexpr,  # blocks per tile
-    TILES: tl.constexpr,  # tiles per program, one after another (STATS: fewer, larger partial sums)
+    TILES: tl.constexpr,  # tiles per program, one after another
     BF16: tl.constexpr,  # x and out hold bf16 bit patterns as int16
-    STATS: tl.constexpr,  # store the partial sums instead of the tensor
     EVEN: tl.constexpr,  # n_blocks is a multiple of ROWS * TILES: no masks (full-width vector loads)
 ):
-    pid = tl.program_id(0)
-    if STATS:  # elementwise accumulators, reduced once at the end
-        acc_sse = tl.full([ROWS, 16], 0.0, tl.float32)
-        acc_max = tl.full([ROWS, 16], 0.0, tl.float32)
-        acc_energy = tl.full([ROWS, 16], 0.0, tl.float32)
     for tile in range(TILES):
         # [ROWS, 1]: per-block values share the tile's layout
-        rows = (pid * TILES + tile) * ROWS + tl.arange(0, ROWS)[:, None]
+        rows = (tl.program_id(0) * TILES + tile) * ROWS + tl.arange(0, ROWS)[:, None]
         # The mask is a [ROWS, 1] column broadcast over the 16 elements, so the compiler still sees
         # rows of 16 contiguous elements under one predicate and keeps vector loads.
-        row_ok = rows < n_blocks
-        mask = None if EVEN else row_ok
+        mask = None if EVEN else rows < n_blocks
         offs = rows.to(tl.int64) * 16 + tl.arange(0, 16)[None, :]  # [ROWS, 16]
         if EVEN:
             raw = tl.load(x_ptr + offs)
             code = tl.load(code_ptr + rows)
-        else:  # masked rows read 0 and code 0 (infinite thresholds, scale 0): they add exactly 0
+        else:  # masked rows read 0 and code 0 (infinite thresholds, scale 0)
             raw = tl.load(x_ptr + offs, mask=mask, other=0)
             code = tl.load(code_ptr + rows, mask=mask, other=0)
-        if BF16:
-            xf = (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # exact
-        else:
-            xf = raw.to(tl.float32)
-        xbits = xf.to(tl.uint32, bitcast=True)
+        xbits = _widen(raw, BF16).to(tl.uint32, bitcast=True)
         a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
-        # Row `code` of the decision table for each block: one 32-byte load per block, split into
-        # its 8 columns ([ROWS] each). Eight scalar gathers per block made the stats pass 1.6x
-        # slower. (Inline: the interpreted kernel cannot call a jitted helper.)
-        tbl = tl.load(table_ptr + code.to(tl.int32) * 8 + tl.arange(0, 8)[None, :])  # [ROWS, 8]
-        even, odd = tl.split(tl.reshape(tbl, [ROWS, 4, 2]))  # columns 0 2 4 6 | 1 3 5 7
-        e04, e26 = tl.split(tl.reshape(even, [ROWS, 2, 2]))
-        o15, o37 = tl.split(tl.reshape(odd, [ROWS, 2, 2]))
-        t0, t4 = tl.split(e04)
-        t2, t6 = tl.split(e26)
-        t1, t5 = tl.split(o15)
-        t3, scale = tl.split(o37)
-        q = tl.where(a >= t0[:, None], _Q1, 0.0)
-        q = tl.where(a >= t1[:, None], _Q2, q)
-        q = tl.where(a >= t2[:, None], _Q3, q)
-        q = tl.where(a >= t3[:, None], _Q4, q)
-        q = tl.where(a >= t4[:, None], _Q5, q)
-        q = tl.where(a >= t5[:, None], _Q6, q)
-        q = tl.where(a >= t6[:, None], _Q7, q)
-        mag = q * scale[:, None]  # >= 0: q * (e * s2), the product of format.fake_quantize_unchecked
-        if STATS:
-            d = mag - a  # the fp32 error (NaN for a NaN weight, Inf for an Inf one)
-            acc_sse += d * d
-            acc_max = tl.maximum(acc_max, a, propagate_nan=tl.PropagateNan.ALL)  # as _max
-            acc_energy += a * a
+        mag = _magnitude(a, code, table_ptr, ROWS)
+        out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
+        if BF16:
+            top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
+            tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
         else:
-            out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
-            if BF16:
-                top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
-                tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+            out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + offs, out, mask=mask)
+
+
+@triton.jit
+def _stats_tile(x_ptr, code_ptr, table_ptr, rows, n_blocks, MASKED: tl.constexpr, ROWS: tl.constexpr,
+                BF16: tl.constexpr):  # fmt: skip
+    # |x| and the fp32 NVFP4 error of one tile ([ROWS, 16] each).
+    offs = rows * 16 + tl.arange(0, 16)[None, :]
+    if MASKED:  # masked rows read 0 and code 0 (scale 0): they add exactly 0
+        raw = tl.load(x_ptr + offs, mask=rows < n_blocks, other=0)
+        code = tl.load(code_ptr + rows, mask=rows < n_blocks, other=0)
+    else:
+        raw = tl.load(x_ptr + offs)
+        code = tl.load(code_ptr + rows)
+    xbits = _widen(raw, BF16).to(tl.uint32, bitcast=True)
+    a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
+    return a, _magnitude(a, code, table_ptr, ROWS) - a  # the error: NaN/Inf for a NaN/Inf weight
+
+
+@triton.jit
+def _stats_kernel(
+    x_base,  # the first tensor (fp32 | fp16 | int16 holding bf16 bits); the others at offsets from it
+    code_base,  # uint8, the first tensor's FP8 bytes
+    table_base,  # fp32, the first tensor's decision table
+    meta_ptr,  # [5, n_tensors] int64: element offsets of x (multiples of 8), codes, table (multiples
+    # of 8) from the bases; n_blocks; first program
+    meta_stride,
+    owner_ptr,  # [n_programs] int32: the tensor each program works on
+    stats_ptr,  # [3, >= n_programs] fp32: sse, amax, energy partials, one column per program
+    stats_stride,
+    ROWS: tl.constexpr,  # blocks per tile
+    TILES: tl.constexpr,  # tiles per program, summed in registers
+    BF16: tl.constexpr,
+):
+    # Many tensors of one dtype in one launch (a launch per tensor cost more host time than the
+    # kernel's GPU time on the small layers of a model). Each program finds its tensor by offsets
+    # from the first one: offsets that are multiples of 16 bytes (checked by the caller, hinted
+    # here) keep the loads vectorized, which pointers loaded from memory would not.
+    pid = tl.program_id(0)
+    t = tl.load(owner_ptr + pid)
+    x_ptr = x_base + tl.multiple_of(tl.load(meta_ptr + t), 8)
+    code_ptr = code_base + tl.load(meta_ptr + meta_stride + t)
+    table_ptr = table_base + tl.multiple_of(tl.load(meta_ptr + 2 * meta_stride + t), 8)
+    n_blocks = tl.load(meta_ptr + 3 * meta_stride + t)
+    first = (pid - tl.load(meta_ptr + 4 * meta_stride + t)) * (TILES * ROWS)  # block index, int64
+    acc_sse = tl.full([ROWS, 16], 0.0, tl.float32)
+    acc_max = tl.full([ROWS, 16], 0.0, tl.float32)
+    acc_energy = tl.full([ROWS, 16], 0.0, tl.float32)
+    if first + TILES * ROWS <= n_blocks:  # a whole program's span: no masks
+        for tile in range(TILES):
+            rows = first + tile * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+            a, d = _stats_tile(x_ptr, code_ptr, table_ptr, rows, n_blocks, False, ROWS, BF16)
+            acc_sse += d * d
+            acc_max = _max(acc_max, a)
+            acc_energy += a * a
+    else:  # the tensor's last program
+        for tile in range(TILES):
+            rows = first + tile * ROWS + tl.arange(0, ROWS)[:, None]
+            a, d = _stats_tile(x_ptr, code_ptr, table_ptr, rows, n_blocks, True, ROWS, BF16)
+            acc_sse += d * d
+            acc_max = _max(acc_max, a)
+            acc_energy += a * a
+    tl.store(stats_ptr + pid, tl.reduce(tl.reduce(acc_sse, 1, _add), 0, _add))
+    tl.store(stats_ptr + stats_stride + pid, tl.reduce(tl.reduce(acc_max, 1, _max), 0, _max))
+    tl.store(stats_ptr + 2 * stats_stride + pid, tl.reduce(tl.reduce(acc_energy, 1, _add), 0, _add))
+
+
+@triton.jit
+def _segment_kernel(
+    part_ptr,  # [NROWS, part_stride] fp32 partial values
+    part_stride,
+    seg_ptr,  # [2, n_segments] int64: first column and length of each segment
+    n_segments,
+    out_ptr,  # [n_segments, NROWS] fp32
+    longest,  # int, the longest segment
+    NROWS: tl.constexpr,
+    MAX_ROW: tl.constexpr,  # the row reduced by max (NaN wins); the others are summed; -1: none
+    BLOCK: tl.constexpr,
+):
+    # One program per segment, summing in a fixed order (deterministic, unlike atomics), with no
+    # host sync (torch.segment_reduce checks its lengths on the host). The loop bound is a host
+    # value: the interpreter cannot loop to a bound read from memory.
+    s = tl.program_id(0)
+    start = tl.load(seg_ptr + s)
+    n = tl.load(seg_ptr + n_segments + s)
+    for r in tl.static_range(NROWS):
+        acc = tl.full([BLOCK], 0.0, tl.float32)
+        for i in range(0, longest, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            v = tl.load(part_ptr + r * part_stride + start + offs, mask=offs < n, other=0.0)
+            if r == MAX_ROW:
+                acc = _max(acc, v)
             else:
-                out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
-                tl.store(out_ptr + offs, out, mask=mask)
-    if STATS:
-        tl.store(stats_ptr + pid, tl.reduce(tl.reduce(acc_sse, 1, _add), 0, _add))
-        tl.store(stats_ptr + stats_stride + pid, tl.reduce(tl.reduce(acc_max, 1, _max), 0, _max))
-        tl.store(stats_ptr + 2 * stats_stride + pid, tl.reduce(tl.reduce(acc_energy, 1, _add), 0, _add))
+                acc += v
+        if r == MAX_ROW:
+            tl.store(out_ptr + s * NROWS + r, tl.reduce(acc, 0, _max))
+        else:
+            tl.store(out_ptr + s * NROWS + r, tl.reduce(acc, 0, _add))
 
 
 def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _interpreted_kernel():
-    # CPU tensors run through Triton's interpreter. Building it from the kernel's Python function
-    # (rather than relying on TRITON_INTERPRET at import time) keeps the CUDA kernel intact when
-    # both are used in one process.
-    from triton.runtime.interpreter import InterpretedFunction
-
-    fn = _fake_quant_kernel
-    while hasattr(fn, "fn"):
-        fn = fn.fn
-    return InterpretedFunction(fn)
+def _kernel(name: str, device: torch.device):
+    # CPU tensors run through Triton's interpreter, on copies built from the same source (the CUDA
+    # kernels stay intact when both are used in one process).
+    return globals()[name] if device.type == "cuda" else _interpret.interpreted(__name__, name)
 
 
 def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,60 +281,131 @@ def _programs(n_blocks: int, config: dict[str, int]) -> int:
     return max(1, triton.cdiv(n_blocks, config["ROWS"] * config.get("TILES", 1)))
 
 
-def stats_programs(n_blocks: int, config: dict[str, int] | None = None) -> int:
-    """Programs (so partial sums per value) of one stats launch over ``n_blocks`` blocks."""
-    return _programs(n_blocks, STATS_CONFIG if config is None else config)
+def _offsets(tensors: list[torch.Tensor]) -> list[int]:
+    # Element offsets of each tensor from the first (all of one dtype and device).
+    base, size = tensors[0].data_ptr(), tensors[0].element_size()
+    return [(t.data_ptr() - base) // size for t in tensors]
+
+
+def stats_partials(
+    xs: list[torch.Tensor],
+    states: list[tuple[torch.Tensor, torch.Tensor]],
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """The stats pass over many tensors of one dtype and device, in one launch (no host sync).
+
+    Args:
+        xs: the tensors (fp32/fp16/bf16, one dtype, numel a multiple of 16; validated by the caller).
+        states: :func:`prepare`'s ``(codes, table)`` of each, on the same device.
+        config: launch configuration (default :data:`STATS_CONFIG`).
+
+    Returns:
+        ``(partials, programs)``: fp32 ``[3, sum(programs)]`` per-program ``(sum of squared fp32
+        error, max |x|, sum x^2)``, tensor ``i``'s programs in columns ``sum(programs[:i])`` on
+        (:func:`segment_totals` gives per-tensor values), and the number of programs of each
+        tensor. The max is NaN where a tensor holds NaN.
+    """
+    cfg = STATS_CONFIG if config is None else config
+    device = xs[0].device
+
+    def aligned(t: torch.Tensor) -> torch.Tensor:  # 16-byte aligned, so its offset is a multiple of 16 bytes
+        t = t.contiguous()
+        return t if t.data_ptr() % 16 == 0 else t.clone()
+
+    flats = [aligned(x) for x in xs]
+    if flats[0].dtype == torch.bfloat16:
+        flats = [x.view(torch.int16) for x in flats]
+    tables = [aligned(t) for _, t in states]
+    codes = [c for c, _ in states]
+    n_blocks = [x.numel() // 16 for x in flats]
+    programs = [_programs(n, cfg) for n in n_blocks]
+    first = [0]
+    for n in programs[:-1]:
+        first.append(first[-1] + n)
+    meta = on_device(
+        [_offsets(flats), _offsets(codes), _offsets(tables), n_blocks, first, programs], torch.int64, device
+    )
+    total = first[-1] + programs[-1]
+    ids = torch.arange(len(xs), dtype=torch.int32, device=device)
+    owner = torch.repeat_interleave(ids, meta[5], output_size=total)  # output_size: no host sync
+    partials = torch.empty(3, total, dtype=torch.float32, device=device)
+    _kernel("_stats_kernel", device)[(total,)](
+        flats[0],
+        codes[0],
+        tables[0],
+        meta,
+        meta.stride(0),
+        owner,
+        partials,
+        partials.stride(0),
+        ROWS=cfg["ROWS"],
+        TILES=cfg.get("TILES", 1),
+        BF16=xs[0].dtype == torch.bfloat16,
+        num_warps=cfg["num_warps"],
+    )
+    return partials, programs
+
+
+def segment_totals(partials: torch.Tensor, lengths: list[int], max_row: int = -1) -> torch.Tensor:
+    """Reduce ``partials`` (fp32 ``[R, >= sum(lengths)]``) over consecutive column segments of the
+    given lengths: fp32 ``[len(lengths), R]``, row ``max_row`` by max (NaN wins), the others by sum.
+
+    One launch, a fixed summation order, and no host sync (``torch.segment_reduce`` checks its
+    lengths on the host, which waits for everything queued)."""
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    device = partials.device
+    seg = on_device([starts, lengths], torch.int64, device)
+    out = torch.empty(len(lengths), partials.shape[0], dtype=torch.float32, device=device)
+    _kernel("_segment_kernel", device)[(len(lengths),)](
+        partials,
+        partials.stride(0),
+        seg,
+        len(lengths),
+        out,
+        max(lengths),
+        NROWS=partials.shape[0],
+        MAX_ROW=max_row,
+        BLOCK=1024,
+        num_warps=4,
+    )
+    return out
 
 
 def fake_quant_prepared(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    table: torch.Tensor,
-    config: dict[str, int] | None = None,
-    stats: bool = False,
-    partials: torch.Tensor | None = None,
+    x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, config: dict[str, int] | None = None
 ) -> torch.Tensor:
-    """Run the kernel on validated inputs and :func:`prepare`'s pair (all on x's device, unchecked).
-
-    Returns the fake-quantized tensor (contiguous, x's shape and dtype), or with ``stats=True`` the
-    fp32 ``[3]`` tensor ``(sum of squared fp32 error, max |x|, sum x^2)``. With ``partials`` (an fp32
-    ``[3, stats_programs(n_blocks)]`` view to fill) the per-program sums are written there instead
-    and returned unreduced, so that a caller can reduce many tensors' partials in one launch.
-    """
-    stats = stats or partials is not None
-    cfg = (STATS_CONFIG if stats else DEFAULT_CONFIG) if config is None else config
+    """Run the kernel on validated inputs and :func:`prepare`'s pair (all on x's device, unchecked):
+    the fake-quantized tensor (contiguous, x's shape and dtype)."""
+    cfg = DEFAULT_CONFIG if config is None else config
     tiles = cfg.get("TILES", 1)
     xc = x.contiguous()
     n_blocks = xc.numel() // 16
-    grid = (_programs(n_blocks, cfg),)
-    out = xc if stats else torch.empty_like(xc)
-    if partials is None:
-        partial = torch.empty((3, grid[0]) if stats else (1,), dtype=torch.float32, device=xc.device)
-    else:
-        partial = partials
+    out = torch.empty_like(xc)
     bf16 = xc.dtype == torch.bfloat16
     x_arg, out_arg = (xc.view(torch.int16), out.view(torch.int16)) if bf16 else (xc, out)
-    kernel = _fake_quant_kernel if xc.is_cuda else _interpreted_kernel()
-    kernel[grid](
+    _kernel("_fake_quant_kernel", xc.device)[(_programs(n_blocks, cfg),)](
         x_arg,
         codes.reshape(-1),
         table.reshape(-1),
         out_arg,
-        partial,
         n_blocks,
-        partial.stride(0) if stats else 0,
         ROWS=cfg["ROWS"],
         TILES=tiles,
         BF16=bf16,
-        STATS=stats,
         EVEN=n_blocks % (cfg["ROWS"] * tiles) == 0,
         num_warps=cfg["num_warps"],
     )
-    if partials is not None:
-        return partials
-    if stats:
-        return torch.stack([partial[0].sum(), partial[1].amax(), partial[2].sum()])
     return out.reshape(x.shape)
+
+
+def stats_prepared(
+    x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, config: dict[str, int] | None = None
+) -> torch.Tensor:
+    """:func:`fake_quant_stats_triton` on validated inputs and :func:`prepare`'s pair: fp32 ``[3]``."""
+    partials, programs = stats_partials([x], [(codes, table)], config)
+    return segment_totals(partials, programs, max_row=1)[0]
 
 
 @torch.library.custom_op("nvfp4_qat::fake_quant_nvfp4", mutates_args=())
@@ -334,4 +489,4 @@ def fake_quant_stats_triton(
         TypeError, ValueError: as :func:`fake_quant_triton`.
     """
     g = _check_inputs(x, block_amax, global_amax, config)
-    return fake_quant_prepared(x, *prepare(block_amax, g), config, stats=True)
+    return stats_prepared(x, *prepare(block_amax, g), config)
