@@ -68,9 +68,11 @@ CONFIGS: tuple[dict[str, int], ...] = (
 #: The forward's default. On an H100 (11008x4096 bf16, cached bytes and table, ``bench_qat_step.py
 #: --configs``): R32 w2 0.0804 ms, R64 w4 0.0805, R128 w4 0.1040, R256 w8 0.1111, R64 w2 t8 0.1027.
 DEFAULT_CONFIG: dict[str, int] = CONFIGS[1]
-#: The stats pass's default: 512 blocks per program in 8 tiles, summed in registers. On an H100
-#: (14336x4096 bf16, ``benchmarks/probe_stats.py``) 0.084 ms against 0.091 ms with one 128-block
-#: tile per program (and 0.135 ms with the table read by eight scalar gathers per block).
+#: The stats pass's default: 512 blocks per program in 8 tiles, summed in registers. Measured on an
+#: H100 with a standalone copy of the stats kernel (one 14336x4096 bf16 weight, medians of
+#: ``triton.testing.do_bench``): 0.084 ms, against 0.086 ms for 4 tiles of 128 blocks, 0.091 ms for
+#: one 128-block tile per program, 0.135 ms with the table read by eight scalar gathers per block
+#: and 0.051 ms for max and energy alone (no table: the memory floor).
 STATS_CONFIG: dict[str, int] = CONFIGS[4]
 
 _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (tl.constexpr(v) for v in E2M1_VALUES[1:])

@@ -152,7 +152,10 @@ def launch_sweep(
 
     Args:
         x: CUDA (or, under the interpreter, CPU) tensor, last dim divisible by 16.
-        global_amax: one-element tensor on ``x``'s device.
+        global_amax: one-element tensor on ``x``'s device. If it is NaN or Inf the launch does
+            nothing: no block is read, ``out`` and ``codes`` keep their contents, the count stays 0
+            and the partial sums are 0 (recalibration's way to skip a non-finite weight without
+            a host sync).
         method: ``"pruned"`` or ``"exhaustive"``.
         config: pin one autotune config (tests use this to cover every tile size).
         n_below, n_extra: the pruned window's depth below ``k0`` (tests shrink it to force the
