@@ -193,7 +193,7 @@ def check_stats_partials(dtype, device, shapes):
     gives each tensor's sums in its own columns, as the per-tensor PyTorch sums."""
     cases = [random_case(shape, dtype, seed, device) for seed, shape in enumerate(shapes)]
     base = random_case((41, 16), dtype, 9, device)[0].reshape(-1)
-    odd = base[3 : 3 + 40 * 16].view(40, 16)  # a view 3 elements in: not 16-byte aligned
+    odd = base[3 : 3 + 40 * 16].view(40, 16)  # a view 3 elements in: not aligned, so copied
     assert odd.data_ptr() % 16 != 0
     cases.append((odd, *max_amax(odd)))
     states = [fq.prepare(block, g) for _, block, g in cases]
@@ -220,6 +220,26 @@ def test_interpreter_stats_partials_over_many_tensors(interpret, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_stats_partials_over_many_tensors(dtype):
     check_stats_partials(dtype, "cuda", [(7, 16), (1024, 4096), (1, 16), (4096, 1008), (333, 64)])
+
+
+def test_interpreter_segment_totals(interpret):
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 2500, 7, 1024]  # one segment longer than the kernel's 1024-wide block
+    partials = torch.rand(3, sum(lengths) + 5, generator=gen)  # trailing columns are not read
+    partials[1, 1 + 1800] = float("nan")  # in the second segment's max row
+    partials[0, 1 + 2500 + 3] = float("inf")  # in the third segment's first sum row
+    out = fq.segment_totals(partials, lengths, max_row=1)
+    assert out.shape == (4, 3) and out.dtype == torch.float32
+    start = 0
+    for i, n in enumerate(lengths):
+        seg = partials[:, start : start + n].double()
+        want = [seg[0].sum(), seg[1].max() if not seg[1].isnan().any() else float("nan"), seg[2].sum()]
+        for got, ref in zip(out[i].tolist(), [float(w) for w in want], strict=True):
+            assert (math.isnan(got) and math.isnan(ref)) or math.isclose(got, ref, rel_tol=1e-6)
+        start += n
+    assert math.isnan(out[1, 1]) and math.isinf(out[2, 0]) and out[0, 1] == partials[1, 0]
+    summed = fq.segment_totals(partials[:2], lengths)  # no max row: both rows summed
+    assert math.isclose(float(summed[3, 1]), float(partials[1, 2508:3532].double().sum()), rel_tol=1e-6)
 
 
 def test_interpreter_stale_stats_groups_layers_by_dtype(interpret):

@@ -183,8 +183,8 @@ def _stats_kernel(
     x_base,  # the first tensor (fp32 | fp16 | int16 holding bf16 bits); the others at offsets from it
     code_base,  # uint8, the first tensor's FP8 bytes
     table_base,  # fp32, the first tensor's decision table
-    meta_ptr,  # [5, n_tensors] int64: element offsets of x (multiples of 8), codes, table (multiples
-    # of 8) from the bases; n_blocks; first program
+    meta_ptr,  # [5, n_tensors] int64: element offsets of x, codes, table from the bases (x and
+    # table: multiples of 8, all tensors being 32-byte aligned); n_blocks; first program
     meta_stride,
     owner_ptr,  # [n_programs] int32: the tensor each program works on
     stats_ptr,  # [3, >= n_programs] fp32: sse, amax, energy partials, one column per program
@@ -195,8 +195,8 @@ def _stats_kernel(
 ):
     # Many tensors of one dtype in one launch (a launch per tensor cost more host time than the
     # kernel's GPU time on the small layers of a model). Each program finds its tensor by offsets
-    # from the first one: offsets that are multiples of 16 bytes (checked by the caller, hinted
-    # here) keep the loads vectorized, which pointers loaded from memory would not.
+    # from the first one: offsets known to be multiples of 8 elements (ensured by the caller,
+    # hinted here) keep the loads vectorized, which pointers loaded from memory would not.
     pid = tl.program_id(0)
     t = tl.load(owner_ptr + pid)
     x_ptr = x_base + tl.multiple_of(tl.load(meta_ptr + t), 8)
@@ -310,15 +310,17 @@ def stats_partials(
     cfg = STATS_CONFIG if config is None else config
     device = xs[0].device
 
-    def aligned(t: torch.Tensor) -> torch.Tensor:  # 16-byte aligned, so its offset is a multiple of 16 bytes
+    def aligned(t: torch.Tensor) -> torch.Tensor:
+        # 32-byte aligned (a fresh allocation is; an odd view is copied): then every offset from
+        # the first tensor is a multiple of 8 elements, as the kernel's hint says.
         t = t.contiguous()
-        return t if t.data_ptr() % 16 == 0 else t.clone()
+        return t if t.data_ptr() % 32 == 0 else t.clone()
 
     flats = [aligned(x) for x in xs]
     if flats[0].dtype == torch.bfloat16:
         flats = [x.view(torch.int16) for x in flats]
     tables = [aligned(t) for _, t in states]
-    codes = [c for c, _ in states]
+    codes = [c.contiguous() for c, _ in states]
     n_blocks = [x.numel() // 16 for x in flats]
     programs = [_programs(n, cfg) for n in n_blocks]
     first = [0]
