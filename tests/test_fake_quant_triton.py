@@ -6,6 +6,7 @@ GPU tests (``-m gpu``) repeat the parity at larger sizes on CUDA and cover the m
 """
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -242,16 +243,27 @@ def test_interpreter_segment_totals(interpret):
     assert math.isclose(float(summed[3, 1]), float(partials[1, 2508:3532].double().sum()), rel_tol=1e-6)
 
 
-def test_interpreter_stale_stats_groups_layers_by_dtype(interpret):
+@pytest.mark.parametrize("chunk", [32, 2, 1])
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed-dtypes", "one-dtype"])
+def test_interpreter_stale_stats_in_chunks_and_dtype_groups(interpret, monkeypatch, chunk, mixed):
     recal = importlib.import_module("nvfp4_qat._recalibrate_fused")
+    monkeypatch.setattr(recal, "STATS_CHUNK", chunk)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 32).to(torch.bfloat16), nn.Linear(32, 16))
+    dims = [64, 48, 32, 32, 16, 16]
+    model = nn.Sequential(*(nn.Linear(i, o) for i, o in itertools.pairwise(dims)))
+    if mixed:
+        model[1].to(torch.bfloat16)
+        model[4].to(torch.bfloat16)
     quantize_model(model, QATConfig(init_calibration="max", backend="reference"))
     with torch.no_grad():
         model[1].weight[2, 3] = float("nan")
     for m in model:
         m.fake_quant_backend = "triton"
+    launches, real = [], fq.stats_partials
+    monkeypatch.setattr(fq, "stats_partials", lambda xs, *a: launches.append(len(xs)) or real(xs, *a))
     stats = recal.stale_stats([(str(i), m) for i, m in enumerate(model)])
+    groups = [3, 2] if mixed else [5]  # layers per dtype
+    assert launches == [min(chunk, g - c) for g in groups for c in range(0, g, chunk)]
     for i, m in enumerate(model):
         want = quant_error_stats(m.weight.detach(), m.block_amax, m.global_amax, "torch")
         if i == 1:  # NaN weight: NaN error and NaN max (the finiteness flag), in its own row
