@@ -144,7 +144,9 @@ def recalibrate_all(
     g_write = torch.where(live, g_new, g_old)
     torch._foreach_copy_([m.global_amax for _, m in layers], list(g_write.unbind()))
     # The next forward's kernel state: bytes from the sweep, tables for the new s2 in one batch.
-    s2 = g_write / torch.full((), GLOBAL_SCALE_DIVISOR, device=device)  # as format.global_scale
+    s2 = g_write / torch.full(
+        (), GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device
+    )  # format.global_scale
     tables = decision_table(s2).reshape(len(layers), -1)
     cols = (before[:, 0], sse_after, changed, before[:, 2], g_old, g_new, finite, live)
     values = torch.stack([c.to(torch.float64) for c in cols], dim=1).tolist()  # the host sync
