@@ -217,6 +217,15 @@ def test_interpreter_stats_partials_over_many_tensors(interpret, dtype):
     check_stats_partials(dtype, "cpu", [(7, 16), (130, 32), (1, 16), (600, 48)])
 
 
+def test_interpreter_stats_partials_refuses_mixed_dtypes(interpret):
+    cases = [random_case((4, 16), dtype, 0) for dtype in (torch.float32, torch.bfloat16)]
+    states = [fq.prepare(block, g) for _, block, g in cases]
+    with pytest.raises(ValueError, match="xs must be tensors of one dtype and device"):
+        fq.stats_partials([x for x, _, _ in cases], states)
+    with pytest.raises(ValueError, match="one \\(codes, table\\) state each"):
+        fq.stats_partials([cases[0][0]], states)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_stats_partials_over_many_tensors(dtype):

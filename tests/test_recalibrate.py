@@ -194,6 +194,7 @@ def test_garbage_stale_scales_and_huge_finite_weights_are_recalibrated(recal):
     assert math.isinf(rows["2"].sse_before)
     w = model[2].weight.detach()
     assert torch.equal(model[2].global_amax, w.abs().amax())
+    assert torch.equal(model[2].block_amax.reshape(-1), nvfp4_scale_sweep(w, model[2].global_amax))
     assert torch.equal(
         model[0].block_amax.reshape(-1), nvfp4_scale_sweep(model[0].weight.detach(), model[0].global_amax)
     )

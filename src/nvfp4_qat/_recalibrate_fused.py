@@ -4,8 +4,8 @@ The generic path (:func:`~nvfp4_qat.recalibrate.update_layer`) spends a dozen sm
 layer on bookkeeping; on a model with hundreds of layers those launches, not the weight passes,
 dominate. Here every layer costs:
 
-1. one stats pass of the fused fake-quant kernel (stale-scale error, ``max |w|`` and ``sum w^2``
-   from one read of the weight), its partial sums written into one shared buffer;
+1. its share of a stats launch (:func:`~nvfp4_qat.kernels.fake_quant.stats_partials`: stale-scale
+   error, ``max |w|`` and ``sum w^2`` from one read of the weight);
 2. the sweep kernels, which write the new ``block_amax`` straight into the layer's buffer and also
    emit each block's FP8 byte and, per program, the sum of the winning losses and the count of
    changed bytes.

@@ -145,6 +145,22 @@ def block_code_bytes(block_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor
 _WINDOW = 4
 
 
+_TABLE_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _table_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The code value e of each FP8 byte ([128], 0 for the NaN byte), e * midpoint ([128, 7], exact)
+    # and the ties-down flags ([7]), made once per device: a host-to-GPU copy per call would either
+    # wait for the stream (pageable) or, under CUDA-graph capture, read a freed pinned buffer.
+    if device not in _TABLE_CONSTANTS:
+        e = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+        e = torch.nan_to_num(e, nan=0.0)
+        mids = torch.tensor([m for m, _ in E2M1_MIDPOINTS], dtype=torch.float32)
+        ties_down = torch.tensor([t for _, t in E2M1_MIDPOINTS])
+        _TABLE_CONSTANTS[device] = (e.to(device), (e[:, None] * mids).to(device), ties_down.to(device))
+    return _TABLE_CONSTANTS[device]
+
+
 def decision_table(s2: torch.Tensor) -> torch.Tensor:
     """The E2M1 decision of this module restated in ``|x|`` space: ``[128, 8]`` fp32 on ``s2``'s device
     (``s2.shape + (128, 8)`` for a tensor of several ``s2``: one table each, in one batch of ops).
@@ -168,11 +184,7 @@ def decision_table(s2: torch.Tensor) -> torch.Tensor:
     s2 = s2.to(torch.float32)
     batch = s2.shape
     s2 = s2.reshape(-1, 1, 1)  # [L, 1, 1]: one table per value
-    e = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).to(s2.device)
-    e = torch.nan_to_num(e, nan=0.0)
-    mids = on_device([m for m, _ in E2M1_MIDPOINTS], torch.float32, s2.device)
-    ties_down = on_device([t for _, t in E2M1_MIDPOINTS], torch.bool, s2.device)
-    t = e[:, None] * mids  # [128, 7], exact
+    e, t, ties_down = _table_constants(s2.device)
     guess = (t * s2).view(torch.int32)  # [L, 128, 7]; non-negative floats order like their bits
     steps = torch.arange(-_WINDOW, _WINDOW + 1, dtype=torch.int32, device=s2.device)
     cand = (guess[..., None] + steps).clamp(min=0).view(torch.float32)  # [L, 128, 7, 9]

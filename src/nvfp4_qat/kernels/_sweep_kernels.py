@@ -122,7 +122,9 @@ def _live(g_ptr, B: tl.constexpr):
     # nvfp4_qat._recalibrate_fused) turns the launch into a no-op: no block is read or written and
     # the partial sums are 0, so recalibration can queue every layer's sweep before it knows (after
     # its one host sync) which weights were finite, and still leave a non-finite layer's scales as
-    # they were. The public sweep validates a finite global amax first.
+    # they were. The public sweep validates a finite global amax first. Known cost: the arithmetic
+    # still runs, and if the first launch of a shape is such a no-op, the autotuner picks that
+    # shape's tile from a run without memory traffic (a slower tile for the process, same results).
     g = tl.full([B], 0.0, tl.float32) + tl.load(g_ptr)  # [B]: the interpreter cannot & a scalar bool
     return tl.abs(g) < float("inf")  # False for NaN too -> [B]
 

@@ -20,18 +20,22 @@ Why the result is exact and portable:
   nearest even on the fp32 bits), which is exact on the GPU and in Triton's CPU interpreter alike
   (the interpreter's own fp32 -> bf16 cast truncates).
 
-The ``STATS`` mode (:func:`fake_quant_stats_triton`) stores, instead of the tensor, three fp32
-partial sums per program: the squared NVFP4 error ``(q * e * s2 - |x|)^2`` in fp32 (the error the
-scale sweep minimises), ``max |x|`` (NaN if any element is NaN) and ``sum x^2``. Recalibration gets the stale-scale error, the
-new global amax and the weight energy from one read of the weight.
+The stats kernel (:func:`fake_quant_stats_triton`, :func:`stats_partials`) reads the same way and
+stores, instead of a tensor, three fp32 partial sums per program: the squared NVFP4 error
+``(q * e * s2 - |x|)^2`` in fp32 (the error the scale sweep minimises), ``max |x|`` (NaN if any
+element is NaN) and ``sum x^2``; one launch covers many tensors of one dtype, and
+:func:`segment_totals` reduces the partial sums per tensor. Recalibration gets the stale-scale error,
+the new global amax (and with it the finiteness check) and the weight energy from one read of each
+weight.
 
 Tile: ``ROWS`` blocks of 16, ``TILES`` tiles per program (:data:`CONFIGS`;
 ``benchmarks/bench_qat_step.py --configs`` times each). Tests pin every candidate in turn. Each
-block's table row arrives in one 32-byte load (``_table_row``), not eight gathers.
+block's table row arrives in one 32-byte load (``_magnitude``), not eight gathers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import typing
 
@@ -183,8 +187,8 @@ def _stats_kernel(
     x_base,  # the first tensor (fp32 | fp16 | int16 holding bf16 bits); the others at offsets from it
     code_base,  # uint8, the first tensor's FP8 bytes
     table_base,  # fp32, the first tensor's decision table
-    meta_ptr,  # [5, n_tensors] int64: element offsets of x, codes, table from the bases (x and
-    # table: multiples of 8, all tensors being 32-byte aligned); n_blocks; first program
+    meta_ptr,  # [6, n_tensors] int64: element offsets of x, codes, table from the bases (x and
+    # table: multiples of 8, checked by the caller); n_blocks; first program; programs (unused here)
     meta_stride,
     owner_ptr,  # [n_programs] int32: the tensor each program works on
     stats_ptr,  # [3, >= n_programs] fp32: sse, amax, energy partials, one column per program
@@ -269,6 +273,12 @@ def _kernel(name: str, device: torch.device):
     return globals()[name] if device.type == "cuda" else _interpret.interpreted(__name__, name)
 
 
+def _on(device: torch.device):
+    # Triton launches on the current CUDA device: make it the tensors' (a model on cuda:1 while
+    # cuda:0 is current would otherwise run there with cuda:1 pointers).
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the kernel needs besides ``x``: ``(FP8 bytes [n_blocks] uint8, decision table [128 * 8])``.
 
@@ -309,6 +319,11 @@ def stats_partials(
     """
     cfg = STATS_CONFIG if config is None else config
     device = xs[0].device
+    if any(x.dtype != xs[0].dtype or x.device != device for x in xs) or len(states) != len(xs):
+        raise ValueError(
+            "xs must be tensors of one dtype and device with one (codes, table) state each, got "
+            f"{sorted({(str(x.dtype), str(x.device)) for x in xs})} and {len(states)} states for {len(xs)} tensors"
+        )
 
     def aligned(t: torch.Tensor) -> torch.Tensor:
         # 32-byte aligned (a fresh allocation is; an odd view is copied): then every offset from
@@ -326,27 +341,31 @@ def stats_partials(
     first = [0]
     for n in programs[:-1]:
         first.append(first[-1] + n)
+    x_offsets, table_offsets = _offsets(flats), _offsets(tables)
+    if any(o % 8 for o in x_offsets + table_offsets):  # what the kernel's tl.multiple_of hints claim
+        raise RuntimeError("stats_partials: an input offset is not a multiple of 8 elements")
     meta = on_device(
-        [_offsets(flats), _offsets(codes), _offsets(tables), n_blocks, first, programs], torch.int64, device
+        [x_offsets, _offsets(codes), table_offsets, n_blocks, first, programs], torch.int64, device
     )
     total = first[-1] + programs[-1]
     ids = torch.arange(len(xs), dtype=torch.int32, device=device)
     owner = torch.repeat_interleave(ids, meta[5], output_size=total)  # output_size: no host sync
     partials = torch.empty(3, total, dtype=torch.float32, device=device)
-    _kernel("_stats_kernel", device)[(total,)](
-        flats[0],
-        codes[0],
-        tables[0],
-        meta,
-        meta.stride(0),
-        owner,
-        partials,
-        partials.stride(0),
-        ROWS=cfg["ROWS"],
-        TILES=cfg.get("TILES", 1),
-        BF16=xs[0].dtype == torch.bfloat16,
-        num_warps=cfg["num_warps"],
-    )
+    with _on(device):
+        _kernel("_stats_kernel", device)[(total,)](
+            flats[0],
+            codes[0],
+            tables[0],
+            meta,
+            meta.stride(0),
+            owner,
+            partials,
+            partials.stride(0),
+            ROWS=cfg["ROWS"],
+            TILES=cfg.get("TILES", 1),
+            BF16=xs[0].dtype == torch.bfloat16,
+            num_warps=cfg["num_warps"],
+        )
     return partials, programs
 
 
@@ -362,18 +381,19 @@ def segment_totals(partials: torch.Tensor, lengths: list[int], max_row: int = -1
     device = partials.device
     seg = on_device([starts, lengths], torch.int64, device)
     out = torch.empty(len(lengths), partials.shape[0], dtype=torch.float32, device=device)
-    _kernel("_segment_kernel", device)[(len(lengths),)](
-        partials,
-        partials.stride(0),
-        seg,
-        len(lengths),
-        out,
-        max(lengths),
-        NROWS=partials.shape[0],
-        MAX_ROW=max_row,
-        BLOCK=1024,
-        num_warps=4,
-    )
+    with _on(device):
+        _kernel("_segment_kernel", device)[(len(lengths),)](
+            partials,
+            partials.stride(0),
+            seg,
+            len(lengths),
+            out,
+            max(lengths),
+            NROWS=partials.shape[0],
+            MAX_ROW=max_row,
+            BLOCK=1024,
+            num_warps=4,
+        )
     return out
 
 
@@ -389,18 +409,19 @@ def fake_quant_prepared(
     out = torch.empty_like(xc)
     bf16 = xc.dtype == torch.bfloat16
     x_arg, out_arg = (xc.view(torch.int16), out.view(torch.int16)) if bf16 else (xc, out)
-    _kernel("_fake_quant_kernel", xc.device)[(_programs(n_blocks, cfg),)](
-        x_arg,
-        codes.reshape(-1),
-        table.reshape(-1),
-        out_arg,
-        n_blocks,
-        ROWS=cfg["ROWS"],
-        TILES=tiles,
-        BF16=bf16,
-        EVEN=n_blocks % (cfg["ROWS"] * tiles) == 0,
-        num_warps=cfg["num_warps"],
-    )
+    with _on(xc.device):
+        _kernel("_fake_quant_kernel", xc.device)[(_programs(n_blocks, cfg),)](
+            x_arg,
+            codes.reshape(-1),
+            table.reshape(-1),
+            out_arg,
+            n_blocks,
+            ROWS=cfg["ROWS"],
+            TILES=tiles,
+            BF16=bf16,
+            EVEN=n_blocks % (cfg["ROWS"] * tiles) == 0,
+            num_warps=cfg["num_warps"],
+        )
     return out.reshape(x.shape)
 
 
