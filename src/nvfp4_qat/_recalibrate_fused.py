@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from nvfp4_qat.format import GLOBAL_SCALE_DIVISOR, decision_table, on_device
+from nvfp4_qat.format import GLOBAL_SCALE_DIVISOR, decision_table
 from nvfp4_qat.kernels import fake_quant as fq
 from nvfp4_qat.kernels.sweep import launch_sweep, stats_slots
 from nvfp4_qat.modules import NVFP4Linear
@@ -81,7 +81,7 @@ def stale_stats(layers: list[tuple[str, NVFP4Linear]]) -> torch.Tensor:
     order = [i for chunk in chunks for i in chunk]
     if order == list(range(len(layers))):  # one dtype: the chunks are in order
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-    index = on_device(order, torch.int64, device)
+    index = fq.on_device(order, torch.int64, device)
     return torch.empty(len(layers), 3, dtype=torch.float32, device=device).index_copy_(
         0, index, torch.cat(parts)
     )
@@ -144,9 +144,8 @@ def recalibrate_all(
     g_write = torch.where(live, g_new, g_old)
     torch._foreach_copy_([m.global_amax for _, m in layers], list(g_write.unbind()))
     # The next forward's kernel state: bytes from the sweep, tables for the new s2 in one batch.
-    s2 = g_write / torch.full(
-        (), GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device
-    )  # format.global_scale
+    divisor = torch.full((), GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device)
+    s2 = g_write / divisor  # format.global_scale, for all layers at once
     tables = decision_table(s2).reshape(len(layers), -1)
     cols = (before[:, 0], sse_after, changed, before[:, 2], g_old, g_new, finite, live)
     values = torch.stack([c.to(torch.float64) for c in cols], dim=1).tolist()  # the host sync

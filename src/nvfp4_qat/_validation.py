@@ -6,11 +6,18 @@ argument and the expected value, so that nothing fails deep inside torch or retu
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "reference")
 METHODS = ("pruned", "exhaustive")
+
+
+def interpreter_on() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read at each call: tests set it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_block_size(block_size: object) -> int:

@@ -97,17 +97,6 @@ def fp8_scale_candidates(device: torch.device | str | None = None) -> torch.Tens
     return (values / torch.tensor(FP8_MAX)).to(device)
 
 
-def on_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync.
-
-    A plain copy to a GPU from pageable memory waits for everything queued on the stream; the
-    recalibration pipeline queues its kernels for all layers and must not stall on a constant.
-    """
-    t = torch.tensor(values, dtype=dtype)
-    device = torch.device(device)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     # A 0-dim fp32 tensor on ``like``'s device: dividing by it is a true division on CUDA too.
     return torch.full((), value, dtype=torch.float32, device=like.device)

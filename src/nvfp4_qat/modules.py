@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvfp4_qat._validation import check_choice
+from nvfp4_qat._validation import check_choice, interpreter_on
 from nvfp4_qat.config import QATConfig
 from nvfp4_qat.format import FP4_MAX, block_codes, fake_quantize_unchecked, global_scale
 
@@ -50,7 +50,7 @@ def _use_kernel(x: torch.Tensor, backend: str) -> bool:
     check_choice(backend, FAKE_QUANT_BACKENDS, "fake_quant_backend")
     if _fused is None:
         raise RuntimeError("fake_quant_backend='triton' needs the `triton` package, which is not importable")
-    if not (x.is_cuda or _fused._interpreter_on()):
+    if not (x.is_cuda or interpreter_on()):
         raise ValueError(
             f"fake_quant_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {x.device}"
         )

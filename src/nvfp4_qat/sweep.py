@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from nvfp4_qat._sweep_reference import sweep_reference
@@ -14,6 +12,7 @@ from nvfp4_qat._validation import (
     check_finite,
     check_global_amax,
     check_x,
+    interpreter_on,
 )
 from nvfp4_qat.format import block_code_bytes, fake_quantize_unchecked, global_scale
 
@@ -27,10 +26,6 @@ def triton_available() -> bool:
     return True
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(backend: str, device: torch.device, block_size: int = 16) -> str:
     """Turn ``"auto"`` into ``"triton"`` or ``"reference"``; refuse impossible requests.
 
@@ -40,7 +35,7 @@ def resolve_backend(backend: str, device: torch.device, block_size: int = 16) ->
     check_choice(backend, BACKENDS, "backend")
     if backend == "reference":
         return "reference"
-    usable = device.type == "cuda" or _interpreter_on()
+    usable = device.type == "cuda" or interpreter_on()
     if backend == "auto":
         return "triton" if usable and block_size == 16 and triton_available() else "reference"
     if not triton_available():

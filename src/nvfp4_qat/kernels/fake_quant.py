@@ -36,15 +36,15 @@ block's table row arrives in one 32-byte load (``_magnitude``), not eight gather
 from __future__ import annotations
 
 import contextlib
-import os
+import itertools
 import typing
 
 import torch
 import triton
 import triton.language as tl
 
-from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
-from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale, on_device
+from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x, interpreter_on
+from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale
 from nvfp4_qat.kernels import _interpret
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "fake_quant_prepared",
     "fake_quant_stats_triton",
     "fake_quant_triton",
+    "on_device",
     "prepare",
     "segment_totals",
     "stats_partials",
@@ -263,10 +264,6 @@ def _segment_kernel(
             tl.store(out_ptr + s * NROWS + r, tl.reduce(acc, 0, _add))
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _kernel(name: str, device: torch.device):
     # CPU tensors run through Triton's interpreter, on copies built from the same source (the CUDA
     # kernels stay intact when both are used in one process).
@@ -291,6 +288,17 @@ def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.
 
 def _programs(n_blocks: int, config: dict[str, int]) -> int:
     return max(1, triton.cdiv(n_blocks, config["ROWS"] * config.get("TILES", 1)))
+
+
+def on_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync.
+
+    A plain copy to a GPU from pageable memory waits for everything queued on the stream; the
+    recalibration pipeline queues its kernels for all layers and must not stall on a constant.
+    """
+    t = torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[int]:
@@ -338,9 +346,7 @@ def stats_partials(
     codes = [c.contiguous() for c, _ in states]
     n_blocks = [x.numel() // 16 for x in flats]
     programs = [_programs(n, cfg) for n in n_blocks]
-    first = [0]
-    for n in programs[:-1]:
-        first.append(first[-1] + n)
+    first = list(itertools.accumulate(programs[:-1], initial=0))  # each tensor's first program
     x_offsets, table_offsets = _offsets(flats), _offsets(tables)
     if any(o % 8 for o in x_offsets + table_offsets):  # what the kernel's tl.multiple_of hints claim
         raise RuntimeError("stats_partials: an input offset is not a multiple of 8 elements")
@@ -375,9 +381,7 @@ def segment_totals(partials: torch.Tensor, lengths: list[int], max_row: int = -1
 
     One launch, a fixed summation order, and no host sync (``torch.segment_reduce`` checks its
     lengths on the host, which waits for everything queued)."""
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
+    starts = list(itertools.accumulate(lengths[:-1], initial=0))
     device = partials.device
     seg = on_device([starts, lengths], torch.int64, device)
     out = torch.empty(len(lengths), partials.shape[0], dtype=torch.float32, device=device)
@@ -449,7 +453,7 @@ def _(x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor) -> t
 def _check_inputs(x: object, block_amax: object, global_amax: object, config: object) -> torch.Tensor:
     check_x(x, 16)  # raises unless x is a floating tensor with a last dim divisible by 16
     x = typing.cast(torch.Tensor, x)
-    if not (x.is_cuda or (x.device.type == "cpu" and _interpreter_on())):
+    if not (x.is_cuda or (x.device.type == "cpu" and interpreter_on())):
         raise ValueError(
             f"x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got a tensor on {x.device}"
         )

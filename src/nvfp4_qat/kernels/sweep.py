@@ -7,13 +7,12 @@ its shared validation; the result is bit-identical to the reference sweep for bo
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
-from nvfp4_qat._validation import METHODS, SUPPORTED_DTYPES, check_choice
+from nvfp4_qat._validation import METHODS, SUPPORTED_DTYPES, check_choice, interpreter_on
 from nvfp4_qat.format import fp8_code_values, fp8_scale_candidates
 from nvfp4_qat.kernels import _sweep_kernels as _k
 
@@ -72,7 +71,7 @@ def _check_inputs(x: object, global_amax: object, method: object) -> None:
         raise ValueError(
             f"x and global_amax must be on the same device, got {x.device} and {global_amax.device}"
         )
-    if x.device.type != "cuda" and not _interpreter_on():
+    if x.device.type != "cuda" and not interpreter_on():
         raise ValueError(
             f"x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 for Triton's "
             f"interpreter), got a tensor on {x.device}"
@@ -90,10 +89,6 @@ def stats_slots(n_blocks: int) -> int:
 
 def _grid(n_blocks: int):
     return lambda meta: (triton.cdiv(n_blocks, meta["BLOCK_B"]),)
-
-
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _launch(name: str, device: torch.device, grid, *args, config: triton.Config | None = None, **kwargs):
