@@ -24,6 +24,7 @@ from torch import nn
 from nvfp4_qat._validation import BACKENDS, METHODS, check_choice
 from nvfp4_qat.format import block_code_bytes, global_scale
 from nvfp4_qat.modules import NVFP4Linear, quant_error_stats
+from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, adam_moments, policy_scales, resolve_policy
 from nvfp4_qat.quantize import nvfp4_layers
 from nvfp4_qat.sweep import nvfp4_scale_sweep, sweep_with_stats
 
@@ -270,6 +271,11 @@ class RecalibrationReport:
 
     layers: list[LayerRecalibration] = field(default_factory=list)
     seconds: float = 0.0
+    #: The held-out loss before and after (policies with ``loss_check``; NaN otherwise).
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    #: Whether the loss check rolled the new scales back (every layer kept its old scales).
+    rolled_back: bool = False
 
     def _done(self) -> list[LayerRecalibration]:
         return [r for r in self.layers if not r.skipped]
@@ -389,7 +395,14 @@ def checked_layers(
 
 
 def recalibrate(
-    model: nn.Module, backend: str = "auto", method: str = "pruned", on_nonfinite: str = "raise"
+    model: nn.Module,
+    backend: str = "auto",
+    method: str = "pruned",
+    on_nonfinite: str = "raise",
+    policy: str | RecalibrationPolicy = "mse",
+    optimizer: torch.optim.Optimizer | None = None,
+    input_moments: InputMoments | None = None,
+    evaluate: Callable[[], float] | None = None,
 ) -> RecalibrationReport:
     """Recompute the scales of every ``NVFP4Linear`` in ``model`` from its current weight.
 
@@ -400,11 +413,18 @@ def recalibrate(
 
     Args:
         model: a model prepared by :func:`~nvfp4_qat.quantize_model` (or holding ``NVFP4Linear``).
-        backend: sweep backend, ``"auto"``, ``"triton"`` or ``"reference"``.
+        backend: sweep backend, ``"auto"``, ``"triton"`` or ``"reference"`` (plain ``"mse"`` policy).
         method: sweep method, ``"pruned"`` or ``"exhaustive"`` (same result).
         on_nonfinite: a layer with NaN/Inf weights: ``"raise"`` a ``ValueError`` naming it, before
             any scale is written; or ``"skip"`` it: its scales are kept, its row is marked skipped,
             and one warning names the skipped layers.
+        policy: a preset of :data:`~nvfp4_qat.policy.POLICIES` or a
+            :class:`~nvfp4_qat.policy.RecalibrationPolicy`: how candidates are scored and which
+            changes are kept. ``"mse"`` (the exact weight-MSE sweep) is the plain sweep.
+        optimizer: the training optimizer (Adam/AdamW), for the ``gradient`` criterion.
+        input_moments: the hooks' input statistics, for the ``activation`` criterion.
+        evaluate: returns the held-out loss of the model as it is (in eval mode, no gradient),
+            for policies with ``loss_check``; called once before and once after the new scales.
 
     Returns:
         A :class:`RecalibrationReport` (``print`` it for a table). A row's ``seconds`` is the GPU
@@ -412,19 +432,130 @@ def recalibrate(
         them) or, on the CPU, its wall time.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: bad ``backend``/``method``/``on_nonfinite``, a model without ``NVFP4Linear``
-            layers, or non-finite weights with ``on_nonfinite="raise"``.
+        TypeError: ``model`` is not an ``nn.Module``, or ``policy`` is neither a name nor a policy.
+        ValueError: bad ``backend``/``method``/``on_nonfinite``/``policy``, a model without
+            ``NVFP4Linear`` layers, non-finite weights with ``on_nonfinite="raise"``, or a policy
+            whose input is missing (``optimizer``, ``input_moments``, ``evaluate``). Nothing was
+            written then.
     """
     layers = checked_layers(model, backend, method, on_nonfinite)
+    policy = resolve_policy(policy)
+    check_policy_inputs(policy, layers, optimizer, input_moments, evaluate)
     start = time.perf_counter()
     with torch.no_grad():
+        snapshot = scale_snapshot(layers) if policy.loss_check else None
+        loss_before = float(evaluate()) if policy.loss_check else float("nan")
         fused = _fused_module()
-        if fused is not None and fused.fused_applicable(layers, backend):
+        if not policy.is_plain_sweep:
+            rows = recalibrate_policy(layers, policy, on_nonfinite, optimizer, input_moments)
+        elif fused is not None and fused.fused_applicable(layers, backend):
             rows = _recalibrate_fused(fused, layers, method, on_nonfinite)
         else:
             rows = _recalibrate_generic(layers, backend, method, on_nonfinite)
-    return RecalibrationReport(layers=rows, seconds=time.perf_counter() - start)
+        report = RecalibrationReport(layers=rows, loss_before=loss_before)
+        if policy.loss_check:
+            report.loss_after = float(evaluate())
+            if not report.loss_after <= loss_before:  # NaN rolls back too
+                restore_scales(layers, snapshot)
+                report.rolled_back = True
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def check_policy_inputs(
+    policy: RecalibrationPolicy,
+    layers: list[tuple[str, NVFP4Linear]],
+    optimizer: torch.optim.Optimizer | None,
+    input_moments: InputMoments | None,
+    evaluate: Callable[[], float] | None,
+) -> None:
+    """Refuse a policy whose inputs are missing, before anything is computed or written."""
+    if policy.needs_optimizer:
+        if optimizer is None:
+            raise ValueError(
+                "policy criterion 'gradient' needs the training optimizer (recalibrate(..., "
+                "optimizer=opt)); outside training use policy='mse'"
+            )
+        for _, m in layers:
+            adam_moments(optimizer, m.weight)  # raises with a clear message
+    if policy.needs_input_moments:
+        if input_moments is None:
+            raise ValueError(
+                "policy criterion 'activation' needs input statistics: pass input_moments="
+                "InputMoments(nvfp4_layers(model)) and run training forwards before recalibrating"
+            )
+        missing = [name for name, _ in layers if input_moments.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"policy criterion 'activation': no input statistics for layer {missing[0]!r}"
+                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                + " (run training-mode forwards with the InputMoments hooks before recalibrating)"
+            )
+    if policy.loss_check and not callable(evaluate):
+        raise ValueError("a policy with loss_check needs evaluate=<callable returning the held-out loss>")
+
+
+def scale_snapshot(layers: list[tuple[str, NVFP4Linear]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every layer's ``(global_amax, block_amax)``, for :func:`restore_scales`."""
+    return [(m.global_amax.clone(), m.block_amax.clone()) for _, m in layers]
+
+
+def restore_scales(
+    layers: list[tuple[str, NVFP4Linear]], snapshot: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Write a :func:`scale_snapshot` back in place (``copy_``: the same buffers)."""
+    for (_, m), (g, b) in zip(layers, snapshot, strict=True):
+        m.global_amax.copy_(g)
+        m.block_amax.copy_(b)
+
+
+def recalibrate_policy(
+    layers: list[tuple[str, NVFP4Linear]],
+    policy: RecalibrationPolicy,
+    on_nonfinite: str,
+    optimizer: torch.optim.Optimizer | None = None,
+    input_moments: InputMoments | None = None,
+) -> list[LayerRecalibration]:
+    """Every layer's new scales under a policy other than the plain sweep (PyTorch, any device).
+
+    All new scales are computed before the first is written, so an error leaves the model as it
+    was. Each rank of a replicated model computes the same scales from the same inputs.
+    """
+    before = [weight_stats(m) for _, m in layers]
+    finite = finite_flags([b[0] for b in before], lambda i: full_weight(layers[i][1]))
+    apply_nonfinite_policy(
+        [name for (name, _), ok in zip(layers, finite, strict=True) if not ok], on_nonfinite
+    )
+    new: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for (name, m), ok, stats in zip(layers, finite, before, strict=True):
+        if not ok:
+            new.append(None)
+            continue
+        w = full_weight(m)
+        g_new = torch.maximum(m.global_amax, stats[1]) if policy.keep_global_amax else stats[1].clone()
+        feature = input_moments.get(name) if policy.needs_input_moments else None
+        moments = adam_moments(optimizer, m.weight) if policy.needs_optimizer else None
+        new.append((g_new, policy_scales(w, m.block_amax, m.global_amax, g_new, policy, feature, moments)))
+    rows = []
+    for (name, m), stats, scales in zip(layers, before, new, strict=True):
+        if scales is None:
+            rows.append(skipped_row(name, m))
+            continue
+        start = time.perf_counter()
+        old_codes, g_old = scale_codes(m), m.global_amax.clone()
+        m.global_amax.copy_(scales[0])
+        m.block_amax.copy_(scales[1])
+        after = weight_stats(m)
+        n_changed = (scale_codes(m) != old_codes).sum()
+        values = torch.cat(
+            [change_stats(stats, after[0], n_changed), torch.stack([g_old, scales[0]]).double()]
+        )
+        rows.append(
+            LayerRecalibration.from_stats(
+                name, m.weight.numel(), *values.tolist(), time.perf_counter() - start
+            )
+        )
+    return rows
 
 
 def _recalibrate_generic(
