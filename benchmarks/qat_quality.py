@@ -22,8 +22,8 @@ recalibration (eval mode): ``dprobe`` is its mean relative change. Loss-check po
 on two other held-out batches, never on the probe or validation windows.
 
     python benchmarks/qat_quality.py --size cpu --quant w4a4 --regimes small --seeds 3 4 5
-    python benchmarks/qat_quality.py --size gpu --workers 6 --out results.json   # one GPU
-    python benchmarks/qat_quality.py --table results.json other.json            # merge and print
+    python benchmarks/qat_quality.py --size gpu --workers 6 --out results.jsonl   # one GPU
+    python benchmarks/qat_quality.py --table results.jsonl other.jsonl            # merge and print
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
@@ -262,7 +261,7 @@ def run_modelopt(model, quant, size, data, seed, lr, out):
 
 def run_job(args_tuple) -> list[dict]:
     """One (regime, seed): fine-tune, then PTQ and every QAT row for every quant mode."""
-    size_name, regime, seed, quants, rows, device, pre_path, threads = args_tuple
+    size_name, regime, seed, quants, rows, device, pre_path, threads, out = args_tuple
     if threads:
         torch.set_num_threads(threads)
     size = SIZES[size_name]
@@ -276,6 +275,9 @@ def run_job(args_tuple) -> list[dict]:
 
     def emit(quant, row, **values):
         results.append({"regime": regime, "seed": seed, "quant": quant, "row": row, **values})
+        if out:  # one JSON line per row as soon as it is done: a run cut short keeps what it did
+            with open(out, "a") as f:
+                f.write(json.dumps(results[-1]) + "\n")
         print(f"[{regime} s{seed} {quant}] {row:<24} val {values['val']:.4f}", flush=True)
 
     emit("-", "fp", val=evaluate(model, data.val))
@@ -351,11 +353,11 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[3, 4, 5])
     p.add_argument("--rows", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_ROWS)} (+modelopt)")
     p.add_argument("--workers", type=int, default=1, help="parallel (regime, seed) jobs (processes)")
-    p.add_argument("--out", default=None, help="write the raw results as JSON here")
-    p.add_argument("--table", nargs="+", default=None, help="only print the table of these JSON files")
+    p.add_argument("--out", default=None, help="append the results here, one JSON line per row")
+    p.add_argument("--table", nargs="+", default=None, help="only print the table of these JSON-lines files")
     args = p.parse_args()
     if args.table:
-        results = [r for f in args.table for r in json.load(open(f))["results"]]
+        results = [json.loads(line) for f in args.table for line in open(f) if line.strip()]
         print(table(results))
         return
     size = SIZES[args.size]
@@ -383,19 +385,20 @@ def main() -> None:
             f"pretrained in {time.perf_counter() - start:.0f} s: val {evaluate(model, data.val):.4f}",
             flush=True,
         )
-    jobs = [(args.size, reg, s, args.quant, rows, device, pre_path, 0) for reg in regimes for s in args.seeds]
+    threads = max(1, (os.cpu_count() or 2) // args.workers) if args.workers > 1 else 0
+    jobs = [
+        (args.size, reg, s, args.quant, rows, device, pre_path, threads, args.out)
+        for reg in regimes
+        for s in args.seeds
+    ]
     if args.workers > 1:
         import multiprocessing as mp
 
-        jobs = [(*j[:-1], max(1, (os.cpu_count() or 2) // args.workers)) for j in jobs]
         with mp.get_context("spawn").Pool(args.workers) as pool:
             results = [r for rs in pool.map(run_job, jobs, chunksize=1) for r in rs]
     else:
         results = [r for j in jobs for r in run_job(j)]
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"argv": sys.argv, "results": results}, f, indent=1)
     print(table(results))
 
 

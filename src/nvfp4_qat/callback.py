@@ -22,12 +22,16 @@ per-step hook compares two integers.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 import re
 import time
 from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -36,6 +40,7 @@ from nvfp4_qat._validation import BACKENDS, METHODS
 from nvfp4_qat.config import QATConfig
 from nvfp4_qat.distributed import check_strategy, recalibrate_distributed
 from nvfp4_qat.metrics import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR
+from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, resolve_policy
 from nvfp4_qat.quantize import nvfp4_layers, quantize_model
 from nvfp4_qat.recalibrate import ON_NONFINITE, RecalibrationReport
 
@@ -124,6 +129,18 @@ class NVFP4Recalibration(Callback):
         on_nonfinite: a non-finite weight at recalibration: ``"raise"`` (on every rank, before any
             scale is written) or ``"skip"`` the layer (it keeps its scales; a warning names it).
         export_path: if set, export a deployable NVFP4 checkpoint there when fit ends.
+        policy: how a recalibration chooses and accepts new scales: a preset name of
+            :data:`~nvfp4_qat.policy.POLICIES` or a :class:`~nvfp4_qat.policy.RecalibrationPolicy`
+            (see BENCHMARKS.md, "QAT quality", for what each does to the trained model). The
+            ``gradient`` criterion reads the Adam state of the (single) optimizer; ``activation``
+            gathers input statistics with forward hooks during training (freed after each
+            recalibration); ``loss_check`` evaluates ``loss_check_batches`` validation batches.
+        settle_fraction: no step or epoch recalibration in this last fraction of the training
+            steps (``trainer.estimated_stepping_batches``), so the weights settle on the final
+            scales; 0 recalibrates to the end. Combined with ``stop_step`` (the earlier wins).
+        loss_check_batches: validation batches (the first ones of the validation dataloader) a
+            ``loss_check`` policy evaluates before and after each recalibration, with
+            ``training_step`` in eval mode and logging muted.
     """
 
     def __init__(
@@ -140,6 +157,9 @@ class NVFP4Recalibration(Callback):
         log_per_layer: bool = False,
         on_nonfinite: str = "raise",
         export_path: str | None = None,
+        policy: str | RecalibrationPolicy = "mse",
+        settle_fraction: float = 0.0,
+        loss_check_batches: int = 2,
     ) -> None:
         self.every_n_train_steps = _non_negative_int(every_n_train_steps, "every_n_train_steps")
         self.every_n_epochs = _non_negative_int(every_n_epochs, "every_n_epochs")
@@ -165,6 +185,21 @@ class NVFP4Recalibration(Callback):
         self.backend, self.method, self.on_nonfinite = backend, method, on_nonfinite
         self.quant_config = _as_config(quant_config)
         self.export_path = None if export_path is None else str(export_path)
+        try:
+            self.policy = resolve_policy(policy)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"`policy`: {err}") from None
+        if isinstance(settle_fraction, bool) or not isinstance(settle_fraction, (int, float)):
+            raise ValueError(f"`settle_fraction` must be a number in [0, 1), got {settle_fraction!r}")
+        if not 0.0 <= settle_fraction < 1.0:
+            raise ValueError(f"`settle_fraction` must be in [0, 1), got {settle_fraction!r}")
+        self.settle_fraction = float(settle_fraction)
+        self.loss_check_batches = _non_negative_int(loss_check_batches, "loss_check_batches")
+        if self.policy.loss_check and self.loss_check_batches == 0:
+            raise ValueError("`loss_check_batches` must be >= 1 with a loss_check policy, got 0")
+        self._settle_stop: int | None = None  # the settle window's first step, set at train start
+        self._moments: InputMoments | None = None
+        self._check_batches: list[Any] = []
 
         # State saved in checkpoints (see state_dict): the guards that keep one optimizer step or
         # epoch from firing twice, and the history of recalibrations.
@@ -193,6 +228,8 @@ class NVFP4Recalibration(Callback):
             return False
         if self.stop_step is not None and step_idx >= self.stop_step:
             return False
+        if self._settle_stop is not None and step_idx >= self._settle_stop:
+            return False
         if epoch_idx is None:
             return self.every_n_train_steps > 0 and (step_idx + 1) % self.every_n_train_steps == 0
         return self.every_n_epochs > 0 and (epoch_idx + 1) % self.every_n_epochs == 0
@@ -218,6 +255,7 @@ class NVFP4Recalibration(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare_policy(trainer, pl_module)
         if self.at_fit_start and not self._calibrated_at_start:
             self._recalibrate(trainer, pl_module, "fit_start")
             self._calibrated_at_start = True
@@ -242,6 +280,16 @@ class NVFP4Recalibration(Callback):
             self._last_epoch = epoch
             if step != self._last_step:  # the step schedule may have just done it
                 self._recalibrate(trainer, pl_module, "epoch")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release_policy()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release_policy()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,7 +332,28 @@ class NVFP4Recalibration(Callback):
         start = time.perf_counter()
         # Every rank gets here at the same step (the schedule depends on global_step only). Plain
         # recalibrate() without a process group, the sweep split across the ranks with one.
-        report = recalibrate_distributed(pl_module, self.backend, self.method, self.on_nonfinite)
+        policy = self.policy
+        if reason in ("fit_start", "fit_end") and (policy.needs_input_moments or policy.needs_optimizer):
+            # No input statistics or optimizer state exist yet at fit start; at fit end the plain
+            # criterion keeps the same meaning for every run. Acceptance rules stay.
+            policy = dataclasses.replace(policy, criterion="mse")
+        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
+        if policy.needs_optimizer and optimizer is None:
+            raise ValueError(
+                f"policy criterion 'gradient' needs exactly one optimizer, the trainer has {len(trainer.optimizers)}"
+            )
+        report = recalibrate_distributed(
+            pl_module,
+            self.backend,
+            self.method,
+            self.on_nonfinite,
+            policy,
+            optimizer,
+            self._moments,
+            (lambda: self._held_out_loss(trainer, pl_module)) if policy.loss_check else None,
+        )
+        if self._moments is not None:
+            self._moments.reset()  # statistics of the next interval only; frees the sums
         seconds = time.perf_counter() - start
         self._last_step = trainer.global_step
         self.last_report = report
@@ -298,6 +367,49 @@ class NVFP4Recalibration(Callback):
         # only, so nothing here waits on another rank.
         for logger in trainer.loggers:
             logger.log_metrics({f"nvfp4/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+
+    def _prepare_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Settle window, input-statistics hooks and held-out batches for this fit."""
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        finite = isinstance(total, int) or (isinstance(total, float) and math.isfinite(total))
+        self._settle_stop = (
+            int(total * (1 - self.settle_fraction)) if self.settle_fraction and finite else None
+        )
+        if self.policy.needs_input_moments and self._moments is None:
+            self._moments = InputMoments(nvfp4_layers(pl_module))
+        if self.policy.loss_check and not self._check_batches:
+            loaders = trainer.val_dataloaders
+            if loaders is None and trainer.datamodule is not None:
+                loaders = trainer.datamodule.val_dataloader()
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            if loader is None:
+                raise ValueError(
+                    "a loss_check policy needs a validation dataloader (its first "
+                    f"loss_check_batches={self.loss_check_batches} batches are the held-out set)"
+                )
+            self._check_batches = list(itertools.islice(iter(loader), self.loss_check_batches))
+
+    def _release_policy(self) -> None:
+        if self._moments is not None:
+            self._moments.remove()
+            self._moments = None
+        self._check_batches = []
+
+    def _held_out_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Mean ``training_step`` loss over the held-out batches, eval mode, no logging, all ranks."""
+        was_training = pl_module.training
+        pl_module.eval()
+        pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # instance attributes: muted
+        try:
+            total = 0.0
+            for i, batch in enumerate(self._check_batches):
+                out = pl_module.training_step(trainer.strategy.batch_to_device(batch), i)
+                total += float(out["loss"] if isinstance(out, dict) else out)
+            loss = torch.tensor(total / len(self._check_batches), device=pl_module.device)
+            return float(trainer.strategy.reduce(loss, reduce_op="mean"))
+        finally:
+            del pl_module.log, pl_module.log_dict  # the class's methods again
+            pl_module.train(was_training)
 
     def _metrics(self, report: RecalibrationReport, seconds: float) -> dict[str, float]:
         # The report is the same on every rank (recalibrate_distributed reduced it), so each rank
@@ -320,6 +432,15 @@ class NVFP4Recalibration(Callback):
             "sqnr_db": float(sqnr.compute()),
             "changed_fraction": float(changed.compute()),
             "seconds": seconds,
+            **(
+                {
+                    "loss_before": report.loss_before,
+                    "loss_after": report.loss_after,
+                    "rolled_back": float(report.rolled_back),
+                }
+                if self.policy.loss_check
+                else {}
+            ),
         }
 
     def _layer_metrics(self, report: RecalibrationReport) -> dict[str, float]:

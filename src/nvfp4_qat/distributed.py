@@ -22,6 +22,7 @@ The report statistics are summed in one float64 all-reduce, so every rank return
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from nvfp4_qat.modules import NVFP4Linear
+from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, resolve_policy
 from nvfp4_qat.recalibrate import (
     LayerClock,
     LayerRecalibration,
@@ -213,7 +215,14 @@ def _broadcast_owned_scales(
 
 
 def recalibrate_distributed(
-    model: nn.Module, backend: str = "auto", method: str = "pruned", on_nonfinite: str = "raise"
+    model: nn.Module,
+    backend: str = "auto",
+    method: str = "pruned",
+    on_nonfinite: str = "raise",
+    policy: str | RecalibrationPolicy = "mse",
+    optimizer: torch.optim.Optimizer | None = None,
+    input_moments: InputMoments | None = None,
+    evaluate: Callable[[], float] | None = None,
 ) -> RecalibrationReport:
     """:func:`~nvfp4_qat.recalibrate` with the sweep split across the ranks of the default group.
 
@@ -228,6 +237,13 @@ def recalibrate_distributed(
             ``ValueError``, before any scale is written; ``"skip"``: those layers keep their scales on
             every rank, and rank 0 warns once naming them.
 
+        policy, optimizer, input_moments, evaluate: as :func:`~nvfp4_qat.recalibrate`. A policy
+            other than the plain ``"mse"`` sweep runs on every rank for every layer (replicas
+            compute the same scales from the same weights and optimizer state); the input
+            statistics are summed over the ranks first and ``evaluate`` should return the mean
+            over the ranks (the callback's does). The ``gradient`` criterion needs unsharded
+            optimizer state and is refused under FSDP2.
+
     Returns:
         The same report on every rank (a layer's ``seconds`` are measured as in
         :func:`~nvfp4_qat.recalibrate`, on the rank that swept it, or on rank 0 for a sharded one).
@@ -236,8 +252,11 @@ def recalibrate_distributed(
         TypeError, ValueError: as :func:`~nvfp4_qat.recalibrate`.
     """
     world = distributed_world_size()
-    if world == 1:
-        return recalibrate(model, backend, method, on_nonfinite)
+    chosen = resolve_policy(policy)
+    if world == 1 or not chosen.is_plain_sweep:
+        if world > 1:
+            _prepare_policy_inputs(model, chosen, input_moments)
+        return recalibrate(model, backend, method, on_nonfinite, chosen, optimizer, input_moments, evaluate)
     layers = checked_layers(model, backend, method, on_nonfinite)
     rank = dist.get_rank()
     device = layers[0][1].block_amax.device
@@ -273,3 +292,17 @@ def recalibrate_distributed(
             for i, ((name, m), s) in enumerate(zip(layers, stats.tolist(), strict=True))
         ]
     return RecalibrationReport(layers=rows, seconds=time.perf_counter() - start)
+
+
+def _prepare_policy_inputs(
+    model: nn.Module, policy: RecalibrationPolicy, input_moments: InputMoments | None
+) -> None:
+    """Make a policy's inputs equal on every rank (or refuse what cannot be)."""
+    layers = checked_layers(model, "auto", "pruned", "raise")
+    if policy.needs_optimizer and any(type(m.weight.data) is not torch.Tensor for _, m in layers):
+        raise ValueError(
+            "policy criterion 'gradient' is not supported with sharded weights (FSDP2): the "
+            "optimizer state is sharded too; use a policy without it (e.g. policy='mse')"
+        )
+    if policy.needs_input_moments and input_moments is not None:
+        input_moments.all_reduce()

@@ -179,8 +179,26 @@ class InputMoments:
         return self._sums[name] / self._counts[name]
 
     def reset(self) -> None:
+        """Forget what was gathered (frees the sums)."""
         self._sums.clear()
         self._counts.clear()
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of the default process group (a collective: every
+        rank calls it, with the same layers seen). Afterwards every rank holds the same moments."""
+        import torch.distributed as dist
+
+        names = sorted(self._sums)
+        if not names:
+            return
+        flat = torch.cat(
+            [self._sums[n] for n in names]
+            + [torch.tensor([float(self._counts[n]) for n in names], device=self._sums[names[0]].device)]
+        )
+        dist.all_reduce(flat)
+        parts = flat.split([self._sums[n].numel() for n in names] + [len(names)])
+        for n, part, count in zip(names, parts[:-1], parts[-1].tolist(), strict=True):
+            self._sums[n], self._counts[n] = part, int(count)
 
     def remove(self) -> None:
         for h in self._handles:
