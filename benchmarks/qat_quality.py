@@ -264,6 +264,8 @@ def run_job(args_tuple) -> list[dict]:
     size_name, regime, seed, quants, rows, device, pre_path, threads, out = args_tuple
     if threads:
         torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # the kernels launch on the current device
     size = SIZES[size_name]
     lr = size.regimes[regime]
     data = Data(load_tokens(size.max_chars), size, device)
@@ -386,10 +388,21 @@ def main() -> None:
             flush=True,
         )
     threads = max(1, (os.cpu_count() or 2) // args.workers) if args.workers > 1 else 0
-    jobs = [
-        (args.size, reg, s, args.quant, rows, device, pre_path, threads, args.out)
-        for reg in regimes
-        for s in args.seeds
+    pairs = [(reg, s) for reg in regimes for s in args.seeds]
+    gpus = torch.cuda.device_count()
+    jobs = [  # jobs spread over the GPUs of the machine, if several
+        (
+            args.size,
+            reg,
+            s,
+            args.quant,
+            rows,
+            f"cuda:{i % gpus}" if gpus else "cpu",
+            pre_path,
+            threads,
+            args.out,
+        )
+        for i, (reg, s) in enumerate(pairs)
     ]
     if args.workers > 1:
         import multiprocessing as mp
