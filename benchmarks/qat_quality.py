@@ -45,7 +45,7 @@ from torch import nn
 
 import nvfp4_qat
 from nvfp4_qat import QATConfig, quantize_model, recalibrate
-from nvfp4_qat.policy import POLICIES, InputMoments
+from nvfp4_qat.policy import POLICIES, InputMoments, RecalibrationPolicy
 from nvfp4_qat.quantize import nvfp4_layers
 
 
@@ -191,7 +191,9 @@ def run_qat_row(row: str, ft_state, quant: str, size: Size, data: Data, seed: in
     quantize_model(model, quant_config(quant))
     layers = [m for _, m in nvfp4_layers(model)]
     hook = None
-    if row == "frozen":
+    if row == "act_init":
+        activation_calibrate(model, data)
+    if row in ("frozen", "act_init"):
         after = None
     elif row == "max_step":
 
@@ -240,11 +242,26 @@ def run_qat_row(row: str, ft_state, quant: str, size: Size, data: Data, seed: in
     return out
 
 
+ACTIVATION = RecalibrationPolicy(criterion="activation", keep_global_amax=True)
+
+
+def activation_calibrate(model: nn.Module, data: Data, batches: int = 8) -> None:
+    """From the MSE scales, one activation-weighted recalibration with the input second moments
+    of ``batches`` training batches (eval-mode forwards, the calibration data of a PTQ)."""
+    with InputMoments(nvfp4_layers(model), training_only=False) as moments:
+        evaluate(model, list(data.batches(7, batches)))
+        recalibrate(model, policy=ACTIVATION, input_moments=moments)
+
+
 def run_modelopt(model, quant, size, data, seed, lr, out):
     import modelopt.torch.quantization as mtq
 
     cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG if quant == "w4a4" else mtq.W4A16_NVFP4_CFG)
-    cfg["quant_cfg"]["*lm_head*"] = {"enable": False}
+    quant_cfg = cfg["quant_cfg"]  # a list of entries in ModelOpt 0.47, a dict before
+    if isinstance(quant_cfg, list):
+        quant_cfg.append({"quantizer_name": "*lm_head*", "enable": False})
+    else:
+        quant_cfg["*lm_head*"] = {"enable": False}
     calib = list(data.batches(7, 4))
 
     def loop(m):
@@ -284,10 +301,12 @@ def run_job(args_tuple) -> list[dict]:
 
     emit("-", "fp", val=evaluate(model, data.val))
     for quant in quants:
-        for init in ("max", "mse"):
+        for init in ("max", "mse", "act"):
             m = build_model(size, device)
             m.load_state_dict(ft_state)
-            quantize_model(m, quant_config(quant).replace(init_calibration=init))
+            quantize_model(m, quant_config(quant).replace(init_calibration="max" if init == "max" else "mse"))
+            if init == "act":
+                activation_calibrate(m, data)
             emit(quant, f"ptq_{init}", val=evaluate(m, data.val))
         for row in rows:
             if row == "modelopt" and not _modelopt_available():
@@ -342,7 +361,7 @@ def table(results: list[dict]) -> str:
 
 
 def _order(row: str) -> tuple:
-    fixed = ["fp", "ptq_max", "ptq_mse", "frozen", "max_step", "modelopt"]
+    fixed = ["fp", "ptq_max", "ptq_mse", "ptq_act", "frozen", "act_init", "max_step", "modelopt"]
     return (fixed.index(row), "") if row in fixed else (len(fixed), row)
 
 
@@ -366,7 +385,7 @@ def main() -> None:
     regimes = args.regimes or list(size.regimes)
     rows = [r.replace("@E", f"@{size.every}") for r in (args.rows or [*DEFAULT_ROWS, "modelopt"])]
     for r in rows:
-        if r not in ("frozen", "max_step", "modelopt"):
+        if r not in ("frozen", "act_init", "max_step", "modelopt"):
             parse_row(r, size.every)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(

@@ -456,7 +456,9 @@ def test_interpreter_recalibrate_fused_path_matches_reference(interpret, monkeyp
 
     fused_calls, prepare_calls = [], []
     recalibrate_all, prepare = recal.recalibrate_all, fq.prepare
-    monkeypatch.setattr(recal, "recalibrate_all", lambda *a, **k: fused_calls.append(1) or recalibrate_all(*a, **k))
+    monkeypatch.setattr(
+        recal, "recalibrate_all", lambda *a, **k: fused_calls.append(1) or recalibrate_all(*a, **k)
+    )
     monkeypatch.setattr(fq, "prepare", lambda *a: prepare_calls.append(1) or prepare(*a))
     torch.manual_seed(0)
     models = []

@@ -54,7 +54,7 @@ def weight(rows=8, cols=64, seed=0) -> torch.Tensor:
         ({"min_gain": True}, r"min_gain must be a finite number >= 0, got True"),
         ({"max_code_step": 0}, r"max_code_step must be None or an int >= 1, got 0"),
         ({"keep_global_amax": 1}, r"keep_global_amax must be a bool, got 1"),
-        ({"loss_check": "yes"}, r"loss_check must be a bool, got 'yes'"),
+        ({"loss_check": True}, r"loss_check must be one of \('off', 'model', 'layer'\), got True"),
     ],
 )
 def test_policy_fields_are_validated(kwargs, match):

@@ -313,7 +313,9 @@ def test_interpreter_non_finite_global_amax_writes_nothing(interpret, method, ba
         "partials": torch.full((2, 40), -1.0),
         "count": torch.zeros(1, dtype=torch.int32),
     }
-    out, count, _ = launch_sweep(x, torch.tensor(bad), method, stats=True, buffers=buffers, n_below=0, n_extra=0)
+    out, count, _ = launch_sweep(
+        x, torch.tensor(bad), method, stats=True, buffers=buffers, n_below=0, n_extra=0
+    )
     assert torch.equal(out, sentinel) and out is buffers["out"]
     assert torch.equal(buffers["codes"], torch.full((n,), 7, dtype=torch.uint8))
     assert count is None or int(count) == 0  # nothing flagged for the work list

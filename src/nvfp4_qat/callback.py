@@ -195,7 +195,7 @@ class NVFP4Recalibration(Callback):
             raise ValueError(f"`settle_fraction` must be in [0, 1), got {settle_fraction!r}")
         self.settle_fraction = float(settle_fraction)
         self.loss_check_batches = _non_negative_int(loss_check_batches, "loss_check_batches")
-        if self.policy.loss_check and self.loss_check_batches == 0:
+        if self.policy.checks_loss and self.loss_check_batches == 0:
             raise ValueError("`loss_check_batches` must be >= 1 with a loss_check policy, got 0")
         self._settle_stop: int | None = None  # the settle window's first step, set at train start
         self._moments: InputMoments | None = None
@@ -350,7 +350,7 @@ class NVFP4Recalibration(Callback):
             policy,
             optimizer,
             self._moments,
-            (lambda: self._held_out_loss(trainer, pl_module)) if policy.loss_check else None,
+            (lambda: self._held_out_loss(trainer, pl_module)) if policy.checks_loss else None,
         )
         if self._moments is not None:
             self._moments.reset()  # statistics of the next interval only; frees the sums
@@ -377,7 +377,7 @@ class NVFP4Recalibration(Callback):
         )
         if self.policy.needs_input_moments and self._moments is None:
             self._moments = InputMoments(nvfp4_layers(pl_module))
-        if self.policy.loss_check and not self._check_batches:
+        if self.policy.checks_loss and not self._check_batches:
             loaders = trainer.val_dataloaders
             if loaders is None and trainer.datamodule is not None:
                 loaders = trainer.datamodule.val_dataloader()
@@ -438,7 +438,7 @@ class NVFP4Recalibration(Callback):
                     "loss_after": report.loss_after,
                     "rolled_back": float(report.rolled_back),
                 }
-                if self.policy.loss_check
+                if self.policy.checks_loss
                 else {}
             ),
         }

@@ -19,8 +19,10 @@ A policy is a *criterion* (how a block's candidate scales are scored) plus *acce
   than this fraction of its score at the current scale; 0 switches whenever strictly better.
 * ``max_code_step``: candidates only within this many FP8 codes of the block's current one
   (``None``: all 126).
-* ``loss_check``: evaluate held-out batches before and after; a recalibration that raises the
-  loss is rolled back (:func:`~nvfp4_qat.recalibrate` takes the ``evaluate`` callable).
+* ``loss_check``: evaluate held-out batches before and after (:func:`~nvfp4_qat.recalibrate`
+  takes the ``evaluate`` callable). ``"model"``: a recalibration that raises the loss is rolled
+  back whole; ``"layer"``: the layers' new scales are tried one at a time, in model order, and a
+  layer keeps them only if the loss does not rise (one evaluation per layer).
 
 ``"mse"`` with no acceptance rule is the exact sweep of :func:`~nvfp4_qat.nvfp4_scale_sweep` and
 runs through its kernels; the other policies score candidates here, in PyTorch, on the weight's
@@ -45,10 +47,20 @@ from nvfp4_qat.format import (
     global_scale,
 )
 
-__all__ = ["CRITERIA", "POLICIES", "InputMoments", "RecalibrationPolicy", "adam_moments", "resolve_policy"]
+__all__ = [
+    "CRITERIA",
+    "LOSS_CHECKS",
+    "POLICIES",
+    "InputMoments",
+    "RecalibrationPolicy",
+    "adam_moments",
+    "resolve_policy",
+]
 
 #: Candidate-scoring criteria.
 CRITERIA = ("mse", "activation", "gradient")
+#: ``RecalibrationPolicy.loss_check`` values.
+LOSS_CHECKS = ("off", "model", "layer")
 #: Extra memory of one scoring chunk (elements of a ``[blocks, candidates, 16]`` temporary).
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -63,7 +75,8 @@ class RecalibrationPolicy:
         min_gain: acceptance threshold per block, >= 0 (a fraction of the current score for
             ``mse``/``activation``, a signal-to-noise ratio for ``gradient``).
         max_code_step: search only this many FP8 codes around the current one (``None``: all).
-        loss_check: roll back a recalibration that raises the loss on held-out batches.
+        loss_check: ``"off"``, ``"model"`` (roll back a recalibration that raises the held-out
+            loss) or ``"layer"`` (keep each layer's new scales only if they do not raise it).
 
     Raises:
         ValueError: a field out of range (the message names it).
@@ -73,16 +86,21 @@ class RecalibrationPolicy:
     keep_global_amax: bool = False
     min_gain: float = 0.0
     max_code_step: int | None = None
-    loss_check: bool = False
+    loss_check: str = "off"
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ValueError(
                 f"RecalibrationPolicy.criterion must be one of {CRITERIA}, got {self.criterion!r}"
             )
-        for name in ("keep_global_amax", "loss_check"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"RecalibrationPolicy.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.keep_global_amax, bool):
+            raise ValueError(
+                f"RecalibrationPolicy.keep_global_amax must be a bool, got {self.keep_global_amax!r}"
+            )
+        if self.loss_check not in LOSS_CHECKS:
+            raise ValueError(
+                f"RecalibrationPolicy.loss_check must be one of {LOSS_CHECKS}, got {self.loss_check!r}"
+            )
         gain = self.min_gain
         if (
             isinstance(gain, bool)
@@ -99,6 +117,10 @@ class RecalibrationPolicy:
     def is_plain_sweep(self) -> bool:
         """Whether this is the exact MSE sweep with nothing else (the kernels' fast path)."""
         return self == RecalibrationPolicy()
+
+    @property
+    def checks_loss(self) -> bool:
+        return self.loss_check != "off"
 
     @property
     def needs_optimizer(self) -> bool:
@@ -118,7 +140,8 @@ POLICIES: dict[str, RecalibrationPolicy] = {
     "gradient": RecalibrationPolicy(
         criterion="gradient", keep_global_amax=True, min_gain=1.0, max_code_step=2
     ),
-    "loss_check": RecalibrationPolicy(keep_global_amax=True, loss_check=True),
+    "loss_check": RecalibrationPolicy(keep_global_amax=True, loss_check="model"),
+    "loss_check_layer": RecalibrationPolicy(keep_global_amax=True, loss_check="layer"),
 }
 
 
@@ -144,21 +167,24 @@ class InputMoments:
     """Second moments ``E[x_j^2]`` of each layer's input features, gathered by forward hooks.
 
     The hooks read the input of every listed layer in training-mode forwards (evaluation passes
-    are not counted) and change nothing the model computes. Use as a context manager or call
+    are not counted, unless ``training_only=False``: a calibration pass) and change nothing the
+    model computes. Use as a context manager or call
     :meth:`remove`; :meth:`reset` frees the sums (the callback does it after each recalibration).
 
     Args:
         layers: ``(name, module)`` pairs, e.g. :func:`~nvfp4_qat.quantize.nvfp4_layers`.
+        training_only: count only forwards in training mode.
     """
 
-    def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
+    def __init__(self, layers: list[tuple[str, nn.Module]], training_only: bool = True) -> None:
+        self.training_only = training_only
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in layers]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if not module.training or not args:
+            if (self.training_only and not module.training) or not args:
                 return
             with torch.no_grad():
                 x = args[0].detach()

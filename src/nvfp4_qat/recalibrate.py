@@ -276,6 +276,9 @@ class RecalibrationReport:
     loss_after: float = float("nan")
     #: Whether the loss check rolled the new scales back (every layer kept its old scales).
     rolled_back: bool = False
+    #: The layers whose new scales a per-layer loss check rejected (their rows describe the
+    #: proposal; the layers kept their old scales).
+    rolled_back_layers: tuple[str, ...] = ()
 
     def _done(self) -> list[LayerRecalibration]:
         return [r for r in self.layers if not r.skipped]
@@ -424,7 +427,8 @@ def recalibrate(
         optimizer: the training optimizer (Adam/AdamW), for the ``gradient`` criterion.
         input_moments: the hooks' input statistics, for the ``activation`` criterion.
         evaluate: returns the held-out loss of the model as it is (in eval mode, no gradient),
-            for policies with ``loss_check``; called once before and once after the new scales.
+            for policies with a ``loss_check``; called before and after the new scales (and,
+            with ``loss_check="layer"``, once per layer whose scales changed).
 
     Returns:
         A :class:`RecalibrationReport` (``print`` it for a table). A row's ``seconds`` is the GPU
@@ -443,8 +447,8 @@ def recalibrate(
     check_policy_inputs(policy, layers, optimizer, input_moments, evaluate)
     start = time.perf_counter()
     with torch.no_grad():
-        snapshot = scale_snapshot(layers) if policy.loss_check else None
-        loss_before = float(evaluate()) if policy.loss_check else float("nan")
+        snapshot = scale_snapshot(layers) if policy.checks_loss else None
+        loss_before = float(evaluate()) if policy.checks_loss else float("nan")
         fused = _fused_module()
         if not policy.is_plain_sweep:
             rows = recalibrate_policy(layers, policy, on_nonfinite, optimizer, input_moments)
@@ -453,11 +457,16 @@ def recalibrate(
         else:
             rows = _recalibrate_generic(layers, backend, method, on_nonfinite)
         report = RecalibrationReport(layers=rows, loss_before=loss_before)
-        if policy.loss_check:
+        if policy.loss_check == "model":
             report.loss_after = float(evaluate())
             if not report.loss_after <= loss_before:  # NaN rolls back too
                 restore_scales(layers, snapshot)
                 report.rolled_back = True
+        elif policy.loss_check == "layer":
+            report.loss_after, report.rolled_back_layers = _check_layers(
+                layers, snapshot, evaluate, loss_before
+            )
+            report.rolled_back = len(report.rolled_back_layers) == len(layers)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -491,8 +500,33 @@ def check_policy_inputs(
                 + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                 + " (run training-mode forwards with the InputMoments hooks before recalibrating)"
             )
-    if policy.loss_check and not callable(evaluate):
+    if policy.checks_loss and not callable(evaluate):
         raise ValueError("a policy with loss_check needs evaluate=<callable returning the held-out loss>")
+
+
+def _check_layers(
+    layers: list[tuple[str, NVFP4Linear]],
+    old: list[tuple[torch.Tensor, torch.Tensor]],
+    evaluate: Callable[[], float],
+    loss: float,
+) -> tuple[float, tuple[str, ...]]:
+    """Greedy per-layer loss check: from the old scales, try each layer's new ones in model order
+    and keep them only where the held-out loss does not rise. Returns the final loss and the
+    layers that kept their old scales."""
+    new = scale_snapshot(layers)
+    restore_scales(layers, old)
+    rejected = []
+    for i, (name, _) in enumerate(layers):
+        if torch.equal(new[i][0], old[i][0]) and torch.equal(new[i][1], old[i][1]):
+            continue  # nothing to try
+        restore_scales([layers[i]], [new[i]])
+        trial = float(evaluate())
+        if trial <= loss:  # NaN is never <=: rejected
+            loss = trial
+        else:
+            restore_scales([layers[i]], [old[i]])
+            rejected.append(name)
+    return loss, tuple(rejected)
 
 
 def scale_snapshot(layers: list[tuple[str, NVFP4Linear]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
