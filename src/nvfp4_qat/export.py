@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -45,6 +44,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nvfp4_qat._export_files import (
+    INDEX_FILE,
+    QUANT_CONFIG_FILE,
+    SINGLE_FILE,
+    check_export_path,
+    clean_stale,
+    fsync_tree,
+    make_tmp,
+    recover,
+    replace,
+)
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
 from nvfp4_qat.format import E2M1_VALUES, block_codes, e2m1_magnitude, global_scale
 from nvfp4_qat.modules import NVFP4Linear
@@ -52,9 +62,6 @@ from nvfp4_qat.modules import NVFP4Linear
 __all__ = ["export_nvfp4", "load_nvfp4", "pack_nvfp4", "unpack_nvfp4", "parse_shard_size"]
 
 GROUP_SIZE = 16
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-QUANT_CONFIG_FILE = "hf_quant_config.json"
 _META_KEY = "nvfp4_qat"
 _BUFFERS = ("block_amax", "global_amax", "input_amax")  # ours: never exported
 _SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
@@ -350,22 +357,6 @@ def _write(
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Move the finished folder into place; an existing target is swapped out first, then deleted."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, holder / "old")
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(holder / "old", target)  # put the old checkpoint back
-        holder.rmdir()
-        raise
-    shutil.rmtree(holder, ignore_errors=True)
-
-
 def export_nvfp4(
     model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "5GB", overwrite: bool = False
 ) -> Path:
@@ -374,24 +365,28 @@ def export_nvfp4(
     Each :class:`~nvfp4_qat.modules.NVFP4Linear` is packed with its current ``block_amax`` and
     ``global_amax`` (the scales the QAT forward uses), so :func:`load_nvfp4` gives back exactly the
     fake-quantized weights. All checks run before anything touches the disk; the files are written
-    into a hidden folder beside ``path`` that is renamed into place only when complete, and removed on
-    any error.
+    into a hidden folder beside ``path``, flushed to disk and renamed into place only when complete,
+    and removed on any error. Hidden folders that killed exports to the same ``path`` left behind
+    are cleaned up first (:mod:`nvfp4_qat._export_files`).
 
     Args:
         model: a model prepared with :func:`~nvfp4_qat.quantize_model` (any device).
         path: output folder; created with its parents.
         max_shard_size: bytes per safetensors file (int, or a string like ``"5GB"``/``"2GiB"``); a
             larger model is written as shards plus ``model.safetensors.index.json``.
-        overwrite: replace an existing non-empty ``path``.
+        overwrite: replace an existing non-empty ``path``, which must hold a previous export of this
+            package and nothing else (other files are never deleted).
 
     Returns:
         The absolute path written.
 
     Raises:
         ValueError: no NVFP4 layers; NaN/Inf weights or scales (naming the layer); uncalibrated
-            activation scales; a bad ``max_shard_size``.
+            activation scales; a bad ``max_shard_size``; ``path`` empty, the current directory, one
+            of its parents or the home folder.
         TypeError: ``model`` or ``path`` of the wrong type.
-        FileExistsError: ``path`` is a file, or a non-empty folder and ``overwrite`` is False.
+        FileExistsError: ``path`` is a file; a non-empty folder and ``overwrite`` is False; with
+            ``overwrite``, a folder holding anything besides a previous export.
         OSError: ``path`` cannot be written (the message names it).
     """
     if not isinstance(model, nn.Module):
@@ -399,24 +394,20 @@ def export_nvfp4(
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     max_bytes = parse_shard_size(max_shard_size)
-    target = Path(path).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"export path {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"export path {target} is a non-empty directory; pass overwrite=True to replace it"
-        )
+    target = check_export_path(path, overwrite=overwrite)
     with torch.no_grad():
         tensors, meta = _export_state(model)
     quant_config = _quant_config(model)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        clean_stale(target)  # hidden folders of killed exports to this target
+        tmp = make_tmp(target)
     except OSError as err:
         raise type(err)(f"cannot write the NVFP4 checkpoint to {target}: {err}") from err
     try:
         _write(tmp, model, tensors, meta, quant_config, max_bytes)
-        _replace(tmp, target)
+        fsync_tree(tmp)  # the data is on disk before the rename makes it the checkpoint
+        replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -477,7 +468,10 @@ def load_nvfp4(path: str | os.PathLike, *, dequantize: bool = True) -> dict[str,
     tensors: dict[str, torch.Tensor] = {}
     dtypes: dict[str, str] = {}
     aliases: dict[str, str] = {}
-    for file in _checkpoint_files(Path(path).expanduser()):
+    folder = Path(path).expanduser().absolute()
+    if not folder.exists():
+        recover(folder)  # an export killed mid-swap left the previous checkpoint in a hidden folder
+    for file in _checkpoint_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             meta = json.loads((handle.metadata() or {}).get(_META_KEY, "{}"))
             dtypes.update(meta.get("dtypes", {}))
