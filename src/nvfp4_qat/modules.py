@@ -253,6 +253,9 @@ class NVFP4Linear(nn.Linear):
         Args:
             mode: ``"max"`` or ``"mse"``; default ``config.init_calibration``. Nothing happens on
                 the ``meta`` device.
+
+        Raises:
+            ValueError: the weight holds NaN or Inf (no scale is written).
         """
         mode = self.config.init_calibration if mode is None else mode
         check_choice(mode, ("max", "mse"), "mode")
@@ -260,6 +263,12 @@ class NVFP4Linear(nn.Linear):
             return
         with torch.no_grad():
             g, block = max_block_amax(self.weight)
+            if not bool(torch.isfinite(g)):  # NaN/Inf weight: every scale would be NaN or Inf
+                bad = int((~torch.isfinite(self.weight)).sum())
+                raise ValueError(
+                    f"weight must be finite for NVFP4 scales, but {bad} of {self.weight.numel()} "
+                    "values are NaN or Inf (fix the weight or its initialisation before quantizing)"
+                )
             if mode == "mse":
                 from nvfp4_qat.sweep import nvfp4_scale_sweep
 
@@ -336,6 +345,24 @@ class NVFP4Linear(nn.Linear):
         linear.bias = self.bias
         linear.train(self.training)
         return linear
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        # A NaN, Inf or negative scale would make every forward NaN (or silently 0): refuse it here,
+        # before anything is copied, so load_state_dict raises instead of loading a broken layer.
+        for name in _SCALE_BUFFERS:
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.is_floating_point():
+                bad = ~(torch.isfinite(t) & (t >= 0))
+                if bool(bad.any()):
+                    error_msgs.append(
+                        f"{prefix + name}: {int(bad.sum())} of {t.numel()} values are NaN, Inf or "
+                        "negative; NVFP4 scales must be finite and >= 0 (the checkpoint is damaged)"
+                    )
+                    return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype), .half(), bf16-true precision plugins would cast the scale buffers too;
