@@ -229,7 +229,9 @@ def _direct_calls(rank: int) -> dict:
                 "after": _scales(m),
                 "warnings": [str(w.message) for w in caught if "non-finite" in str(w.message)],
             }
-    out["replicated"]["foreign_nan"] = _try_replicated(rank, lambda m: m["d"].weight[0, 0].fill_(float("nan")))
+    out["replicated"]["foreign_nan"] = _try_replicated(
+        rank, lambda m: m["d"].weight[0, 0].fill_(float("nan"))
+    )
     out["replicated"]["diverged"] = _try_replicated(rank, lambda m: [p.mul_(1.5) for p in m.parameters()])
     return out
 
