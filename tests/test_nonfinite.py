@@ -67,3 +67,45 @@ def test_load_state_dict_refuses_bad_scales(buffer, value):
     assert all(torch.equal(layer.state_dict()[k], before[k]) for k in before)  # nothing loaded
     with pytest.raises(RuntimeError, match=buffer):
         nn.Sequential(layer).load_state_dict({f"0.{k}": v for k, v in state.items()}, strict=False)
+
+
+# --- W4A4: the running input max (item 4) -------------------------------------------------------
+
+
+def w4a4_layer():
+    torch.manual_seed(0)
+    return NVFP4Linear.from_linear(nn.Linear(32, 8), QATConfig(quantize_activations=True)).train()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_a_non_finite_activation_is_not_folded_into_input_amax(value):
+    layer = w4a4_layer()
+    x = torch.randn(4, 32)
+    layer(x)
+    amax = layer.input_amax.clone()
+    assert float(amax) == float(x.abs().amax())
+    bad = x.clone()
+    bad[1, 2] = value
+    out = layer(bad)
+    assert torch.equal(layer.input_amax, amax) and int(layer.nonfinite_input_batches) == 1
+    assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()  # only the bad row's output
+    # Later batches are quantized as before the bad one: nothing was poisoned.
+    clean = layer(x)
+    with torch.no_grad():
+        reference = w4a4_layer()
+        reference(x)
+        assert torch.equal(clean, reference(x))
+
+
+def test_reset_input_amax_recovers_from_an_outlier():
+    layer = w4a4_layer()
+    x = torch.randn(4, 32)
+    outlier = x.clone()
+    outlier[0, 0] = 1e30  # finite: a running max keeps it, every later input quantizes to 0
+    layer(outlier)
+    assert layer.input_amax == torch.tensor(1e30)
+    assert torch.equal(layer(x), layer.bias.expand(4, 8))  # exactly the bias, as issue 13 found
+    layer.reset_input_amax()
+    assert float(layer.input_amax) == 0.0 and int(layer.nonfinite_input_batches) == 0
+    assert torch.equal(layer(x), w4a4_layer()(x))
+    assert "nonfinite_input_batches" not in layer.state_dict()
