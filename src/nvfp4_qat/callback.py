@@ -22,6 +22,7 @@ per-step hook compares two integers.
 
 from __future__ import annotations
 
+import glob
 import re
 import time
 from dataclasses import asdict
@@ -97,7 +98,7 @@ def restore_quantization(module: Any, checkpoint: dict[str, Any]) -> bool:
     meta = checkpoint.get(CHECKPOINT_KEY)
     if not meta or nvfp4_layers(module):
         return False
-    names = tuple(meta["layers"])
+    names = tuple(glob.escape(name) for name in meta["layers"])  # names, not patterns: h.h[0] is literal
     config = QATConfig.from_dict(meta["config"]).replace(include=names, exclude=(), init_calibration="max")
     quantize_model(module, config)
     return True
