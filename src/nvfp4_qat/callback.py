@@ -22,7 +22,6 @@ per-step hook compares two integers.
 
 from __future__ import annotations
 
-import glob
 import re
 import time
 from dataclasses import asdict
@@ -98,6 +97,8 @@ def restore_quantization(module: Any, checkpoint: dict[str, Any]) -> bool:
     meta = checkpoint.get(CHECKPOINT_KEY)
     if not meta or nvfp4_layers(module):
         return False
+    import glob
+
     names = tuple(glob.escape(name) for name in meta["layers"])  # names, not patterns: h.h[0] is literal
     config = QATConfig.from_dict(meta["config"]).replace(include=names, exclude=(), init_calibration="max")
     quantize_model(module, config)
@@ -107,8 +108,9 @@ def restore_quantization(module: Any, checkpoint: dict[str, Any]) -> bool:
 def _check_export_target(export_path: str, trainer: pl.Trainer) -> None:
     """Refuse, before training, an export path the end-of-fit export could not or must not replace.
 
-    The export replaces its folder as a whole, so the folder must be new, empty or a previous
-    export of this package, and must not hold the run's own outputs (checkpoints, logs).
+    ``NVFP4Recalibration(export_path=...)`` exports at the end of fit by replacing the folder as a
+    whole, so the folder must be new, empty or a previous export of this package, and must not
+    hold the run's own outputs (checkpoints, logs). ``setup`` runs this for the ``fit`` stage.
     """
     from pathlib import Path
 
@@ -149,9 +151,7 @@ class NVFP4Recalibration(Callback):
         log_per_layer: also log each layer's weight MSE before/after and changed-scale fraction.
         on_nonfinite: a non-finite weight at recalibration: ``"raise"`` (on every rank, before any
             scale is written) or ``"skip"`` the layer (it keeps its scales; a warning names it).
-        export_path: if set, export a deployable NVFP4 checkpoint there when fit ends. The folder
-            must be new, empty or a previous export (it is replaced); ``setup`` checks it before
-            training and refuses a folder holding other files or the run's outputs.
+        export_path: if set, export a deployable NVFP4 checkpoint there when fit ends.
     """
 
     def __init__(
