@@ -302,3 +302,16 @@ def test_config_excludes_layers(tmp_path):
     cb = NVFP4Recalibration(quant_config=QATConfig(exclude=("net.2",)))
     trainer(tmp_path, [cb], max_steps=1).fit(model, loader())
     assert isinstance(model.net[0], NVFP4Linear) and not isinstance(model.net[2], NVFP4Linear)
+
+
+def test_restore_quantization_reads_layer_names_literally():
+    # Issue 13: saved names were read as globs, so a layer named `h.h[0]` quantized `h.h0` instead.
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = nn.ModuleDict({"h[0]": nn.Linear(32, 32), "h0": nn.Linear(32, 32)})
+
+    checkpoint = {"nvfp4_qat": {"layers": ["h.h[0]"], "config": QATConfig().__dict__}}
+    model = Odd()
+    assert restore_quantization(model, checkpoint)
+    assert [name for name, _ in nvfp4_layers(model)] == ["h.h[0]"]

@@ -258,3 +258,51 @@ def test_reference_and_triton_calibrators_give_identical_scales(tmp_path):
     layers, blocks, differing, same_layers = out
     assert (int(layers), int(blocks), same_layers) == (1, 3072, "True")
     assert int(differing) == 0, f"{differing} of {blocks} block scales differ between reference and triton"
+
+
+# ---- early checks (issue 13 item 5, issue 16 item 3): before any training, naming the key -------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["stages.qat.steps=-1"], "stages.qat.steps must be an integer >= 0"),
+        (["stages.fp.steps=abc"], "stages.fp.steps must be an integer >= 0"),
+        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["stages.qat.lr=fast"], "stages.qat.lr must be a number > 0"),
+        (["callback.every_n_train_steps=-1"], "callback: `every_n_train_steps` must be an int >= 0, got -1"),
+        (["quant.gradient=magic"], "quant: "),
+        (["callback.export_path=."], "callback.export_path cannot be used: export path '.'"),
+        (["trainer.max_steps=10"], "trainer.max_steps is set by the command for each stage"),
+        (["+trainer.max_steps=10"], "trainer.max_steps is set by the command for each stage"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_bad_values_fail_before_training(monkeypatch, capsys, tmp_path, args, expected):
+    import lightning.pytorch as pl
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before the config was checked")
+
+    monkeypatch.setattr(pl.Trainer, "fit", no_training)
+    err = fail_cli(monkeypatch, capsys, *args, f"hydra.run.dir={tmp_path}")
+    assert expected in err, err
+
+
+def test_tensorboard_logger_without_tensorboard_names_the_extra(monkeypatch, capsys, tmp_path):
+    from nvfp4_qat.lm import checks
+
+    monkeypatch.setattr(checks, "_module_available", lambda name: False)
+    err = fail_cli(monkeypatch, capsys, "logger=tensorboard", f"hydra.run.dir={tmp_path}")
+    assert "pip install 'nvfp4_qat[tensorboard]'" in err
+
+
+def test_logger_null_runs_and_keeps_checkpoints_in_the_run_dir(monkeypatch, capsys, tmp_path):
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    monkeypatch.chdir(launch)
+    run_dir = tmp_path / "run"
+    run_cli(monkeypatch, *TINY, "logger=null", "plot=false", f"hydra.run.dir={run_dir}")
+    assert os.listdir(launch) == []  # nothing written into the launch directory
+    ckpts = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.ckpt"))
+    assert len(ckpts) == 2 and ckpts[0].startswith("logs/fp/") and ckpts[1].startswith("logs/qat/"), ckpts

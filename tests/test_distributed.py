@@ -229,7 +229,26 @@ def _direct_calls(rank: int) -> dict:
                 "after": _scales(m),
                 "warnings": [str(w.message) for w in caught if "non-finite" in str(w.message)],
             }
+    out["replicated"]["foreign_nan"] = _try_replicated(
+        rank, lambda m: m["d"].weight[0, 0].fill_(float("nan"))
+    )
+    out["replicated"]["diverged"] = _try_replicated(rank, lambda m: [p.mul_(1.5) for p in m.parameters()])
     return out
+
+
+def _try_replicated(rank: int, spoil) -> dict:
+    """recalibrate_distributed on replicated layers that ``spoil`` changed on rank 1 only."""
+    m = _layers()
+    before = _scales(m)
+    if rank == 1:
+        with torch.no_grad():
+            spoil(m)
+    try:
+        recalibrate_distributed(m)
+        result = "returned"
+    except (ValueError, RuntimeError) as err:
+        result = f"{type(err).__name__}: {err}"
+    return {"result": result, "unchanged": all(torch.equal(v, before[k]) for k, v in _scales(m).items())}
 
 
 def _trainer(strategy, callbacks: list, logger) -> pl.Trainer:
@@ -385,3 +404,23 @@ def test_direct_nonfinite_weight_seen_by_one_rank(runs, layout):
             assert torch.equal(v, expected), (rank, k)
         expected_warnings = ["recalibrate skipped 1 layer(s) with non-finite weights, scales kept: ['b']"]
         assert skipped["warnings"] == (expected_warnings if rank == 0 else []), rank
+
+
+def test_direct_nan_in_a_layer_another_rank_owns_makes_every_rank_raise(runs):
+    """Issue 13: a NaN only on rank 1 in layer d, which rank 0 sweeps, returned normally on both."""
+    _, ranks = runs
+    for rank, out in enumerate(ranks):
+        got = out["direct"]["replicated"]["foreign_nan"]
+        assert got["result"].startswith("ValueError: non-finite (NaN/Inf) weights in layer 'd'"), rank
+        assert got["unchanged"], rank
+
+
+def test_direct_diverged_replicas_make_every_rank_raise(runs):
+    """Issue 13: rank 1's weights scaled by 1.5 went unnoticed, each rank taking the other's scales."""
+    _, ranks = runs
+    for rank, out in enumerate(ranks):
+        got = out["direct"]["replicated"]["diverged"]
+        assert got["result"].startswith(
+            "RuntimeError: replicated weights differ between ranks in 4 layer(s), e.g. ['a', 'b', 'c', 'd']"
+        ), (rank, got["result"])
+        assert got["unchanged"], rank

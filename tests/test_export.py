@@ -376,7 +376,12 @@ def test_existing_target_needs_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_nvfp4(prepared(), target)
     assert os.listdir(target) == ["old.txt"]
-    export_nvfp4(prepared(), target, overwrite=True)
+    with pytest.raises(FileExistsError, match="not an NVFP4 export.*old.txt"):
+        export_nvfp4(prepared(), target, overwrite=True)  # never deletes a file it did not write
+    assert os.listdir(target) == ["old.txt"]
+    (target / "old.txt").unlink()
+    export_nvfp4(prepared(), target)
+    export_nvfp4(prepared(seed=1), target, overwrite=True)  # a previous export is replaced
     assert sorted(os.listdir(target)) == ["hf_quant_config.json", "model.safetensors"]
     assert leftovers(tmp_path) == []
     (tmp_path / "empty").mkdir()  # an empty folder is fine without overwrite

@@ -30,13 +30,17 @@ def interpret(monkeypatch):
 
 
 def assert_bits_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Bitwise equality (so -0.0 != +0.0); the message counts differing elements and blocks."""
+    """Bitwise equality (so -0.0 != +0.0) except that any NaN equals any NaN (the sign and payload of
+    a NaN are not part of the format: PyTorch's own bf16 cast makes every NaN 0xFFFF on the CPU);
+    the message counts differing elements and blocks."""
     assert out.shape == ref.shape and out.dtype == ref.dtype
     a, b = out.contiguous().view(INT_VIEW[out.dtype]), ref.contiguous().view(INT_VIEW[ref.dtype])
-    diff = (a != b).reshape(-1, 16 if a.numel() % 16 == 0 else 1)  # blocks of the last dim
+    both_nan = out.isnan() & ref.isnan()
+    diff = ((a != b) & ~both_nan).reshape(-1, 16 if a.numel() % 16 == 0 else 1)  # blocks of the last dim
     n_el, n_bl = int(diff.sum()), int(diff.any(dim=1).sum())
     assert n_el == 0, f"{n_el} elements in {n_bl} of {diff.shape[0]} blocks differ"
-    assert torch.equal(out, ref)
+    nan = out.isnan()  # torch.equal with equal_nan: the same NaNs, and the rest equal
+    assert torch.equal(nan, ref.isnan()) and torch.equal(out[~nan], ref[~nan])
 
 
 def max_amax(x: torch.Tensor):
@@ -125,8 +129,26 @@ def test_interpreter_midpoints_and_special_values(interpret, dtype):
     for x, block, g in (midpoint_walk(dtype), special_values_case(dtype)):
         assert_bits_equal(fake_quant_triton(x, block, g), fake_quantize_nvfp4(x, block, g))
     x, block, _ = special_values_case(dtype)
-    zero = torch.tensor(0.0)  # s2 == 0: every output is a signed zero, never NaN
-    assert_bits_equal(fake_quant_triton(x, block, zero), fake_quantize_nvfp4(x, block, zero))
+    zero = torch.tensor(0.0)  # s2 == 0: every finite input gives a signed zero, never NaN
+    out = fake_quant_triton(x, block, zero)
+    assert_bits_equal(out, fake_quantize_nvfp4(x, block, zero))
+    assert torch.equal(out.isnan(), ~torch.isfinite(x)) and not out.isinf().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_input_gives_nan_in_every_implementation(interpret, dtype, value):
+    # Issue 13: NaN came out as 0 and Inf as 6 * e * s2, so a NaN weight gave a finite loss.
+    x, block, g = random_case((8, 64), dtype, 3)
+    x[2, 17] = float(value)
+    x[5] = float(value)  # a whole row: its blocks' scales stay finite (stale)
+    ref = fake_quantize_nvfp4(x, block, g)
+    assert torch.equal(ref.isnan(), ~torch.isfinite(x)), "reference: NaN exactly where x is not finite"
+    assert_bits_equal(fake_quant_triton(x, block, g), ref)
+    finite = torch.isfinite(x)
+    clean = torch.where(finite, x, torch.zeros_like(x))
+    # Every finite element keeps its old bits.
+    assert torch.equal(ref[finite], fake_quantize_nvfp4(clean, block, g)[finite])
 
 
 def test_interpreter_non_contiguous_input(interpret):

@@ -36,6 +36,8 @@ def check_x(x: object, block_size: object, *, name: str = "x") -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise TypeError(f"{name} must have a floating dtype in ({allowed}), got {x.dtype}")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device (no data); materialize it first")
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError(f"{name} must be a non-empty tensor with at least 1 dim, got shape {tuple(x.shape)}")
     if x.shape[-1] % bs != 0:

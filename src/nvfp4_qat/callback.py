@@ -102,10 +102,38 @@ def restore_quantization(module: Any, checkpoint: dict[str, Any]) -> bool:
     meta = checkpoint.get(CHECKPOINT_KEY)
     if not meta or nvfp4_layers(module):
         return False
-    names = tuple(meta["layers"])
+    import glob
+
+    names = tuple(glob.escape(name) for name in meta["layers"])  # names, not patterns: h.h[0] is literal
     config = QATConfig.from_dict(meta["config"]).replace(include=names, exclude=(), init_calibration="max")
     quantize_model(module, config)
     return True
+
+
+def _check_export_target(export_path: str, trainer: pl.Trainer) -> None:
+    """Refuse, before training, an export path the end-of-fit export could not or must not replace.
+
+    ``NVFP4Recalibration(export_path=...)`` exports at the end of fit by replacing the folder as a
+    whole, so the folder must be new, empty or a previous export of this package, and must not
+    hold the run's own outputs (checkpoints, logs). ``setup`` runs this for the ``fit`` stage.
+    """
+    from pathlib import Path
+
+    from nvfp4_qat._export_files import check_export_path
+
+    try:
+        target = check_export_path(export_path, overwrite=True).resolve()
+    except (ValueError, OSError) as err:
+        raise ValueError(f"`export_path` {export_path!r} cannot be used: {err}") from err
+    outputs = [("default_root_dir", trainer.default_root_dir)]
+    outputs += [("logger save_dir", logger.save_dir) for logger in trainer.loggers]
+    outputs += [("ModelCheckpoint dirpath", cb.dirpath) for cb in trainer.checkpoint_callbacks]
+    for label, folder in outputs:
+        if folder is not None and target in (p := Path(folder).expanduser().resolve(), *p.parents):
+            raise ValueError(
+                f"`export_path` {export_path!r} would replace the run's {label} {folder}: the export "
+                "replaces its folder as a whole at the end of fit; choose a folder of its own"
+            )
 
 
 class NVFP4Recalibration(Callback):
@@ -237,6 +265,8 @@ class NVFP4Recalibration(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
+        if stage == "fit" and self.export_path is not None:
+            _check_export_target(self.export_path, trainer)
         if not nvfp4_layers(pl_module):
             quantize_model(pl_module, self.quant_config)
             if not nvfp4_layers(pl_module):

@@ -26,7 +26,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from nvfp4_qat.lm.checks import UsageError, check_group_choices, preflight
+from nvfp4_qat.lm.checks import UsageError, check_group_choices, normalize_overrides, preflight
 
 __all__ = ["CONFIG_NAME", "CONFIG_PATH", "main", "run"]
 
@@ -95,6 +95,7 @@ def main() -> None:
     """Console-script entry point: check option names, then hand ``sys.argv`` to Hydra."""
     try:
         check_group_choices(sys.argv[1:])
+        sys.argv[1:] = normalize_overrides(sys.argv[1:])
     except UsageError as err:
         _fail(err)
     _hydra_main()

@@ -156,11 +156,55 @@ def _check_and_reduce_amax(
     finite = finite_flags([sse[i][0] if i in sse else None for i in checked], lambda k: parts[checked[k]])
     flags = torch.zeros(len(layers), dtype=torch.float32)
     flags[[i for i, ok in zip(checked, finite, strict=True) if not ok]] = 1.0
-    reduced = torch.cat([flags.to(device), *(a.reshape(1) for a in amax.values())])
+    flags = flags.to(device)
+    # A replica this rank does not sweep is checked too (one read, no host sync): a NaN there would
+    # otherwise stay unseen, since its owner's copy is finite and its scales come from the owner.
+    others = [i for i, p in enumerate(plan) if isinstance(p, int) and p != rank]
+    if others:
+        nonfinite = [(~torch.isfinite(layers[i][1].weight.detach())).any().to(device) for i in others]
+        flags[others] = torch.stack(nonfinite).to(torch.float32)
+    reduced = torch.cat([flags, *(a.reshape(1) for a in amax.values())])
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
     bad = {i for i, flag in enumerate(reduced[: len(layers)].tolist()) if flag}
     g = {i: reduced[len(layers) + k].clone() for k, i in enumerate(amax)}
     return sse, g, bad
+
+
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _bit_sum(w: torch.Tensor) -> torch.Tensor:
+    """int64 sum of the weight's bit patterns: exact and independent of the summation order, so
+    replicas give the same value on every rank exactly when (almost surely) their bits agree."""
+    w = w.detach().contiguous()
+    bits = w.view(_BITS[w.dtype]) if w.dtype in _BITS else w.to(torch.float32).view(torch.int32)
+    return bits.sum(dtype=torch.int64)
+
+
+def _check_replicas(
+    layers: list[tuple[str, NVFP4Linear]], plan: list[int | str], bad: set[int], device: torch.device
+) -> None:
+    """Raise on every rank if replicated weights differ between ranks (one int64 all-reduce).
+
+    Each replicated layer is swept by one rank and its scales are copied to the others, so a rank
+    whose weights drifted would silently get scales computed from another rank's weights.
+    Layers with non-finite weights (``bad``) are left to the non-finite policy.
+    """
+    replicated = [i for i, p in enumerate(plan) if isinstance(p, int) and i not in bad]
+    if not replicated:
+        return
+    sums = torch.stack([_bit_sum(layers[i][1].weight).to(device) for i in replicated])
+    both = torch.cat([sums, -sums])  # one MAX gives the largest and (negated) the smallest checksum
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = both[: len(replicated)].tolist(), [-v for v in both[len(replicated) :].tolist()]
+    diverged = [layers[i][0] for k, i in enumerate(replicated) if high[k] != low[k]]
+    if diverged:
+        raise RuntimeError(
+            f"replicated weights differ between ranks in {len(diverged)} layer(s), e.g. {diverged[:5]}: "
+            "recalibrate_distributed sweeps each replicated layer on one rank and copies its scales, "
+            "so every rank must hold the same weights (as DDP keeps them); no scale was changed. "
+            "Look for rank-dependent weight updates or a checkpoint loaded on some ranks only"
+        )
 
 
 def _sweep_own_rows(
@@ -227,8 +271,10 @@ def recalibrate_distributed(
     """:func:`~nvfp4_qat.recalibrate` with the sweep split across the ranks of the default group.
 
     A collective: every rank must call it, at the same point, on the same model structure. Plain
-    weights must be replicas (as under DDP): the owner's scales are broadcast to every rank. With
-    no process group, or a world of one, this is :func:`~nvfp4_qat.recalibrate`.
+    weights must be replicas (as under DDP): the owner's scales are broadcast to every rank. Every
+    rank checks every replica it holds for NaN/Inf, and an all-reduced checksum of the replicas'
+    bits (exact, order-independent) catches ranks whose weights diverged. With no process group,
+    or a world of one, this is :func:`~nvfp4_qat.recalibrate`.
 
     Args:
         model: holds ``NVFP4Linear`` layers with plain (replicated) or FSDP2 ``DTensor`` weights.
@@ -250,6 +296,8 @@ def recalibrate_distributed(
 
     Raises:
         TypeError, ValueError: as :func:`~nvfp4_qat.recalibrate`.
+        RuntimeError: replicated weights differ between ranks (raised on every rank, before any
+            scale is written).
     """
     world = distributed_world_size()
     chosen = resolve_policy(policy)
@@ -265,6 +313,7 @@ def recalibrate_distributed(
     with torch.no_grad():
         sse_before, g_rows, bad = _check_and_reduce_amax(layers, plan, rank, device)
         apply_nonfinite_policy([layers[i][0] for i in sorted(bad)], on_nonfinite, warn=rank == 0)
+        _check_replicas(layers, plan, bad, device)
         # stats[i] = [sse_before, sse_after, n_changed, energy, amax_before, amax_after, seconds]:
         # each rank writes what it knows and leaves zeros elsewhere, so one SUM gives every rank
         # every value exactly (x + 0 == x); a row shard's sums add up over the ranks.

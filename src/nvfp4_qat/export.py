@@ -37,14 +37,23 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nvfp4_qat._export_files import (
+    INDEX_FILE,
+    QUANT_CONFIG_FILE,
+    SINGLE_FILE,
+    check_export_path,
+    clean_stale,
+    fsync_tree,
+    make_tmp,
+    replace,
+)
+from nvfp4_qat._load import load_nvfp4, tensor_crc32
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
 from nvfp4_qat.format import E2M1_VALUES, block_codes, e2m1_magnitude, global_scale
 from nvfp4_qat.modules import NVFP4Linear
@@ -52,13 +61,8 @@ from nvfp4_qat.modules import NVFP4Linear
 __all__ = ["export_nvfp4", "load_nvfp4", "pack_nvfp4", "unpack_nvfp4", "parse_shard_size"]
 
 GROUP_SIZE = 16
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-QUANT_CONFIG_FILE = "hf_quant_config.json"
 _META_KEY = "nvfp4_qat"
 _BUFFERS = ("block_amax", "global_amax", "input_amax")  # ours: never exported
-_SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 _ROWS_ELEMENTS = 1 << 22  # elements per packing chunk: bounds the fp32 temporaries (~50 MiB)
 
 
@@ -332,10 +336,12 @@ def _write(
     folder: Path, model: nn.Module, tensors: dict, meta: dict, quant_config: dict, max_bytes: int
 ) -> None:
     shards = _shards(tensors, max_bytes)
-    header = {"format": "pt", _META_KEY: json.dumps(meta, sort_keys=True)}
     weight_map = {}
     for i, keys in enumerate(shards, start=1):
         name = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        # A CRC-32 per tensor lets load_nvfp4 tell a damaged payload from a good one.
+        shard_meta = {**meta, "crc32": {k: tensor_crc32(tensors[k]) for k in keys}}
+        header = {"format": "pt", _META_KEY: json.dumps(shard_meta, sort_keys=True)}
         save_file({k: tensors[k] for k in keys}, str(folder / name), metadata=header)
         weight_map.update(dict.fromkeys(keys, name))
     if len(shards) > 1:
@@ -350,22 +356,6 @@ def _write(
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Move the finished folder into place; an existing target is swapped out first, then deleted."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, holder / "old")
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(holder / "old", target)  # put the old checkpoint back
-        holder.rmdir()
-        raise
-    shutil.rmtree(holder, ignore_errors=True)
-
-
 def export_nvfp4(
     model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "5GB", overwrite: bool = False
 ) -> Path:
@@ -374,24 +364,28 @@ def export_nvfp4(
     Each :class:`~nvfp4_qat.modules.NVFP4Linear` is packed with its current ``block_amax`` and
     ``global_amax`` (the scales the QAT forward uses), so :func:`load_nvfp4` gives back exactly the
     fake-quantized weights. All checks run before anything touches the disk; the files are written
-    into a hidden folder beside ``path`` that is renamed into place only when complete, and removed on
-    any error.
+    into a hidden folder beside ``path``, flushed to disk and renamed into place only when complete,
+    and removed on any error. Hidden folders that killed exports to the same ``path`` left behind
+    are cleaned up first (:mod:`nvfp4_qat._export_files`).
 
     Args:
         model: a model prepared with :func:`~nvfp4_qat.quantize_model` (any device).
         path: output folder; created with its parents.
         max_shard_size: bytes per safetensors file (int, or a string like ``"5GB"``/``"2GiB"``); a
             larger model is written as shards plus ``model.safetensors.index.json``.
-        overwrite: replace an existing non-empty ``path``.
+        overwrite: replace an existing non-empty ``path``, which must hold a previous export of this
+            package and nothing else (other files are never deleted).
 
     Returns:
         The absolute path written.
 
     Raises:
         ValueError: no NVFP4 layers; NaN/Inf weights or scales (naming the layer); uncalibrated
-            activation scales; a bad ``max_shard_size``.
+            activation scales; a bad ``max_shard_size``; ``path`` empty, the current directory, one
+            of its parents or the home folder.
         TypeError: ``model`` or ``path`` of the wrong type.
-        FileExistsError: ``path`` is a file, or a non-empty folder and ``overwrite`` is False.
+        FileExistsError: ``path`` is a file; a non-empty folder and ``overwrite`` is False; with
+            ``overwrite``, a folder holding anything besides a previous export.
         OSError: ``path`` cannot be written (the message names it).
     """
     if not isinstance(model, nn.Module):
@@ -399,24 +393,20 @@ def export_nvfp4(
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     max_bytes = parse_shard_size(max_shard_size)
-    target = Path(path).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"export path {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"export path {target} is a non-empty directory; pass overwrite=True to replace it"
-        )
+    target = check_export_path(path, overwrite=overwrite)
     with torch.no_grad():
         tensors, meta = _export_state(model)
     quant_config = _quant_config(model)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        clean_stale(target)  # hidden folders of killed exports to this target
+        tmp = make_tmp(target)
     except OSError as err:
         raise type(err)(f"cannot write the NVFP4 checkpoint to {target}: {err}") from err
     try:
         _write(tmp, model, tensors, meta, quant_config, max_bytes)
-        _replace(tmp, target)
+        fsync_tree(tmp)  # the data is on disk before the rename makes it the checkpoint
+        replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -424,84 +414,3 @@ def export_nvfp4(
 
 
 # --------------------------------------------------------------------------- load
-
-
-def _checkpoint_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        if (path / INDEX_FILE).is_file():
-            path = path / INDEX_FILE
-        elif (path / SINGLE_FILE).is_file():
-            return [path / SINGLE_FILE]
-        else:
-            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-    if not path.is_file():
-        raise FileNotFoundError(f"no NVFP4 checkpoint at {path}")
-    if path.suffix == ".safetensors":
-        return [path]
-    if path.suffix != ".json":
-        raise ValueError(
-            f"path must be a checkpoint folder, a .safetensors file or an index .json, got {path}"
-        )
-    index = json.loads(path.read_text())
-    names = sorted(set(index.get("weight_map", {}).values()))
-    missing = [n for n in names if not (path.parent / n).is_file()]
-    if not names or missing:
-        raise FileNotFoundError(f"index {path} lists shards that are missing: {missing or 'none listed'}")
-    return [path.parent / n for n in names]
-
-
-def load_nvfp4(path: str | os.PathLike, *, dequantize: bool = True) -> dict[str, torch.Tensor]:
-    """Read an NVFP4 checkpoint (ours or ModelOpt's layout), single-file or sharded, onto the CPU.
-
-    With ``dequantize=True`` every quantized layer's ``weight`` comes back dequantized in its original
-    dtype (recorded at export; bf16 for checkpoints without our metadata) and its scale tensors are
-    dropped, so the result loads with ``strict=True`` into the plain (unquantized) model::
-
-        plain_model.load_state_dict(load_nvfp4(path))
-
-    Tied tensors written once are restored under every name.
-
-    Args:
-        path: the checkpoint folder, one ``.safetensors`` file, or an index ``.json``.
-        dequantize: False returns the stored tensors as they are (packed uint8 weights, FP8 scales).
-
-    Returns:
-        ``{name: tensor}``.
-
-    Raises:
-        FileNotFoundError: no checkpoint (or a missing shard) at ``path``.
-        ValueError: a quantized layer whose tensors do not fit together (naming the layer).
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    tensors: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, str] = {}
-    aliases: dict[str, str] = {}
-    for file in _checkpoint_files(Path(path).expanduser()):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            meta = json.loads((handle.metadata() or {}).get(_META_KEY, "{}"))
-            dtypes.update(meta.get("dtypes", {}))
-            aliases.update(meta.get("aliases", {}))
-            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118
-    for alias, source in aliases.items():  # before dequantizing: a shared layer is one per name
-        tensors[alias] = tensors[source]
-    if dequantize:
-        layers = [k[: -len("weight_scale_2")].rstrip(".") for k in tensors if k.endswith("weight_scale_2")]
-        for name in layers:
-            keys = {s: _join(name, s) for s in ("weight", *_SCALE_SUFFIXES)}
-            if keys["weight"] not in tensors or keys["weight_scale"] not in tensors:
-                raise ValueError(f"layer {name!r} has weight_scale_2 but no weight or weight_scale")
-            dtype = _DTYPES.get(dtypes.get(name, ""), torch.bfloat16)
-            try:
-                w = unpack_nvfp4(
-                    tensors[keys["weight"]],
-                    tensors[keys["weight_scale"]],
-                    tensors[keys["weight_scale_2"]],
-                    dtype,
-                )
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"layer {name!r}: {err}") from err
-            for s in _SCALE_SUFFIXES:
-                tensors.pop(keys[s], None)
-            tensors[keys["weight"]] = w
-    return tensors

@@ -20,6 +20,10 @@ Definition, to the last rounding step (all arithmetic in fp32, every division co
   The products ``midpoint * e`` are exact in fp32 (a 3-bit midpoint times a 4-bit FP8 code), so
   the only rounding before the decision is the one in ``u``. ``e == 0`` gives 0.
 * Output ``sign(x) * (q * (e * s2))`` in fp32, cast back to ``x.dtype``.
+* A non-finite ``x`` (NaN, +-Inf) gives NaN, whatever the scales: a NaN weight or activation must
+  never come out finite (the comparisons above would map NaN to 0 and Inf to ``6 * e * s2``) and
+  so hide a diverged run behind a finite loss. A NaN's sign and payload are not part of the format
+  (PyTorch's own CPU cast to bf16 turns every NaN into 0xFFFF); implementations agree on where NaN is.
 
 Why this form and not the textbook ``q(|x| / (e * s2))``: the deployed checkpoint stores ``e`` and
 ``s2`` and dequantizes to ``q * e * s2``, and the scale sweep can then try 126 codes without a
@@ -217,7 +221,8 @@ def fake_quantize_unchecked(
     q = e2m1_magnitude(u, e)
     scale = e * s2
     # s2 == 0 (all-zero tensor): u is NaN/inf, but e == 0 there, so q == 0 and the output is 0.
-    out = torch.copysign(q * scale, xf)
+    mag = torch.where(torch.isfinite(xf), q * scale, torch.nan)  # NaN/Inf in -> NaN out
+    out = torch.copysign(mag, xf)
     return out.reshape(x.shape).to(x.dtype)
 
 
@@ -237,7 +242,8 @@ def fake_quantize_nvfp4(
         block_size: elements per block (16 for NVFP4).
 
     Returns:
-        Tensor with the shape and dtype of ``x``: ``sign(x) * q * (e * s2)``.
+        Tensor with the shape and dtype of ``x``: ``sign(x) * q * (e * s2)``; NaN where ``x`` is
+        NaN or Inf.
 
     Raises:
         ValueError, TypeError: on bad input, naming the argument.

@@ -183,6 +183,8 @@ class NVFP4Linear(nn.Linear):
       ``config.quantize_activations``; a running max of ``|input|`` updated (without gradient) in
       every training forward and used as is in eval. While it is still 0 (never trained) the eval
       forward uses the current input's max instead, so an uncalibrated layer does not output 0.
+      A batch with NaN/Inf is skipped (not folded in) and counted in the non-persistent int64
+      buffer ``nonfinite_input_batches``; :meth:`reset_input_amax` starts the max afresh.
       Inputs use dynamic per-block amax (their own 16-blocks along the last dim).
 
     The bias stays full precision. ``fake_quant_backend`` (an attribute, not saved) selects the
@@ -218,6 +220,12 @@ class NVFP4Linear(nn.Linear):
         self.register_buffer("block_amax", torch.zeros(out_features, in_features // config.block_size, **kw))
         self.register_buffer("global_amax", torch.zeros((), **kw))
         self.register_buffer("input_amax", torch.zeros((), **kw))
+        # Not saved (checkpoints keep their keys): W4A4 training batches left out of input_amax.
+        self.register_buffer(
+            "nonfinite_input_batches",
+            torch.zeros((), dtype=torch.int64, device=kw["device"]),
+            persistent=False,
+        )
         self.init_scales()
 
     @classmethod
@@ -241,7 +249,7 @@ class NVFP4Linear(nn.Linear):
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", w.dtype, config)
         new.weight = linear.weight
         new.bias = linear.bias
-        for name in _SCALE_BUFFERS:
+        for name in (*_SCALE_BUFFERS, "nonfinite_input_batches"):
             setattr(new, name, torch.zeros_like(getattr(new, name), device=w.device))
         new.train(linear.training)
         new.init_scales()
@@ -253,6 +261,9 @@ class NVFP4Linear(nn.Linear):
         Args:
             mode: ``"max"`` or ``"mse"``; default ``config.init_calibration``. Nothing happens on
                 the ``meta`` device.
+
+        Raises:
+            ValueError: the weight holds NaN or Inf (no scale is written).
         """
         mode = self.config.init_calibration if mode is None else mode
         check_choice(mode, ("max", "mse"), "mode")
@@ -260,6 +271,12 @@ class NVFP4Linear(nn.Linear):
             return
         with torch.no_grad():
             g, block = max_block_amax(self.weight)
+            if not bool(torch.isfinite(g)):  # NaN/Inf weight: every scale would be NaN or Inf
+                bad = int((~torch.isfinite(self.weight)).sum())
+                raise ValueError(
+                    f"weight must be finite for NVFP4 scales, but {bad} of {self.weight.numel()} "
+                    "values are NaN or Inf (fix the weight or its initialisation before quantizing)"
+                )
             if mode == "mse":
                 from nvfp4_qat.sweep import nvfp4_scale_sweep
 
@@ -308,16 +325,34 @@ class NVFP4Linear(nn.Linear):
         self._kernel_state_key = (b, g, (b._version, g._version))
 
     def fake_quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as forward uses it with ``quantize_activations`` (updates ``input_amax`` in training)."""
+        """The input as forward uses it with ``quantize_activations`` (updates ``input_amax`` in training).
+
+        A batch holding NaN or Inf is not folded into ``input_amax`` (one bad batch would otherwise
+        poison every later output); it is counted in ``nonfinite_input_batches`` instead, and its
+        own output is NaN where the input was. No host sync: the skip is a ``torch.where``.
+        """
         cur = x.detach().abs().amax().to(torch.float32)
         if self.training:
             with torch.no_grad():
-                torch.maximum(self.input_amax, cur, out=self.input_amax)
+                finite = torch.isfinite(cur)
+                self.nonfinite_input_batches.add_(~finite)
+                torch.maximum(self.input_amax, torch.where(finite, cur, 0.0), out=self.input_amax)
             g = self.input_amax
         else:
             g = torch.where(self.input_amax > 0, self.input_amax, cur)  # no host sync
         block = x.detach().abs().reshape(-1, 16).amax(dim=-1).to(torch.float32)  # (n_blocks,)
         return NVFP4ActivationSTE.apply(x, block, g, self.fake_quant_backend)
+
+    def reset_input_amax(self) -> None:
+        """Forget the running input max (and the count of skipped batches), in place.
+
+        The running max only grows: after an outlier batch (say one activation of 1e30, which makes
+        every later input quantize to 0) or a change of data, reset it; the next training forward
+        starts a new max, and an eval forward uses each input's own max until then.
+        """
+        with torch.no_grad():
+            self.input_amax.zero_()
+            self.nonfinite_input_batches.zero_()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.config.quantize_activations:
@@ -336,6 +371,24 @@ class NVFP4Linear(nn.Linear):
         linear.bias = self.bias
         linear.train(self.training)
         return linear
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        # A NaN, Inf or negative scale would make every forward NaN (or silently 0): refuse it here,
+        # before anything is copied, so load_state_dict raises instead of loading a broken layer.
+        for name in _SCALE_BUFFERS:
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.is_floating_point():
+                bad = ~(torch.isfinite(t) & (t >= 0))
+                if bool(bad.any()):
+                    error_msgs.append(
+                        f"{prefix + name}: {int(bad.sum())} of {t.numel()} values are NaN, Inf or "
+                        "negative; NVFP4 scales must be finite and >= 0 (the checkpoint is damaged)"
+                    )
+                    return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype), .half(), bf16-true precision plugins would cast the scale buffers too;

@@ -79,16 +79,33 @@ def nvfp4_scale_sweep(
         for the winning code ``v``, in row-major block order.
 
     Raises:
-        TypeError, ValueError: bad ``x``, ``global_amax``, ``block_size``, ``backend`` or
-            ``method`` (the message names the argument).
+        TypeError, ValueError: bad ``x`` (also NaN/Inf or on the meta device), ``global_amax``
+            (also 0 for non-zero ``x``, or so large that every block would quantize to 0),
+            ``block_size``, ``backend`` or ``method`` (the message names the argument).
         RuntimeError: ``backend="triton"`` without triton installed.
     """
     check_x(x, block_size)
     check_choice(method, METHODS, "method")
     resolve_backend(backend, x.device, block_size)
+    x = x.detach()  # the sweep writes into out= buffers, which autograd refuses; scales get no gradient
     g = check_global_amax(global_amax, x)
     check_finite(x)
+    _check_amax_fits(x, g)
     return sweep_unchecked(x, g, block_size, backend, method)
+
+
+def _check_amax_fits(x: torch.Tensor, g: torch.Tensor) -> None:
+    # A global_amax of 0 for non-zero data, or so far above it that u = max|x| / s2 is at most
+    # 0.25 times the smallest FP8 code (2^-9), makes every candidate quantize everything to 0:
+    # refuse that rather than return all-zero scales. global_amax is normally max |x|.
+    amax = x.abs().amax().to(torch.float32)
+    u = amax / global_scale(g)
+    if bool(amax > 0) and (float(g) == 0 or float(u) <= 2.0**-11):
+        raise ValueError(
+            f"global_amax must be > 0 and below about {float(amax) * 2688 * 2**11:.6g} for x whose "
+            f"max |x| is {float(amax):.6g} (normally global_amax = max |x|), got {float(g):.6g}: every "
+            "block would quantize to 0"
+        )
 
 
 def sweep_unchecked(
@@ -105,6 +122,7 @@ def sweep_unchecked(
     the pruned kernel. ``global_amax`` must be a finite, non-negative 0-dim fp32 tensor on ``x``'s
     device; ``x`` must be finite.
     """
+    x = x.detach()
     if resolve_backend(backend, x.device, block_size) == "triton":
         from nvfp4_qat.kernels.sweep import sweep_triton
 

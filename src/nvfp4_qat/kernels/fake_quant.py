@@ -10,6 +10,7 @@ thresholds on ``|x|`` itself (exact, because the rounded division is monotone). 
     a = |x|                                       # exact widening to fp32
     q = E2M1 value of the number of thresholds a >= table[code, k] passes (k = 0..6)
     out = copysign(q * table[code, 7], x)         # q * (e * s2) in fp32, cast to x.dtype
+    out = NaN (sign of x) where x is NaN or Inf   # never a finite value for a non-finite input
 
 Why the result is exact and portable:
 
@@ -157,7 +158,8 @@ def _fake_quant_kernel(
             code = tl.load(code_ptr + rows, mask=mask, other=0)
         xbits = _widen(raw, BF16).to(tl.uint32, bitcast=True)
         a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
-        mag = _magnitude(a, code, table_ptr, ROWS)
+        # NaN/Inf in -> NaN out (format.py's rule): |x| < inf is false exactly for NaN and Inf.
+        mag = tl.where(a < float("inf"), _magnitude(a, code, table_ptr, ROWS), float("nan"))
         out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
         if BF16:
             top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even

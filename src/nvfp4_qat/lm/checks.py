@@ -16,7 +16,14 @@ from importlib import resources
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONFIG_GROUPS", "UsageError", "check_group_choices", "group_options", "preflight"]
+__all__ = [
+    "CONFIG_GROUPS",
+    "UsageError",
+    "check_group_choices",
+    "group_options",
+    "normalize_overrides",
+    "preflight",
+]
 
 #: The config groups under ``conf/`` (``recipe`` is the top-level ``recipes/`` directory).
 CONFIG_GROUPS = ("calibrator", "quant", "callback", "model", "data", "trainer", "logger", "recipe")
@@ -71,13 +78,42 @@ def check_group_choices(argv: Sequence[str]) -> None:
                 )
 
 
+_MAX_STEPS_MESSAGE = (
+    "trainer.max_steps is set by the command for each stage; use stages.fp.steps and "
+    "stages.qat.steps instead (e.g. `nvfp4-qat stages.qat.steps=500`)."
+)
+# Groups whose default may be switched off; Hydra wants `~group` for that and crashes on `group=null`.
+_OPTIONAL_GROUPS = ("logger",)
+
+
+def normalize_overrides(argv: Sequence[str]) -> list[str]:
+    """The command line as Hydra should see it, or a :class:`UsageError` for what Hydra reports badly.
+
+    ``logger=null`` (what the config's comment offers) becomes ``~logger``: Hydra cannot set a
+    group with a default to null. ``trainer.max_steps=N`` is refused with the package's message
+    (Hydra would say "not in struct"; ``+trainer.max_steps`` reaches :func:`preflight`).
+    """
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+") == "trainer.max_steps":
+            raise UsageError(_MAX_STEPS_MESSAGE)
+        if eq and key in _OPTIONAL_GROUPS and value == "null":
+            arg = f"~{key}"
+        out.append(arg)
+    return out
+
+
 def preflight(cfg: DictConfig) -> None:
     """Check a composed config before anything is instantiated.
 
     Raises:
         UsageError: a required value (``???``) is unset, ``trainer.max_steps`` is set (the
-            stages own it), a GPU-only setting on a machine without CUDA, ``calibrator=triton``
-            where the kernel cannot run, or ``transformers`` missing for the Hugging Face model.
+            stages own it), a step count, learning rate, seed or flag of the wrong type or range,
+            a GPU-only setting on a machine without CUDA, ``calibrator=triton`` where the kernel
+            cannot run, ``transformers`` missing for the Hugging Face model, a ``quant`` or
+            ``callback`` its own constructor refuses (e.g. ``every_n_train_steps=-1``), an unusable
+            ``callback.export_path``, or ``logger=tensorboard`` without tensorboard.
     """
     missing = _missing_keys(cfg)
     if missing:
@@ -88,10 +124,8 @@ def preflight(cfg: DictConfig) -> None:
             f"line, e.g. `nvfp4-qat {example}`."
         )
     if "max_steps" in cfg.trainer:
-        raise UsageError(
-            "trainer.max_steps is set by the command for each stage; use stages.fp.steps and "
-            "stages.qat.steps instead (e.g. `nvfp4-qat stages.qat.steps=500`)."
-        )
+        raise UsageError(_MAX_STEPS_MESSAGE)
+    _check_values(cfg)
     on_cuda = _trainer_uses_cuda(cfg)
     _check_calibrator(cfg.calibrator.backend, on_cuda)
     net_target = str(cfg.model.get("net", {}).get("_target_", ""))
@@ -103,6 +137,73 @@ def preflight(cfg: DictConfig) -> None:
                 "this config loads a Hugging Face model or tokenizer, which needs the "
                 "`transformers` package: pip install 'nvfp4_qat[hf]'."
             ) from None
+    _check_objects(cfg)
+
+
+def _check_values(cfg: DictConfig) -> None:
+    # Plain values the command reads itself: a wrong type would surface as a raw TypeError deep in
+    # the run, a negative step count as a run without limit (Lightning's max_steps=-1).
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an integer, got {seed!r} (e.g. `nvfp4-qat seed=1`).")
+    for stage in ("fp", "qat"):
+        settings = cfg.get("stages", {}).get(stage)
+        if settings is None:
+            continue
+        steps = settings.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise UsageError(
+                f"stages.{stage}.steps must be an integer >= 0 (optimizer steps; 0 skips the stage), "
+                f"got {steps!r} (e.g. `nvfp4-qat stages.{stage}.steps=100`)."
+            )
+        lr = settings.get("lr")
+        try:
+            ok = float(lr) > 0 and not isinstance(lr, bool)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UsageError(f"stages.{stage}.lr must be a number > 0, got {lr!r} (e.g. 1.0e-3).")
+    for key in ("compare", "plot"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise UsageError(f"{key} must be true or false, got {cfg[key]!r}.")
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _check_objects(cfg: DictConfig) -> None:
+    # Build the cheap configured objects now, so that their own argument checks (which name the
+    # argument) run before any training instead of after the full-precision stage.
+    from hydra.utils import instantiate
+
+    for group in ("quant", "callback"):
+        if cfg.get(group) is None or "_target_" not in cfg[group]:
+            continue
+        try:
+            obj = instantiate(cfg[group])
+        except Exception as err:  # Hydra wraps the constructor's error; show the constructor's words
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise UsageError(f"{group}: {cause} (set it with `nvfp4-qat {group}.<key>=...`).") from None
+        export_path = getattr(obj, "export_path", None) if group == "callback" else None
+        if export_path is not None:
+            from nvfp4_qat._export_files import check_export_path
+
+            try:
+                check_export_path(export_path, overwrite=True)
+            except (ValueError, OSError) as err:
+                raise UsageError(f"callback.export_path cannot be used: {err}") from None
+    logger = cfg.get("logger")
+    if logger is not None and str(logger.get("_target_", "")).endswith("TensorBoardLogger"):
+        if not (_module_available("tensorboard") or _module_available("tensorboardX")):
+            raise UsageError(
+                "logger=tensorboard needs the `tensorboard` package, which is not installed: "
+                "pip install 'nvfp4_qat[tensorboard]', or use `logger=csv` (the default) or `logger=null`."
+            )
 
 
 def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:

@@ -140,7 +140,14 @@ def run_stage(
     module.history = []
     throughput = TokenThroughput()
     callbacks = [throughput] + ([callback] if callback is not None else [])
-    trainer = _trainer(cfg, max_steps=int(settings.steps), callbacks=callbacks, logger=_logger(cfg, name))
+    logger = _logger(cfg, name)
+    where = {}
+    run_dir = cfg.get("paths", {}).get("output_dir")
+    if logger is False and "default_root_dir" not in cfg.trainer and run_dir is not None:
+        # No logger: Lightning would checkpoint into ./checkpoints of the launch directory, every
+        # stage into the same one; use the run dir, one folder per stage as with the CSV logger.
+        where = {"default_root_dir": f"{run_dir}/logs/{name}"}
+    trainer = _trainer(cfg, max_steps=int(settings.steps), callbacks=callbacks, logger=logger, **where)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
