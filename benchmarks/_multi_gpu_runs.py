@@ -268,7 +268,7 @@ def _loader(args, steps_per_epoch: int) -> DataLoader:
 
 
 def _callback(args, every: int) -> NVFP4Recalibration:
-    return NVFP4Recalibration(every_n_train_steps=every, quant_config=QAT)
+    return NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=every, quant_config=QAT)
 
 
 def _free() -> None:

@@ -78,23 +78,27 @@ def trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
 )
 def test_arguments_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        NVFP4Recalibration(**kwargs)
+        NVFP4Recalibration(policy="mse", settle_fraction=0.0, **kwargs)
 
 
 def test_quant_config_accepts_dict_and_rejects_other_types():
-    cb = NVFP4Recalibration(quant_config={"exclude": ["net.2"], "init_calibration": "max"})
+    cb = NVFP4Recalibration(
+        policy="mse", settle_fraction=0.0, quant_config={"exclude": ["net.2"], "init_calibration": "max"}
+    )
     assert cb.quant_config.exclude == ("net.2",) and cb.quant_config.init_calibration == "max"
     with pytest.raises(TypeError, match="`quant_config` must be a QATConfig, a dict or None, got int"):
-        NVFP4Recalibration(quant_config=3)
+        NVFP4Recalibration(policy="mse", settle_fraction=0.0, quant_config=3)
 
 
 def test_default_schedule():
-    cb = NVFP4Recalibration(every_n_train_steps=10, start_step=10, stop_step=40)
+    cb = NVFP4Recalibration(
+        policy="mse", settle_fraction=0.0, every_n_train_steps=10, start_step=10, stop_step=40
+    )
     steps = [i for i in range(60) if cb.should_recalibrate(step_idx=i)]
     assert steps == [19, 29, 39]  # after optimizer steps 20, 30, 40; frozen from index 40 on
-    cb = NVFP4Recalibration(every_n_epochs=2)
+    cb = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_epochs=2)
     assert [e for e in range(6) if cb.should_recalibrate(step_idx=100, epoch_idx=e)] == [1, 3, 5]
-    assert not NVFP4Recalibration().should_recalibrate(step_idx=0)
+    assert not NVFP4Recalibration(policy="mse", settle_fraction=0.0).should_recalibrate(step_idx=0)
 
 
 # --- timing in a real run ------------------------------------------------------------------------
@@ -113,7 +117,7 @@ class RecordingRecalibration(NVFP4Recalibration):
 def test_counts_optimizer_steps_not_micro_batches(tmp_path):
     """accumulate_grad_batches=4: 48 micro-batches, 12 optimizer steps, recalibration after
     steps 3, 6, 9, 12 and never between micro-batches of one window."""
-    cb = RecordingRecalibration(every_n_train_steps=3)
+    cb = RecordingRecalibration(every_n_train_steps=3, policy="mse", settle_fraction=0.0)
     model = TinyRegressor()
     trainer(tmp_path, [cb], max_steps=12, accumulate_grad_batches=4).fit(model, loader(n=192))
     assert [(h["reason"], h["step"]) for h in cb.history] == [
@@ -130,7 +134,9 @@ def test_counts_optimizer_steps_not_micro_batches(tmp_path):
 
 def test_window_and_epoch_schedule(tmp_path):
     # 16 steps per epoch, 3 epochs; epochs 2 and 3 end at steps 32 and 48; frozen from index 40
-    cb = NVFP4Recalibration(every_n_train_steps=5, every_n_epochs=1, start_step=8, stop_step=40)
+    cb = NVFP4Recalibration(
+        policy="mse", settle_fraction=0.0, every_n_train_steps=5, every_n_epochs=1, start_step=8, stop_step=40
+    )
     trainer(tmp_path, [cb], max_epochs=3).fit(TinyRegressor(), loader())
     assert [(h["reason"], h["step"]) for h in cb.history] == [
         ("fit_start", 0),
@@ -147,7 +153,7 @@ def test_window_and_epoch_schedule(tmp_path):
 
 
 def test_sanity_check_does_nothing_and_scales_follow_weights(tmp_path):
-    cb = NVFP4Recalibration(every_n_train_steps=8, at_fit_end=True)
+    cb = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=8, at_fit_end=True)
     model = TinyRegressor(lr=0.2)
     trainer(tmp_path, [cb], max_epochs=2, num_sanity_val_steps=2).fit(model, loader(), loader(16))
     assert [h["reason"] for h in cb.history] == ["fit_start", "step", "step", "step", "step"]
@@ -169,7 +175,7 @@ def test_sanity_check_does_nothing_and_scales_follow_weights(tmp_path):
 
 
 def test_logs_through_the_trainer_loggers(tmp_path):
-    cb = NVFP4Recalibration(every_n_train_steps=4, log_per_layer=True)
+    cb = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=4, log_per_layer=True)
     logger = CSVLogger(tmp_path, name="run")
     trainer(tmp_path, [cb], max_steps=8, logger=logger, log_every_n_steps=1).fit(TinyRegressor(), loader())
     with open(f"{logger.log_dir}/metrics.csv") as f:
@@ -212,7 +218,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
     kw = dict(max_steps=24, accumulate_grad_batches=2)  # 16 micro-batches per epoch: 8 steps
 
     def callback():
-        return NVFP4Recalibration(every_n_train_steps=5, every_n_epochs=1)
+        return NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=5, every_n_epochs=1)
 
     pl.seed_everything(0)
     full, full_cb = TinyRegressor(), callback()
@@ -247,13 +253,15 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
 def test_validate_and_load_from_checkpoint_of_a_qat_checkpoint(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = TinyRegressor(lr=0.2)
-    cb = NVFP4Recalibration(every_n_train_steps=3)
+    cb = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=3)
     trainer(tmp_path, [cb, ckpt], max_steps=6, enable_checkpointing=True).fit(model, loader())
     last = tmp_path / "last.ckpt"
 
     # Trainer.validate(ckpt_path=...) with a fresh, unquantized model: setup swaps the layers first
     fresh = TinyRegressor()
-    out = trainer(tmp_path, [NVFP4Recalibration()]).validate(fresh, loader(16), ckpt_path=last)
+    out = trainer(tmp_path, [NVFP4Recalibration(policy="mse", settle_fraction=0.0)]).validate(
+        fresh, loader(16), ckpt_path=last
+    )
     assert torch.equal(fresh.net[0].block_amax, model.net[0].block_amax)
     assert out[0]["val_loss"] > 0
 
@@ -284,11 +292,13 @@ class Poison(pl.Callback):
 
 def test_nonfinite_weights_raise_or_keep_scales(tmp_path):
     with pytest.raises(ValueError, match="net.0"):
-        trainer(tmp_path, [Poison(), NVFP4Recalibration(every_n_train_steps=2)], max_steps=4).fit(
-            TinyRegressor(), loader()
-        )
+        trainer(
+            tmp_path,
+            [Poison(), NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=2)],
+            max_steps=4,
+        ).fit(TinyRegressor(), loader())
     model = TinyRegressor()
-    cb = NVFP4Recalibration(every_n_train_steps=2, on_nonfinite="skip")
+    cb = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=2, on_nonfinite="skip")
     with pytest.warns(
         UserWarning, match=r"skipped 1 layer\(s\) with non-finite weights, scales kept: \['net.0'\]"
     ):
@@ -299,7 +309,7 @@ def test_nonfinite_weights_raise_or_keep_scales(tmp_path):
 
 def test_config_excludes_layers(tmp_path):
     model = TinyRegressor()
-    cb = NVFP4Recalibration(quant_config=QATConfig(exclude=("net.2",)))
+    cb = NVFP4Recalibration(policy="mse", settle_fraction=0.0, quant_config=QATConfig(exclude=("net.2",)))
     trainer(tmp_path, [cb], max_steps=1).fit(model, loader())
     assert isinstance(model.net[0], NVFP4Linear) and not isinstance(model.net[2], NVFP4Linear)
 

@@ -87,7 +87,7 @@ class StepSizes(pl.Callback):
 
 
 def test_composes_with_checkpoint_early_stopping_lr_monitor_clipping_and_bf16(tmp_path):
-    recal = NVFP4Recalibration(every_n_train_steps=4)
+    recal = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=-1)
     # No epoch improves val_loss by 10: EarlyStopping ends the run after epoch 1 of 5.
     stop = EarlyStopping(monitor="val_loss", min_delta=10.0, patience=1)
@@ -132,7 +132,7 @@ def test_composes_with_checkpoint_early_stopping_lr_monitor_clipping_and_bf16(tm
 
 
 def test_fast_dev_run(tmp_path):
-    recal = NVFP4Recalibration(every_n_train_steps=1, at_fit_end=True)
+    recal = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=1, at_fit_end=True)
     model = Regressor()
     trainer = pl.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", fast_dev_run=True, callbacks=[recal],
@@ -152,7 +152,7 @@ def test_forward_signature_and_kwargs_survive_quantization(tmp_path):
     signature = inspect.signature(model.forward)
     x, mask = torch.randn(3, 32), (torch.arange(32) % 2).float()
     pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=2, callbacks=[NVFP4Recalibration()],
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=2, callbacks=[NVFP4Recalibration(policy="mse", settle_fraction=0.0)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     ).fit(model, loader())  # fmt: skip
     assert isinstance(model.net[0], NVFP4Linear) and isinstance(model.net[2], NVFP4Linear)
@@ -198,7 +198,7 @@ def test_supported_strategies_pass(tmp_path):
     ]
     # ... and a real fit under the single-device strategy quantizes and recalibrates (DDP and FSDP2
     # runs are in tests/test_distributed.py).
-    model, recal = Regressor(), NVFP4Recalibration(every_n_train_steps=1)
+    model, recal = Regressor(), NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=1)
     pl.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=1, strategy=SingleDeviceStrategy("cpu"),
         max_steps=2, callbacks=[recal], logger=False, enable_checkpointing=False,
@@ -216,7 +216,7 @@ def test_fsdp1_strategy_is_refused_at_setup(tmp_path):
     model = Regressor()
     trainer = pl.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=1, strategy=CPUFSDP(), max_steps=1,
-        callbacks=[NVFP4Recalibration()], logger=False, enable_checkpointing=False,
+        callbacks=[NVFP4Recalibration(policy="mse", settle_fraction=0.0)], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     try:

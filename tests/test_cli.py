@@ -25,6 +25,7 @@ TINY = [
     "stages.fp.steps=4",
     "stages.qat.steps=4",
     "callback.every_n_train_steps=2",
+    "callback.settle_fraction=0",
     "data.max_chars=40000",
     "data.seq_len=32",
     "data.batch_size=8",
@@ -105,7 +106,15 @@ def test_cpu_recipes_run_with_fast_dev_run(monkeypatch, capsys, tmp_path, hf_dir
         names
         == {
             "default": ["fp", "qat"],
-            "comparison": ["fp", "fp_continued", "qat_frozen", "qat"],
+            "comparison": [
+                "fp",
+                "fp_finetune",
+                "qat_frozen",
+                "qat_max_step",
+                "qat_mse",
+                "qat_guarded",
+                "qat",
+            ],
             "hf_causal_lm": ["qat"],
         }[recipe]
     )
@@ -113,11 +122,14 @@ def test_cpu_recipes_run_with_fast_dev_run(monkeypatch, capsys, tmp_path, hf_dir
     if recipe == "comparison":
         rows = summary["comparison"]
         assert [r["variant"] for r in rows] == [
-            "full precision",
+            "full precision (fine-tuned)",
             "PTQ, max scales",
             "PTQ, MSE-swept scales",
             "QAT, frozen scales",
-            "QAT, periodic recalibration",
+            "QAT, max scales every step",
+            "QAT, plain MSE re-sweep every 18 steps",  # stages.qat.steps // 8 (callback=frozen)
+            "QAT, loss_check_layer every 18 steps, settle 0.4",
+            "QAT, the configured callback",
         ]
         assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in rows)
         assert "comparison: validation cross-entropy" in capsys.readouterr().out

@@ -142,7 +142,9 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         ("fsdp2", ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)),
     ):
         export = Path(tmp) / f"export_{name}" if name == "ddp" else None  # rank 0 writes, all wait
-        recal = NVFP4Recalibration(every_n_train_steps=2, log_per_layer=True, export_path=export)
+        recal = NVFP4Recalibration(
+            policy="mse", settle_fraction=0.0, every_n_train_steps=2, log_per_layer=True, export_path=export
+        )
         record = RecordScales(recal)
         model = Regressor(fsdp=name == "fsdp2")
         _trainer(strategy, [recal, record], CSVLogger(tmp, name=name, version=0)).fit(
@@ -159,7 +161,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             ]
     # FSDP2 shards cannot be exported by rank zero alone: refused on every rank before training.
     strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
-    recal = NVFP4Recalibration(export_path=Path(tmp) / "export_fsdp2")
+    recal = NVFP4Recalibration(policy="mse", settle_fraction=0.0, export_path=Path(tmp) / "export_fsdp2")
     try:
         _trainer(strategy, [recal], False).fit(Regressor(fsdp=True), DataLoader(data, 4))
     except ValueError as err:

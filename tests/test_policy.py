@@ -209,7 +209,8 @@ def test_loss_check_rolls_back_a_recalibration_that_raises_the_loss():
     losses = iter([1.0, 2.0])
     report = recalibrate(model, policy="loss_check", evaluate=lambda: next(losses))
     assert report.rolled_back and (report.loss_before, report.loss_after) == (1.0, 2.0)
-    assert report.changed_fraction > 0  # it did change them before rolling back
+    assert report.rolled_back_layers == ("0", "2")
+    assert report.changed_fraction == 0 and report.mse_after == report.mse_before  # what the model holds
     assert all(torch.equal(a, b) for a, b in zip(before, scales(model), strict=True))
     losses = iter([1.0, math.nan])  # NaN after: rolled back too
     assert recalibrate(model, policy="loss_check", evaluate=lambda: next(losses)).rolled_back
@@ -281,3 +282,26 @@ def test_adam_moments_are_bias_corrected():
     m, v = adam_moments(opt, p)
     torch.testing.assert_close(m, torch.full((4,), 2.0))
     torch.testing.assert_close(v, torch.full((4,), 4.0))
+
+
+def test_per_layer_loss_check_keeps_only_the_layers_that_do_not_raise_the_loss():
+    model, _, _ = trained_model()
+    layers = nvfp4_layers(model)
+    for _, m in layers:
+        m.init_scales("max")
+    old = scales(model)
+
+    # The loss rises when layer "2" (the second) takes new scales, falls for layer "0".
+    def held_out():
+        first_changed = not torch.equal(layers[0][1].block_amax, old[1])
+        second_changed = not torch.equal(layers[1][1].block_amax, old[3])
+        return 1.0 - 0.1 * first_changed + 0.5 * second_changed
+
+    report = recalibrate(model, policy="loss_check_layer", evaluate=held_out)
+    assert report.rolled_back_layers == ("2",) and not report.rolled_back
+    assert report.loss_before == 1.0 and report.loss_after == pytest.approx(0.9)
+    assert not torch.equal(layers[0][1].block_amax, old[1])
+    assert torch.equal(layers[1][1].block_amax, old[3]) and torch.equal(layers[1][1].global_amax, old[2])
+    rows = {r.name: r for r in report.layers}
+    assert rows["2"].changed_fraction == 0 and rows["2"].mse_after == rows["2"].mse_before
+    assert rows["0"].changed_fraction > 0

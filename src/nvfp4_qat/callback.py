@@ -185,8 +185,8 @@ class NVFP4Recalibration(Callback):
         log_per_layer: bool = False,
         on_nonfinite: str = "raise",
         export_path: str | None = None,
-        policy: str | RecalibrationPolicy = "mse",
-        settle_fraction: float = 0.0,
+        policy: str | RecalibrationPolicy = "loss_check_layer",
+        settle_fraction: float = 0.4,
         loss_check_batches: int = 2,
     ) -> None:
         self.every_n_train_steps = _non_negative_int(every_n_train_steps, "every_n_train_steps")
@@ -408,16 +408,29 @@ class NVFP4Recalibration(Callback):
         if self.policy.needs_input_moments and self._moments is None:
             self._moments = InputMoments(nvfp4_layers(pl_module))
         if self.policy.checks_loss and not self._check_batches:
-            loaders = trainer.val_dataloaders
+            self._check_batches = self._held_out_batches(trainer)
+
+    def _held_out_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """The first ``loss_check_batches`` validation batches; without validation data, the first
+        training batches (with a warning: they are not held out)."""
+        for kind, attribute in (("val", "val_dataloaders"), ("train", "train_dataloader")):
+            loaders = getattr(trainer, attribute)
             if loaders is None and trainer.datamodule is not None:
-                loaders = trainer.datamodule.val_dataloader()
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            if loader is None:
-                raise ValueError(
-                    "a loss_check policy needs a validation dataloader (its first "
-                    f"loss_check_batches={self.loss_check_batches} batches are the held-out set)"
-                )
-            self._check_batches = list(itertools.islice(iter(loader), self.loss_check_batches))
+                loaders = getattr(trainer.datamodule, f"{kind}_dataloader")()
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+            batches = list(itertools.islice(iter(loader), self.loss_check_batches)) if loader else []
+            if batches:
+                if kind == "train":
+                    rank_zero_warn(
+                        "NVFP4Recalibration: the loss check found no validation data and evaluates the "
+                        f"first {len(batches)} training batches instead (not held out); give the "
+                        "Trainer a val dataloader, or pass policy='mse'."
+                    )
+                return batches
+        raise ValueError(
+            f"policy {self.policy} checks the loss but the trainer has neither validation nor training "
+            "batches to evaluate"
+        )
 
     def _release_policy(self) -> None:
         if self._moments is not None:

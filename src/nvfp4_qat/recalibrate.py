@@ -12,6 +12,7 @@ with :mod:`nvfp4_qat.distributed`, which splits the same work across ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import warnings
@@ -276,8 +277,8 @@ class RecalibrationReport:
     loss_after: float = float("nan")
     #: Whether the loss check rolled the new scales back (every layer kept its old scales).
     rolled_back: bool = False
-    #: The layers whose new scales a per-layer loss check rejected (their rows describe the
-    #: proposal; the layers kept their old scales).
+    #: The layers whose new scales the loss check rejected: they kept their old scales, and their
+    #: rows say so (error after = error before, nothing changed).
     rolled_back_layers: tuple[str, ...] = ()
 
     def _done(self) -> list[LayerRecalibration]:
@@ -461,12 +462,15 @@ def recalibrate(
             report.loss_after = float(evaluate())
             if not report.loss_after <= loss_before:  # NaN rolls back too
                 restore_scales(layers, snapshot)
-                report.rolled_back = True
+                report.rolled_back_layers = tuple(name for name, _ in layers)
         elif policy.loss_check == "layer":
             report.loss_after, report.rolled_back_layers = _check_layers(
                 layers, snapshot, evaluate, loss_before
             )
-            report.rolled_back = len(report.rolled_back_layers) == len(layers)
+        report.rolled_back = bool(layers) and len(report.rolled_back_layers) == len(layers)
+        if report.rolled_back_layers:  # the rows describe the scales the layers hold
+            kept = set(report.rolled_back_layers)
+            report.layers = [_unchanged(r) if r.name in kept else r for r in report.layers]
     report.seconds = time.perf_counter() - start
     return report
 
@@ -527,6 +531,19 @@ def _check_layers(
             restore_scales([layers[i]], [old[i]])
             rejected.append(name)
     return loss, tuple(rejected)
+
+
+def _unchanged(row: LayerRecalibration) -> LayerRecalibration:
+    """``row`` for a layer that kept its old scales: the error after is the error before."""
+    if row.skipped:
+        return row
+    return dataclasses.replace(
+        row,
+        sse_after=row.sse_before,
+        mse_after=row.mse_before,
+        changed_fraction=0.0,
+        global_amax_after=row.global_amax_before,
+    )
 
 
 def scale_snapshot(layers: list[tuple[str, NVFP4Linear]]) -> list[tuple[torch.Tensor, torch.Tensor]]:

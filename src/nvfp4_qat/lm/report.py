@@ -21,9 +21,12 @@ __all__ = ["format_summary", "plot_run", "summary_dict", "write_summary"]
 
 _STAGE_STYLE = {  # label, colour, line style
     "fp": ("full precision", "0.45", "-"),
-    "fp_continued": ("full precision, continued", "0.45", ":"),
+    "fp_finetune": ("full precision, fine-tuned", "0.45", ":"),
     "qat_frozen": ("QAT, frozen scales", "tab:orange", "--"),
-    "qat": ("QAT, periodic recalibration", "tab:blue", "-"),
+    "qat_max_step": ("QAT, max scales every step", "tab:purple", "-."),
+    "qat_mse": ("QAT, plain MSE re-sweep", "tab:red", ":"),
+    "qat_guarded": ("QAT, loss_check_layer", "tab:green", "--"),
+    "qat": ("QAT, the configured callback", "tab:blue", "-"),
 }
 
 
@@ -165,7 +168,7 @@ def plot_run(result: RunResult, path: Path) -> Path:
         if stage.name == "qat":
             for x, _ in after:
                 ax_loss.axvline(x, color=colour, alpha=0.15, lw=1)
-    continued = result.stage("fp_continued")
+    continued = result.stage("fp_finetune")
     ptq_x = offset + (continued.steps if continued else 0)  # PTQ quantizes the continued model's end
     for label, loss in result.comparison:
         if label.startswith("PTQ") and loss is not None:

@@ -3,15 +3,18 @@
 One composed config drives it (see ``conf/nvfp4_qat.yaml``):
 
 1. ``fp`` stage (``stages.fp.steps > 0``): plain training, no quantization.
-2. with ``compare=true``, three more variants start from the weights ``fp`` ended with:
-   ``fp_continued`` trains them ``stages.qat`` more steps in full precision (the baseline, so that
-   every row of the table has seen the same number of steps), then post-training quantization
-   of its result with max scales and with MSE-swept scales (no training), and ``qat_frozen``, a
-   QAT stage whose callback calibrates once at the start and then keeps the scales frozen.
-3. ``qat`` stage: QAT fine-tuning with the configured recalibration callback.
+2. with ``compare=true``, the protocol of ``benchmarks/qat_quality.py`` (ModelOpt's documented
+   QAT recipe): ``fp_finetune`` fine-tunes the ``fp`` weights ``stages.qat`` steps in full
+   precision (lr ``stages.qat.lr``); from *its* weights come post-training quantization with max
+   and MSE-swept scales (no training) and the QAT variants ``qat_frozen`` (calibrated once),
+   ``qat_max_step`` (max scales recomputed after every step: torchao's and ModelOpt's dynamic
+   choice), ``qat_mse`` (the plain MSE re-sweep periodically, to the end) and ``qat_guarded``
+   (policy ``loss_check_layer`` periodically, none in the last 40 %), each ``stages.qat`` steps.
+3. ``qat`` stage: QAT fine-tuning with the configured recalibration callback (from the
+   fine-tuned weights when comparing, so that every QAT row starts from the same point).
 
 Every stage starts from the same seed, so the variants see the same batches in the same order:
-the QAT ones differ only in the recalibration schedule. A QAT stage is validated right after the
+the QAT ones differ only in how the scales are set. A QAT stage is validated right after the
 model is quantized (its step 0) and every stage once more when it ends (a separate
 ``Trainer.validate``); those end-of-stage numbers fill the comparison table.
 """
@@ -38,7 +41,8 @@ class StageResult:
     """What one ``Trainer.fit`` stage measured.
 
     Attributes:
-        name: ``"fp"``, ``"fp_continued"``, ``"qat_frozen"`` or ``"qat"``.
+        name: ``"fp"``, ``"fp_finetune"``, ``"qat_frozen"``, ``"qat_max_step"``, ``"qat_mse"``,
+            ``"qat_guarded"`` or ``"qat"``.
         steps: optimizer steps taken (``trainer.global_step`` at the end).
         seconds: wall time of ``Trainer.fit``.
         val_loss: mean validation cross-entropy after the stage (nats per token).
@@ -109,6 +113,7 @@ def run_stage(
     module: CausalLMModule,
     datamodule: pl.LightningDataModule,
     callback: pl.Callback | None,
+    extra_callbacks: tuple[pl.Callback, ...] = (),
 ) -> StageResult:
     """Fit ``module`` for one stage (``stages.fp`` or ``stages.qat`` settings), then evaluate it.
 
@@ -119,15 +124,11 @@ def run_stage(
     from nvfp4_qat import quantize_model
     from nvfp4_qat.quantize import nvfp4_layers
 
-    settings = cfg.stages.fp if name == "fp" else cfg.stages.qat  # fp_continued: as long as QAT
+    settings = cfg.stages.fp if name == "fp" else cfg.stages.qat  # fp_finetune: as long as QAT
     start_point = []
     if callback is not None:
         if not nvfp4_layers(module):
-            if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
-                # Convert where training runs: the first calibration (calibrator=triton) sweeps
-                # on the GPU, and a large model's scales are not swept on the CPU first.
-                module.cuda()
-            quantize_model(module, instantiate(cfg.quant))
+            quantize_model(_where_training_runs(cfg, module), instantiate(cfg.quant))
         start_point = [
             {
                 "step": 0,
@@ -139,7 +140,7 @@ def run_stage(
     module.lr = float(settings.lr)
     module.history = []
     throughput = TokenThroughput()
-    callbacks = [throughput] + ([callback] if callback is not None else [])
+    callbacks = [throughput] + ([callback] if callback is not None else []) + list(extra_callbacks)
     logger = _logger(cfg, name)
     where = {}
     run_dir = cfg.get("paths", {}).get("output_dir")
@@ -168,6 +169,33 @@ def run_stage(
         device=str(trainer.strategy.root_device)
         + (f" x {trainer.world_size}" if trainer.world_size > 1 else ""),
     )
+
+
+def _where_training_runs(cfg: DictConfig, module: nn.Module) -> nn.Module:
+    """Move ``module`` to the GPU when the trainer trains on one, so that its conversion and first
+    calibration run there (``calibrator=triton`` refuses CPU tensors, and the reference sweep of a
+    large model on the CPU takes minutes)."""
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
+        module.cuda()
+    return module
+
+
+class MaxScalesEveryStep(pl.Callback):
+    """The dynamic baseline: every layer's scales set to its max scales after each optimizer step
+    (what torchao and ModelOpt's default NVFP4 QAT compute in every forward, for the weights)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._set(pl_module)
+
+    @staticmethod
+    def _set(pl_module: pl.LightningModule) -> None:
+        from nvfp4_qat.quantize import nvfp4_layers
+
+        for _, m in nvfp4_layers(pl_module):
+            m.init_scales("max")
 
 
 def _fresh_copy(cfg: DictConfig, state: dict[str, torch.Tensor]) -> CausalLMModule:
@@ -213,34 +241,47 @@ def run_job(cfg: DictConfig) -> RunResult:
     result = RunResult(data=datamodule.describe())
     if cfg.stages.fp.steps > 0:
         result.stages.append(run_stage("fp", cfg, module, datamodule, callback=None))
-    frozen = None
+    variants = []
     if cfg.compare:
-        fp_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        baseline = _fresh_copy(cfg, fp_state)
-        continued = run_stage("fp_continued", cfg, baseline, datamodule, callback=None)
-        result.stages.append(continued)
-        result.comparison.append(("full precision", continued.val_loss))
-        tuned_state = {k: v.detach().clone() for k, v in baseline.state_dict().items()}
+        finetune = run_stage("fp_finetune", cfg, module, datamodule, callback=None)
+        result.stages.append(finetune)
+        result.comparison.append(("full precision (fine-tuned)", finetune.val_loss))
+        tuned_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         for label, init in (("PTQ, max scales", "max"), ("PTQ, MSE-swept scales", "mse")):
-            ptq = _fresh_copy(cfg, tuned_state)
+            ptq = _where_training_runs(cfg, _fresh_copy(cfg, tuned_state))
             quantize_model(ptq, instantiate(cfg.quant, init_calibration=init))
             result.comparison.append((label, evaluate(cfg, ptq, datamodule)))
-        frozen_cb = instantiate(
-            cfg.callback,
-            every_n_train_steps=0,
-            every_n_epochs=0,
-            at_fit_start=True,
-            at_fit_end=False,
-            export_path=None,
-        )
-        frozen = run_stage("qat_frozen", cfg, _fresh_copy(cfg, fp_state), datamodule, frozen_cb)
-        result.stages.append(frozen)
+        every = int(cfg.callback.every_n_train_steps) or max(1, int(cfg.stages.qat.steps) // 8)
+        plain = {"every_n_epochs": 0, "at_fit_start": True, "at_fit_end": False, "export_path": None}
+        variants = [  # (stage, label, callback overrides, extra callbacks)
+            ("qat_frozen", "QAT, frozen scales", {"every_n_train_steps": 0}, ()),
+            (
+                "qat_max_step",
+                "QAT, max scales every step",
+                {"every_n_train_steps": 0},
+                (MaxScalesEveryStep(),),
+            ),
+            (
+                "qat_mse",
+                f"QAT, plain MSE re-sweep every {every} steps",
+                {"every_n_train_steps": every, "policy": "mse", "settle_fraction": 0.0},
+                (),
+            ),
+            (
+                "qat_guarded",
+                f"QAT, loss_check_layer every {every} steps, settle 0.4",
+                {"every_n_train_steps": every, "policy": "loss_check_layer", "settle_fraction": 0.4},
+                (),
+            ),
+        ]
+        for stage, label, overrides, extra in variants:
+            callback = instantiate(cfg.callback, **plain, **overrides)
+            run = run_stage(stage, cfg, _fresh_copy(cfg, tuned_state), datamodule, callback, extra)
+            result.stages.append(run)
+            result.comparison.append((label, run.val_loss))
     qat = run_stage("qat", cfg, module, datamodule, instantiate(cfg.callback))
     result.stages.append(qat)
     if cfg.compare:
-        result.comparison += [
-            ("QAT, frozen scales", frozen.val_loss),
-            ("QAT, periodic recalibration", qat.val_loss),
-        ]
+        result.comparison.append(("QAT, the configured callback", qat.val_loss))
     result.model = _describe_model(module)
     return result
