@@ -32,11 +32,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from nvfp4_qat._feedback import done_line, logger_step, say, start_line
 from nvfp4_qat._validation import BACKENDS, METHODS
 from nvfp4_qat.config import QATConfig
 from nvfp4_qat.distributed import check_strategy, recalibrate_distributed
 from nvfp4_qat.metrics import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR
-from nvfp4_qat.quantize import nvfp4_layers, quantize_model
+from nvfp4_qat.quantize import calibration_is_current, nvfp4_layers, quantize_model
 from nvfp4_qat.recalibrate import ON_NONFINITE, RecalibrationReport
 
 __all__ = ["NVFP4Recalibration", "restore_quantization"]
@@ -219,7 +220,9 @@ class NVFP4Recalibration(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_fit_start and not self._calibrated_at_start:
-            self._recalibrate(trainer, pl_module, "fit_start")
+            # Skip a calibration quantize_model has just done (not under DDP: ranks must agree).
+            if trainer.world_size > 1 or not calibration_is_current(pl_module):
+                self._recalibrate(trainer, pl_module, "fit_start")
             self._calibrated_at_start = True
 
     @override
@@ -281,6 +284,9 @@ class NVFP4Recalibration(Callback):
         self.history = [dict(h) for h in state_dict["history"]]
 
     def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        layers = nvfp4_layers(pl_module)
+        numel = sum(m.weight.numel() for _, m in layers)
+        say(trainer, start_line(reason, trainer.global_step, len(layers), numel))
         start = time.perf_counter()
         # Every rank gets here at the same step (the schedule depends on global_step only). Plain
         # recalibrate() without a process group, the sweep split across the ranks with one.
@@ -289,6 +295,7 @@ class NVFP4Recalibration(Callback):
         self._last_step = trainer.global_step
         self.last_report = report
         metrics = self._metrics(report, seconds)
+        say(trainer, done_line(seconds, metrics))
         self.history.append(
             {"step": trainer.global_step, "epoch": trainer.current_epoch, "reason": reason, **metrics}
         )
@@ -297,7 +304,8 @@ class NVFP4Recalibration(Callback):
         # Every rank computed the same values without a collective; loggers write on rank zero
         # only, so nothing here waits on another rank.
         for logger in trainer.loggers:
-            logger.log_metrics({f"nvfp4/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            step = logger_step(trainer, reason)  # the row of val/loss at the same point
+            logger.log_metrics({f"nvfp4/{k}": v for k, v in metrics.items()}, step=step)
 
     def _metrics(self, report: RecalibrationReport, seconds: float) -> dict[str, float]:
         # The report is the same on every rank (recalibrate_distributed reduced it), so each rank

@@ -14,17 +14,53 @@ import fnmatch
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from nvfp4_qat.config import QATConfig
 from nvfp4_qat.modules import NVFP4Linear
 
-__all__ = ["quantize_model", "nvfp4_layers"]
+__all__ = ["calibration_is_current", "quantize_model", "nvfp4_layers"]
 
 
 def nvfp4_layers(model: nn.Module) -> list[tuple[str, NVFP4Linear]]:
     """``(name, module)`` of every ``NVFP4Linear`` in ``model``, in ``named_modules`` order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, NVFP4Linear)]
+
+
+def _calibration_key(layer: NVFP4Linear) -> tuple:
+    # The tensors themselves (so their storage cannot be reused meanwhile), where their data lives,
+    # and their version counters, which every in-place write bumps (an optimizer step, copy_,
+    # load_state_dict, a recalibration); a move or a cast changes the data pointer or the dtype.
+    w, b, g = layer.weight, layer.block_amax, layer.global_amax
+    return (w, w.dtype, w.data_ptr(), w._version, b, b.data_ptr(), b._version, g, g._version)
+
+
+def _mark_calibrated(layer: NVFP4Linear) -> None:
+    layer._nvfp4_mse_calibrated = _calibration_key(layer)
+
+
+def calibration_is_current(model: nn.Module) -> bool:
+    """Whether every ``NVFP4Linear`` of ``model`` holds the MSE sweep's scales for its current weight.
+
+    True right after :func:`quantize_model` with ``init_calibration="mse"`` as long as no weight or
+    scale was written since (in place or replaced) and nothing was moved or cast: calibrating again
+    would change nothing (the sweep's result is bit-identical for every backend and method).
+    """
+    layers = nvfp4_layers(model)
+    if not layers:
+        return False
+    for _, layer in layers:
+        key = getattr(layer, "_nvfp4_mse_calibrated", None)
+        if key is None or not _same_key(key, _calibration_key(layer)):
+            return False
+    return True
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        (x is y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b, strict=True)
+    )
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -116,6 +152,10 @@ def quantize_model(model: nn.Module, config: QATConfig | None = None, **override
     for name, key in places:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, converted[key])
+    if config.init_calibration == "mse":
+        for layer in converted.values():
+            if layer.weight.device.type != "meta":  # not calibrated there
+                _mark_calibrated(layer)
 
     if skipped:
         warnings.warn(
