@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nvfp4_qat.lm.run import RunResult, StageResult
 
-__all__ = ["format_summary", "plot_run", "summary_dict", "write_summary"]
+__all__ = ["format_summary", "output_files", "plot_run", "summary_dict", "write_summary"]
 
 _STAGE_STYLE = {  # label, colour, line style
     "fp": ("full precision", "0.45", "-"),
@@ -48,8 +48,23 @@ def _stage_line(stage: StageResult) -> str:
     )
 
 
-def format_summary(result: RunResult, plot_path: Path | None = None) -> str:
-    """The human-readable summary: stages, recalibrations, time share, comparison table."""
+def output_files(out_dir: Path, export_path: str | None = None) -> list[tuple[str, str]]:
+    """``(what, path)`` rows naming the job's files: run dir, log, checkpoints, NVFP4 export."""
+    rows = [("run dir", str(out_dir))]
+    log = out_dir / "nvfp4_qat.log"
+    if log.exists():
+        rows.append(("log", str(log)))
+    for ckpt in sorted(out_dir.rglob("*.ckpt")):
+        rows.append(("checkpoint", str(ckpt)))
+    if export_path:
+        rows.append(("NVFP4 export", str(Path(export_path).resolve())))
+    return rows
+
+
+def format_summary(
+    result: RunResult, plot_path: Path | None = None, files: list[tuple[str, str]] | None = None
+) -> str:
+    """The human-readable summary: stages, recalibrations, time share, files, comparison table."""
     rows = [("model", result.model), ("data", result.data)]
     rows += [(f"stage {s.name}", _stage_line(s)) for s in result.stages]
     qat = result.stage("qat")
@@ -77,6 +92,7 @@ def format_summary(result: RunResult, plot_path: Path | None = None) -> str:
         )
     if plot_path is not None:
         rows.append(("plot", str(plot_path)))
+    rows += files or []
     width = max(len(k) for k, _ in rows)
     lines = ["nvfp4-qat summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
     if result.comparison:
@@ -121,9 +137,11 @@ def summary_dict(result: RunResult) -> dict:
     }
 
 
-def write_summary(result: RunResult, out_dir: Path, plot_path: Path | None) -> str:
+def write_summary(
+    result: RunResult, out_dir: Path, plot_path: Path | None, files: list[tuple[str, str]] | None = None
+) -> str:
     """Write ``summary.txt`` and ``summary.json`` into ``out_dir``; return the text."""
-    text = format_summary(result, plot_path)
+    text = format_summary(result, plot_path, files)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.txt").write_text(text + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary_dict(result), indent=2) + "\n")

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from nvfp4_qat.lm.checks import UsageError
+from nvfp4_qat.lm.console import progress_callbacks
 from nvfp4_qat.lm.module import CausalLMModule, TokenThroughput, quantized_weight_mse
 
 __all__ = ["RunResult", "StageResult", "evaluate", "run_job"]
@@ -140,6 +141,7 @@ def run_stage(
     module.history = []
     throughput = TokenThroughput()
     callbacks = [throughput] + ([callback] if callback is not None else [])
+    callbacks += progress_callbacks(bool(cfg.trainer.get("enable_progress_bar", True)), name)
     trainer = _trainer(cfg, max_steps=int(settings.steps), callbacks=callbacks, logger=_logger(cfg, name))
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
