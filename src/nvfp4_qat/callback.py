@@ -91,6 +91,9 @@ def restore_quantization(module: Any, checkpoint: dict[str, Any]) -> bool:
     and scale buffers the checkpoint holds. The same layers are swapped (by name) with the saved
     config; the scales then come from the checkpoint's state dict.
 
+    Without it the load fails with ``Unexpected key(s) in state_dict: ...block_amax...``;
+    :func:`nvfp4_qat.checkpoint.explain_load_errors` turns that into a message naming this fix.
+
     Returns:
         True if layers were swapped, False if the checkpoint has no NVFP4 layers or the module is
         already quantized.

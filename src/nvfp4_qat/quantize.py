@@ -68,17 +68,43 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _check_patterns(config: QATConfig, linear_names: list[str]) -> None:
-    # A pattern that selects nothing is almost always a typo ("lm_haed"); say so instead of
-    # silently quantizing the output head.
-    for field in ("include", "exclude"):
-        for pattern in getattr(config, field):
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
-                shown = ", ".join(repr(n) for n in linear_names[:6]) or "none"
-                more = f" (+{len(linear_names) - 6} more)" if len(linear_names) > 6 else ""
-                raise ValueError(
-                    f"QATConfig.{field} pattern {pattern!r} matches no nn.Linear module name; "
-                    f"the model's linear modules are: {shown}{more}"
-                )
+    # An include pattern that selects nothing is almost always a typo; say so instead of quantizing
+    # nothing. An exclude pattern that matches nothing is allowed (the quickstart's "*lm_head" on a
+    # model without an output head) with a warning, since it may be a typo ("lm_haed").
+    if not linear_names:
+        raise ValueError(
+            "the model has no nn.Linear module, so there is nothing to quantize (quantize_model "
+            "converts nn.Linear layers to NVFP4Linear)"
+        )
+    for pattern in config.include:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
+            shown = ", ".join(repr(n) for n in linear_names[:6])
+            more = f" (+{len(linear_names) - 6} more)" if len(linear_names) > 6 else ""
+            raise ValueError(
+                f"QATConfig.include pattern {pattern!r} matches no nn.Linear module name; "
+                f"the model's linear modules are: {shown}{more}"
+            )
+    for pattern in config.exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
+            warnings.warn(
+                f"QATConfig.exclude pattern {pattern!r} matches no nn.Linear module name, so it "
+                f"excludes nothing (fine if the model has no such layer; check the spelling if it has)",
+                stacklevel=3,
+            )
+
+
+def _check_finite(name: str, weight: torch.Tensor) -> None:
+    if weight.device.type == "meta":
+        return
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(weight).sum())
+        inf = weight.numel() - int(finite.sum()) - nan
+        raise ValueError(
+            f"layer {name!r}: its weight ({name}.weight, shape {tuple(weight.shape)}) holds {nan} NaN "
+            f"and {inf} infinite value(s); NVFP4 scales need finite weights (check the checkpoint "
+            f"or the training that produced them)"
+        )
 
 
 def quantize_model(model: nn.Module, config: QATConfig | None = None, **overrides: Any) -> nn.Module:
@@ -100,8 +126,9 @@ def quantize_model(model: nn.Module, config: QATConfig | None = None, **override
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``config`` not a ``QATConfig``, or a field
             has the wrong type.
-        ValueError: the model already holds ``NVFP4Linear`` layers ("already quantized"), a bad
-            field value or unknown field, a pattern that matches no linear module, ``model`` is
+        ValueError: the model already holds ``NVFP4Linear`` layers ("already quantized") or none
+            of type ``nn.Linear``, a bad field value or unknown field, an include pattern that
+            matches no linear module (an exclude pattern that matches none is fine), ``model`` is
             itself an ``nn.Linear``, or a layer has non-finite weights (the name is given).
     """
     if not isinstance(model, nn.Module):
@@ -143,6 +170,7 @@ def quantize_model(model: nn.Module, config: QATConfig | None = None, **override
                 why = f"in_features={module.in_features} not divisible by {config.block_size}"
                 skipped[id(module)] = f"{name} ({why})"
                 continue
+            _check_finite(name, module.weight.detach())
             try:
                 converted[id(module)] = NVFP4Linear.from_linear(module, config)
             except ValueError as err:
