@@ -53,7 +53,7 @@ def test_quantize_then_fit_calibrates_once(monkeypatch):
     assert cb.history == [] and cb.state_dict()["calibrated_at_start"]
 
 
-def test_fit_start_calibrates_when_weights_or_settings_changed(monkeypatch):
+def test_fit_start_calibrates_when_weights_or_settings_changed(monkeypatch, caplog):
     torch.manual_seed(0)
     calls = _count_sweeps(monkeypatch)
     model = quantize_model(Tiny())
@@ -63,6 +63,14 @@ def test_fit_start_calibrates_when_weights_or_settings_changed(monkeypatch):
     cb = NVFP4Recalibration(every_n_train_steps=0)
     _fit(model, cb)
     assert [h["reason"] for h in cb.history] == ["fit_start"] and len(calls) == 4
+    # without a progress bar the two feedback lines go to Lightning's INFO log
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if "NVFP4 recalibration" in r.getMessage() or "done in" in r.getMessage()
+    ]
+    assert lines[0] == "NVFP4 recalibration at fit start: 2 layers, 0.00M weights ..."
+    assert lines[1].startswith("... done in ") and "of block scales moved" in lines[1]
 
     max_scaled = quantize_model(Tiny(), init_calibration="max")  # not the sweep's scales
     assert not calibration_is_current(max_scaled)

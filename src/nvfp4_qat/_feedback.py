@@ -3,14 +3,14 @@
 Kept apart from :mod:`nvfp4_qat.callback` so that the callback's hooks stay a few lines each.
 A recalibration stops Lightning's progress bar while it runs; a line before and one after say
 why, through the bar's own ``print`` (``tqdm.write`` / rich's console), which keeps the bar intact on
-a terminal and adds plain lines when the output goes to a file.
+a terminal and adds plain lines when the output goes to a file (without a bar: Lightning's INFO log).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 __all__ = ["logger_step", "say", "start_line", "done_line"]
 
@@ -29,12 +29,12 @@ def logger_step(trainer: Any, reason: str) -> int:
 
 @rank_zero_only
 def say(trainer: Any, text: str) -> None:
-    """Print one line beside the progress bar (or plainly when there is none), on rank zero."""
+    """Print one line beside the progress bar (or log it at INFO when there is none), on rank zero."""
     bar = getattr(trainer, "progress_bar_callback", None)
     if bar is not None and getattr(bar, "is_enabled", False):
         bar.print(text)
     else:
-        print(text, flush=True)
+        rank_zero_info(text)
 
 
 def start_line(reason: str, step: int, n_layers: int, numel: int) -> str:
