@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nvfp4_qat import NVFP4Linear, NVFP4Recalibration, QATConfig, restore_quantization
+from nvfp4_qat import NVFP4Linear, NVFP4Recalibration, QATConfig, quantize_model, restore_quantization
 from nvfp4_qat.callback import sanitize_metric_name
 from nvfp4_qat.quantize import nvfp4_layers
 
@@ -116,12 +116,12 @@ class RecordingRecalibration(NVFP4Recalibration):
 
 def test_counts_optimizer_steps_not_micro_batches(tmp_path):
     """accumulate_grad_batches=4: 48 micro-batches, 12 optimizer steps, recalibration after
-    steps 3, 6, 9, 12 and never between micro-batches of one window."""
+    steps 3, 6, 9, 12 and never between micro-batches of one window. (No fit-start entry: the
+    callback's setup has just quantized and calibrated the model.)"""
     cb = RecordingRecalibration(every_n_train_steps=3, policy="mse", settle_fraction=0.0)
     model = TinyRegressor()
     trainer(tmp_path, [cb], max_steps=12, accumulate_grad_batches=4).fit(model, loader(n=192))
     assert [(h["reason"], h["step"]) for h in cb.history] == [
-        ("fit_start", 0),
         ("step", 3),
         ("step", 6),
         ("step", 9),
@@ -139,7 +139,6 @@ def test_window_and_epoch_schedule(tmp_path):
     )
     trainer(tmp_path, [cb], max_epochs=3).fit(TinyRegressor(), loader())
     assert [(h["reason"], h["step"]) for h in cb.history] == [
-        ("fit_start", 0),
         ("step", 10),
         ("step", 15),
         ("epoch", 16),
@@ -156,7 +155,7 @@ def test_sanity_check_does_nothing_and_scales_follow_weights(tmp_path):
     cb = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=8, at_fit_end=True)
     model = TinyRegressor(lr=0.2)
     trainer(tmp_path, [cb], max_epochs=2, num_sanity_val_steps=2).fit(model, loader(), loader(16))
-    assert [h["reason"] for h in cb.history] == ["fit_start", "step", "step", "step", "step"]
+    assert [h["reason"] for h in cb.history] == ["step", "step", "step", "step"]
     layer = model.net[0]
     assert isinstance(layer, NVFP4Linear)
     # the scales equal a fresh sweep of the final weights (the last recalibration is after the
@@ -166,7 +165,7 @@ def test_sanity_check_does_nothing_and_scales_follow_weights(tmp_path):
     g = layer.weight.detach().abs().amax()
     assert torch.equal(layer.global_amax, g)
     assert torch.equal(layer.block_amax.flatten(), nvfp4_scale_sweep(layer.weight.detach(), g))
-    for h in cb.history[1:]:
+    for h in cb.history:
         assert h["mse_after"] <= h["mse_before"] and 0.0 <= h["changed_fraction"] <= 1.0
         assert h["sqnr_db"] > 10 and h["seconds"] > 0
 
@@ -175,13 +174,21 @@ def test_sanity_check_does_nothing_and_scales_follow_weights(tmp_path):
 
 
 def test_logs_through_the_trainer_loggers(tmp_path):
-    cb = NVFP4Recalibration(policy="mse", settle_fraction=0.0, every_n_train_steps=4, log_per_layer=True)
+    """nvfp4/* metrics land on the step index Lightning gives val_loss for the same point."""
+    cb = NVFP4Recalibration(
+        policy="mse", settle_fraction=0.0, every_n_train_steps=4, at_fit_end=True, log_per_layer=True
+    )
     logger = CSVLogger(tmp_path, name="run")
-    trainer(tmp_path, [cb], max_steps=8, logger=logger, log_every_n_steps=1).fit(TinyRegressor(), loader())
+    model = quantize_model(TinyRegressor(), init_calibration="max")  # so fit start calibrates
+    kw = dict(max_steps=8, logger=logger, log_every_n_steps=1, val_check_interval=4)
+    trainer(tmp_path, [cb], **kw).fit(model, loader(), loader(8))
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
     recal = [r for r in rows if r.get("nvfp4/mse_after")]
-    assert [int(r["step"]) for r in recal] == [0, 4, 8]
+    val_steps = [int(r["step"]) for r in rows if r.get("val_loss")]
+    assert [h["reason"] for h in cb.history] == ["fit_start", "step", "step"]  # fit end: nothing new
+    assert val_steps == [3, 7]  # after optimizer steps 4 and 8
+    assert [int(r["step"]) for r in recal] == [0, 3, 7]
     for r, h in zip(recal, cb.history, strict=True):
         assert math.isclose(float(r["nvfp4/mse_after"]), h["mse_after"], rel_tol=1e-6)
         assert float(r["nvfp4/seconds"]) > 0
@@ -238,7 +245,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
     path = tmp_path / "ckpt" / "epoch=1-step=16.ckpt"
     trainer(tmp_path / "b", [resumed_cb], **kw).fit(resumed, loader(n=64), loader(n=8), ckpt_path=path)
 
-    assert [h["step"] for h in full_cb.history] == [0, 5, 8, 10, 15, 16, 20, 24]
+    assert [h["step"] for h in full_cb.history] == [5, 8, 10, 15, 16, 20, 24]
 
     def timeless(history):  # wall time is the one logged value that may differ
         return [{k: v for k, v in h.items() if k != "seconds"} for h in history]

@@ -68,8 +68,8 @@ def test_default_job_writes_summary_plot_and_logs(monkeypatch, capsys, tmp_path)
     assert [(s["name"], s["steps"]) for s in summary["stages"]] == [("fp", 4), ("qat", 4)]
     fp, qat = summary["stages"]
     assert fp["recalibrations"] == [] and all(h["weight_mse"] is None for h in fp["history"])
-    # Calibrated when fit starts, then after optimizer steps 2 and 4.
-    assert [r["step"] for r in qat["recalibrations"]] == [0, 2, 4]
+    # Calibrated once by quantize_model (not again when fit starts), then after steps 2 and 4.
+    assert [r["step"] for r in qat["recalibrations"]] == [2, 4]
     # Evaluated right after quantization (step 0), then at each validation.
     assert [h["step"] for h in qat["history"]] == [0, 2, 4] and all(
         h["weight_mse"] > 0 for h in qat["history"]
@@ -78,7 +78,18 @@ def test_default_job_writes_summary_plot_and_logs(monkeypatch, capsys, tmp_path)
     assert last["mse_after"] <= last["mse_before"]  # the sweep is MSE-optimal per block
     text = (tmp_path / "summary.txt").read_text()
     assert text.strip() in out
-    assert "recalibrations  3 (after steps 0, 2, 4)" in text and "time share" in text
+    assert "recalibrations  2 (after steps 2, 4)" in text and "time share" in text
+    # the summary names where everything went
+    assert f"run dir         {tmp_path}" in text and f"log             {tmp_path / 'nvfp4_qat.log'}" in text
+    assert "checkpoint" in text and str(tmp_path / "logs" / "qat" / "checkpoints") in text
+    # the log file holds the run's messages, Lightning's banners once per run (not once per Trainer)
+    log = (tmp_path / "nvfp4_qat.log").read_text()
+    assert "CPU run with" in log and "`Trainer.fit` stopped" in log
+    assert log.count("GPU available") == 1 and log.count("Tip: For seamless cloud logging") <= 1
+    # output that is no terminal gets plain progress lines, no carriage returns or escape codes
+    assert "stage qat: step 2/4" in out and "stage qat: step 4/4" in out and "(done)" in out
+    assert "NVFP4 recalibration after step 2: 4 layers" in out and "... done in" in out
+    assert "\r" not in out and "\x1b[" not in out
     assert f"weight MSE {last['mse_before']:.4e} -> {last['mse_after']:.4e}" in text
     assert (tmp_path / "nvfp4_qat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header = (tmp_path / "logs" / "qat" / "metrics.csv").read_text().splitlines()[0]
@@ -164,7 +175,7 @@ def test_multirun_sweeps_the_schedule(monkeypatch, tmp_path):
         ]
         for job in ("0", "1")
     ]
-    assert steps == [[0, 2, 4], [0, 4]]
+    assert steps == [[2, 4], [4]]  # no fit-start entry: quantize_model has just calibrated
 
 
 def test_unknown_names_get_a_message(monkeypatch, capsys):
@@ -318,3 +329,22 @@ def test_logger_null_runs_and_keeps_checkpoints_in_the_run_dir(monkeypatch, caps
     assert os.listdir(launch) == []  # nothing written into the launch directory
     ckpts = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.ckpt"))
     assert len(ckpts) == 2 and ckpts[0].startswith("logs/fp/") and ckpts[1].startswith("logs/qat/"), ckpts
+
+
+def test_cpu_threads_leave_busy_cores_alone():
+    from nvfp4_qat.lm.console import cpu_threads
+
+    assert cpu_threads(cores=2, load=0.0) == 2  # idle: every core
+    assert cpu_threads(cores=2, load=1.2) == 1  # one core busy
+    assert cpu_threads(cores=2, load=3.5) == 1  # oversubscribed: one thread, never 0
+    assert cpu_threads(cores=16, load=4.0) == 12
+
+
+def test_cpu_threads_respect_the_users_choice(monkeypatch):
+    from nvfp4_qat.lm.console import setup_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert "OMP_NUM_THREADS is set" in setup_cpu_threads("cpu")
+    assert torch.get_num_threads() == before  # untouched
+    assert setup_cpu_threads("gpu") is None

@@ -101,10 +101,16 @@ def test_include_patterns_and_errors():
     ]
     with pytest.raises(ValueError, match="model is already quantized: it holds 4 NVFP4Linear"):
         quantize_model(model)
+    with pytest.raises(ValueError, match="QATConfig.include pattern 'mpl' matches no nn.Linear module name"):
+        quantize_model(net(), include=("mpl",))
+    # an exclude pattern that matches nothing only warns (the quickstart's "*lm_head" on any model)
+    with pytest.warns(UserWarning, match="exclude pattern 'lm_haed' matches no nn.Linear module name"):
+        quantized = quantize_model(net(), exclude=("lm_haed",), init_calibration="max")
+    assert len(nvfp4_layers(quantized)) == len([m for m in net().modules() if type(m) is nn.Linear]) - 1
     with pytest.raises(
-        ValueError, match="QATConfig.exclude pattern 'lm_haed' matches no nn.Linear module name"
+        ValueError, match="the model has no nn.Linear module, so there is nothing to quantize"
     ):
-        quantize_model(net(), exclude=("lm_haed",))
+        quantize_model(nn.Sequential(nn.Conv1d(4, 4, 3), nn.ReLU()))
     with pytest.raises(ValueError, match="cannot be swapped in place"):
         quantize_model(nn.Linear(16, 16))
     with pytest.raises(TypeError, match="config must be a QATConfig"):
@@ -117,8 +123,14 @@ def test_non_finite_weight_names_the_layer_and_leaves_model_untouched():
     model = net()
     with torch.no_grad():
         model.layers[1].mlp[2].weight[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="cannot quantize layer 'layers.1.mlp.2'"):
+    model.layers[0].mlp[0].weight.data[1, :3] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"layer 'layers.0.mlp.0': its weight \(layers.0.mlp.0.weight, shape"
+    ):
         quantize_model(model, exclude=("odd_in",))
+    assert not nvfp4_layers(model)
+    with pytest.raises(ValueError, match=r"'layers.1.mlp.2'.* holds 0 NaN and 1 infinite value"):
+        quantize_model(model, include=("layers.1.*",))
     assert not nvfp4_layers(model)
 
 

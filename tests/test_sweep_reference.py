@@ -118,10 +118,20 @@ def test_sweep_chunking_does_not_change_results(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(300, 16, generator=gen)
     whole = sweep(x, x.abs().max())
-    monkeypatch.setattr(ref, "MEMORY_FLOOR_BYTES", 0)
-    monkeypatch.setattr(ref, "BYTES_PER_BLOCK", 512 * 5)  # 7 chunks, the last one partial
+    monkeypatch.setattr(ref, "CHUNK_BLOCKS", 14)  # 22 chunks, the last one partial
     assert ref.chunk_blocks(x, 300, 16) == 14
     assert torch.equal(sweep(x, x.abs().max()), whole)
+
+
+def test_chunk_blocks_respects_the_memory_budget(monkeypatch):
+    monkeypatch.setattr(ref, "MEMORY_FLOOR_BYTES", 0)
+    monkeypatch.setattr(ref, "CHUNK_BLOCKS", 10**9)
+    x = torch.randn(64, 1024)  # 4,096 blocks, 256 KiB: a budget of 512 KiB
+    table = ref._interval_tables(x.device)[1].numel() * 4
+    want = (2 * x.numel() * 4 - 8 * 4096 - table) // ref.BYTES_PER_BLOCK
+    assert ref.chunk_blocks(x, 4096, 16) == want and 1 < want < 4096
+    monkeypatch.setattr(ref, "MEMORY_FLOOR_BYTES", 256 * 2**20)
+    assert ref.chunk_blocks(x, 4096, 16) == 4096
 
 
 def _peak_cpu_bytes(fn) -> int:
@@ -140,15 +150,103 @@ def _peak_cpu_bytes(fn) -> int:
 
 def test_sweep_extra_memory_is_bounded(monkeypatch):
     """Measured: the extra memory stays under max(2 * input bytes, floor). With the floor lowered
-    to 0, a 256 KiB fp32 input may use 512 KiB; 126 losses per block would need 2 MiB."""
+    to 0 and no chunk cap, a 256 KiB fp32 input may use 512 KiB; the 126 losses of every block at
+    once would need 8 MiB."""
     monkeypatch.setattr(ref, "MEMORY_FLOOR_BYTES", 0)
+    monkeypatch.setattr(ref, "CHUNK_BLOCKS", 10**9)
     x = torch.randn(64, 1024)  # 4,096 blocks, 256 KiB
     g = x.float().abs().max()
+    ref._interval_tables(x.device)  # the constant table, built once per process
     peak = _peak_cpu_bytes(lambda: sweep(x, g))
     bound = 2 * x.numel() * x.element_size()
     assert 0 < peak <= bound, f"peak {peak / 2**20:.2f} MiB > bound {bound / 2**20:.2f} MiB"
-    naive_losses = 126 * 4 * x.numel() // 16
-    assert peak * 4 < naive_losses
+    all_losses = 126 * 4 * x.numel()
+    assert peak * 16 < all_losses
+    # and per block of a chunk the temporaries stay within BYTES_PER_BLOCK
+    step = ref.chunk_blocks(x, 4096, 16)
+    table = ref._interval_tables(x.device)[1].numel() * 4
+    assert (peak - table - 8 * 4096) / step <= ref.BYTES_PER_BLOCK
+
+
+# The sweep as it was up to 52e2dc7: a Python loop over the 126 candidates with a running strict
+# minimum. The vectorised reference must return the same bits on every input.
+def _loop_sweep(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    blocks = x.reshape(-1, block_size).to(torch.float32).abs()
+    s2 = global_scale(global_amax)
+    u = blocks / s2
+    best = torch.full((blocks.shape[0],), float("inf"))
+    best_idx = torch.zeros(blocks.shape[0], dtype=torch.int64)
+    for k, v in enumerate(fp8_code_values()):
+        loss = ref.block_losses(blocks, u, v, s2)
+        better = loss < best  # strict: the first minimum wins
+        best = torch.where(better, loss, best)
+        best_idx.masked_fill_(better, k)
+    return fp8_scale_candidates()[best_idx] * global_amax.reshape(()).to(torch.float32)
+
+
+def _hard_inputs(seed: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 256, generator=gen) * 0.02
+    x[0] = 0.0  # all-zero blocks: every code ties at loss 0
+    x[1, :128] = 0.3  # constant blocks
+    x[2] = torch.tensor([0.0, 0.5, 1, 1.5, 2, 3, 4, 6] * 32) * 0.01  # on an FP4 grid: exact ties
+    x[3] *= 1e-5  # FP8-subnormal scales
+    x[4] *= 3e-7
+    x[5] = torch.distributions.StudentT(1.5).sample((256,)) * 0.02  # heavy tails
+    x[6, ::16] = 1.0  # one outlier per block
+    x[7] = torch.randint(-3, 4, (256,), generator=gen) * 0.125  # few distinct values: many ties
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_sweep_equals_candidate_loop(dtype, seed, monkeypatch):
+    monkeypatch.setattr(ref, "CHUNK_BLOCKS", 96)  # several chunks, the last one partial (640 blocks)
+    x = _hard_inputs(seed, dtype)
+    gs = [x.float().abs().max(), x.float().abs().max() * 3.5, torch.tensor(1e-30)]  # g above, far above
+    for g in gs:
+        got, want = sweep(x, g), _loop_sweep(x, g)
+        assert torch.equal(got, want), f"g={g.item():g}: {(got != want).sum().item()} of {got.numel()} differ"
+
+
+def test_vectorised_sweep_equals_candidate_loop_on_every_code():
+    # Blocks built from each code's own grid and its midpoints, scaled so every code wins somewhere.
+    values = fp8_code_values()
+    g = torch.tensor(2688.0)  # s2 = 1: u == |w|
+    grid = torch.tensor([0.0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 6])
+    x = (values[:, None] * grid[None]).reshape(-1)
+    x = torch.cat([x, torch.nextafter(x, torch.tensor(0.0)), torch.nextafter(x, torch.tensor(1e9))])
+    got, want = sweep(x, g), _loop_sweep(x, g)
+    assert torch.equal(got, want), f"{(got != want).sum().item()} of {got.numel()} blocks differ"
+    assert len(set(block_codes(got, global_scale(g)).tolist())) >= 90  # most codes won a block
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_reference_sweep_issues_a_bounded_number_of_ops():
+    """A handful of large operations per chunk, none per candidate (the loop issued ~3,800)."""
+    x = torch.randn(64, 64)  # 256 blocks: one chunk
+    g = x.abs().max()
+    sweep(x, g)  # build the constant table outside the count
+    with _CountOps() as one_chunk:
+        ref.sweep_reference(x, g)
+    assert one_chunk.ops <= 50, one_chunk.ops  # views and the per-call constants included
+    x4 = torch.randn(256, 64)  # 4 chunks
+    with _CountOps() as four_chunks:
+        ref.sweep_reference(x4, x4.abs().max())
+    per_chunk = (four_chunks.ops - one_chunk.ops) / 3
+    assert per_chunk <= 32, per_chunk  # 13 computations, the rest views and slices
+    with _CountOps() as loop:
+        _loop_sweep(x, g)
+    assert loop.ops > 50 * one_chunk.ops, (loop.ops, one_chunk.ops)
 
 
 @pytest.mark.gpu

@@ -36,12 +36,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from nvfp4_qat._feedback import done_line, logger_step, say, start_line
 from nvfp4_qat._validation import BACKENDS, METHODS
 from nvfp4_qat.config import QATConfig
 from nvfp4_qat.distributed import check_strategy, recalibrate_distributed
 from nvfp4_qat.metrics import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR
 from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, resolve_policy
-from nvfp4_qat.quantize import nvfp4_layers, quantize_model
+from nvfp4_qat.quantize import calibration_is_current, nvfp4_layers, quantize_model
 from nvfp4_qat.recalibrate import ON_NONFINITE, RecalibrationReport
 
 __all__ = ["NVFP4Recalibration", "restore_quantization"]
@@ -94,6 +95,9 @@ def restore_quantization(module: Any, checkpoint: dict[str, Any]) -> bool:
     ``LightningModule.load_from_checkpoint`` (which does not run callbacks) finds the NVFP4 layers
     and scale buffers the checkpoint holds. The same layers are swapped (by name) with the saved
     config; the scales then come from the checkpoint's state dict.
+
+    Without it the load fails with ``Unexpected key(s) in state_dict: ...block_amax...``;
+    :func:`nvfp4_qat.checkpoint.explain_load_errors` turns that into a message naming this fix.
 
     Returns:
         True if layers were swapped, False if the checkpoint has no NVFP4 layers or the module is
@@ -287,7 +291,9 @@ class NVFP4Recalibration(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prepare_policy(trainer, pl_module)
         if self.at_fit_start and not self._calibrated_at_start:
-            self._recalibrate(trainer, pl_module, "fit_start")
+            # Skip a calibration quantize_model has just done (not under DDP: ranks must agree).
+            if trainer.world_size > 1 or not calibration_is_current(pl_module):
+                self._recalibrate(trainer, pl_module, "fit_start")
             self._calibrated_at_start = True
 
     @override
@@ -359,6 +365,9 @@ class NVFP4Recalibration(Callback):
         self.history = [dict(h) for h in state_dict["history"]]
 
     def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        layers = nvfp4_layers(pl_module)
+        numel = sum(m.weight.numel() for _, m in layers)
+        say(trainer, start_line(reason, trainer.global_step, len(layers), numel))
         start = time.perf_counter()
         # Every rank gets here at the same step (the schedule depends on global_step only). Plain
         # recalibrate() without a process group, the sweep split across the ranks with one.
@@ -388,6 +397,7 @@ class NVFP4Recalibration(Callback):
         self._last_step = trainer.global_step
         self.last_report = report
         metrics = self._metrics(report, seconds)
+        say(trainer, done_line(seconds, metrics))
         self.history.append(
             {"step": trainer.global_step, "epoch": trainer.current_epoch, "reason": reason, **metrics}
         )
@@ -396,7 +406,8 @@ class NVFP4Recalibration(Callback):
         # Every rank computed the same values without a collective; loggers write on rank zero
         # only, so nothing here waits on another rank.
         for logger in trainer.loggers:
-            logger.log_metrics({f"nvfp4/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            step = logger_step(trainer, reason)  # the row of val/loss at the same point
+            logger.log_metrics({f"nvfp4/{k}": v for k, v in metrics.items()}, step=step)
 
     def _prepare_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Settle window, input-statistics hooks and held-out batches for this fit."""

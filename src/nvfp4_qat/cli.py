@@ -18,6 +18,7 @@ message and exit status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 import textwrap
 from pathlib import Path
@@ -35,6 +36,8 @@ CONFIG_PATH = "pkg://nvfp4_qat.conf"
 #: The primary config (``conf/nvfp4_qat.yaml``).
 CONFIG_NAME = "nvfp4_qat"
 PLOT_NAME = "nvfp4_qat.png"
+
+log = logging.getLogger("nvfp4_qat")
 
 
 def _fail(err: BaseException) -> None:
@@ -66,16 +69,22 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> str | None:
     """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from nvfp4_qat.lm.report import plot_run, write_summary
+    from nvfp4_qat.lm.console import setup_cpu_threads, setup_logging
+    from nvfp4_qat.lm.report import output_files, plot_run, write_summary
     from nvfp4_qat.lm.run import run_job
 
     preflight(cfg)
+    setup_logging()
+    threads = setup_cpu_threads(cfg.trainer.get("accelerator"))
+    if threads:
+        log.info(threads)
     result = run_job(cfg)
     if rank_zero_only.rank != 0:
         return None
     out = Path(out_dir if out_dir is not None else HydraConfig.get().runtime.output_dir)
     plot_path = plot_run(result, out / PLOT_NAME) if cfg.plot else None
-    text = write_summary(result, out, plot_path)
+    files = output_files(out, cfg.get("callback", {}).get("export_path"))
+    text = write_summary(result, out, plot_path, files)
     print("\n" + text, flush=True)
     return text
 

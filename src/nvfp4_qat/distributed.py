@@ -21,14 +21,14 @@ The report statistics are summed in one float64 all-reduce, so every rank return
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
 
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, resolve_policy
@@ -49,6 +49,9 @@ from nvfp4_qat.recalibrate import (
     weight_stats,
 )
 from nvfp4_qat.sweep import sweep_with_stats
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["check_strategy", "distributed_world_size", "layer_owners", "recalibrate_distributed"]
 
@@ -100,9 +103,18 @@ def layer_owners(sizes: list[int], world: int) -> list[int]:
     return owner
 
 
+def _is_dtensor(w: object) -> bool:
+    # A DTensor exists only once torch.distributed.tensor was imported (by FSDP2, by the user):
+    # look it up there instead of importing it (a second at `import nvfp4_qat` on a small CPU).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(w, module.DTensor)
+
+
 def _row_sharded(w: torch.Tensor, world: int) -> bool:
+    from torch.distributed.tensor import Shard
+
     return (
-        isinstance(w, DTensor)
+        _is_dtensor(w)
         and w.device_mesh.ndim == 1
         and w.device_mesh.size() == world
         and tuple(w.placements) == (Shard(0),)
@@ -118,7 +130,7 @@ def _local_rows(w: DTensor) -> tuple[torch.Tensor, int]:
 
 def _plan(layers: list[tuple[str, NVFP4Linear]], world: int) -> list[int | str]:
     """Per layer: the owner rank of a replicated weight, ``_ROWS`` or ``_GATHER``."""
-    plain = [i for i, (_, m) in enumerate(layers) if not isinstance(m.weight, DTensor)]
+    plain = [i for i, (_, m) in enumerate(layers) if not _is_dtensor(m.weight)]
     owner = dict(zip(plain, layer_owners([layers[i][1].weight.numel() for i in plain], world), strict=True))
     return [
         owner[i] if i in owner else _ROWS if _row_sharded(m.weight, world) else _GATHER
@@ -220,6 +232,8 @@ def _sweep_own_rows(
 
     Writes this rank's sums into ``stats[:4]`` (and, on rank 0, the amax pair into ``stats[4:6]``).
     """
+    from torch.distributed.tensor import DTensor, Shard
+
     w = m.weight
     local, first = _local_rows(w)
     rows = local.shape[0]

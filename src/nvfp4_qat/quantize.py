@@ -14,12 +14,13 @@ import fnmatch
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from nvfp4_qat.config import QATConfig
 from nvfp4_qat.modules import NVFP4Linear
 
-__all__ = ["quantize_model", "nvfp4_layers"]
+__all__ = ["calibration_is_current", "quantize_model", "nvfp4_layers"]
 
 
 def nvfp4_layers(model: nn.Module) -> list[tuple[str, NVFP4Linear]]:
@@ -27,22 +28,83 @@ def nvfp4_layers(model: nn.Module) -> list[tuple[str, NVFP4Linear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, NVFP4Linear)]
 
 
+def _calibration_key(layer: NVFP4Linear) -> tuple:
+    # The tensors themselves (so their storage cannot be reused meanwhile), where their data lives,
+    # and their version counters, which every in-place write bumps (an optimizer step, copy_,
+    # load_state_dict, a recalibration); a move or a cast changes the data pointer or the dtype.
+    w, b, g = layer.weight, layer.block_amax, layer.global_amax
+    return (w, w.dtype, w.data_ptr(), w._version, b, b.data_ptr(), b._version, g, g._version)
+
+
+def _mark_calibrated(layer: NVFP4Linear) -> None:
+    layer._nvfp4_mse_calibrated = _calibration_key(layer)
+
+
+def calibration_is_current(model: nn.Module) -> bool:
+    """Whether every ``NVFP4Linear`` of ``model`` holds the MSE sweep's scales for its current weight.
+
+    True right after :func:`quantize_model` with ``init_calibration="mse"`` as long as no weight or
+    scale was written since (in place or replaced) and nothing was moved or cast: calibrating again
+    would change nothing (the sweep's result is bit-identical for every backend and method).
+    """
+    layers = nvfp4_layers(model)
+    if not layers:
+        return False
+    for _, layer in layers:
+        key = getattr(layer, "_nvfp4_mse_calibrated", None)
+        if key is None or not _same_key(key, _calibration_key(layer)):
+            return False
+    return True
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        (x is y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b, strict=True)
+    )
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _check_patterns(config: QATConfig, linear_names: list[str]) -> None:
-    # A pattern that selects nothing is almost always a typo ("lm_haed"); say so instead of
-    # silently quantizing the output head.
-    for field in ("include", "exclude"):
-        for pattern in getattr(config, field):
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
-                shown = ", ".join(repr(n) for n in linear_names[:6]) or "none"
-                more = f" (+{len(linear_names) - 6} more)" if len(linear_names) > 6 else ""
-                raise ValueError(
-                    f"QATConfig.{field} pattern {pattern!r} matches no nn.Linear module name; "
-                    f"the model's linear modules are: {shown}{more}"
-                )
+    # An include pattern that selects nothing is almost always a typo; say so instead of quantizing
+    # nothing. An exclude pattern that matches nothing is allowed (the quickstart's "*lm_head" on a
+    # model without an output head) with a warning, since it may be a typo ("lm_haed").
+    if not linear_names:
+        raise ValueError(
+            "the model has no nn.Linear module, so there is nothing to quantize (quantize_model "
+            "converts nn.Linear layers to NVFP4Linear)"
+        )
+    for pattern in config.include:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
+            shown = ", ".join(repr(n) for n in linear_names[:6])
+            more = f" (+{len(linear_names) - 6} more)" if len(linear_names) > 6 else ""
+            raise ValueError(
+                f"QATConfig.include pattern {pattern!r} matches no nn.Linear module name; "
+                f"the model's linear modules are: {shown}{more}"
+            )
+    for pattern in config.exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
+            warnings.warn(
+                f"QATConfig.exclude pattern {pattern!r} matches no nn.Linear module name, so it "
+                f"excludes nothing (fine if the model has no such layer; check the spelling if it has)",
+                stacklevel=3,
+            )
+
+
+def _check_finite(name: str, weight: torch.Tensor) -> None:
+    if weight.device.type == "meta":
+        return
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(weight).sum())
+        inf = weight.numel() - int(finite.sum()) - nan
+        raise ValueError(
+            f"layer {name!r}: its weight ({name}.weight, shape {tuple(weight.shape)}) holds {nan} NaN "
+            f"and {inf} infinite value(s); NVFP4 scales need finite weights (check the checkpoint "
+            f"or the training that produced them)"
+        )
 
 
 def quantize_model(model: nn.Module, config: QATConfig | None = None, **overrides: Any) -> nn.Module:
@@ -64,8 +126,9 @@ def quantize_model(model: nn.Module, config: QATConfig | None = None, **override
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``config`` not a ``QATConfig``, or a field
             has the wrong type.
-        ValueError: the model already holds ``NVFP4Linear`` layers ("already quantized"), a bad
-            field value or unknown field, a pattern that matches no linear module, ``model`` is
+        ValueError: the model already holds ``NVFP4Linear`` layers ("already quantized") or none
+            of type ``nn.Linear``, a bad field value or unknown field, an include pattern that
+            matches no linear module (an exclude pattern that matches none is fine), ``model`` is
             itself an ``nn.Linear``, or a layer has non-finite weights (the name is given).
     """
     if not isinstance(model, nn.Module):
@@ -107,6 +170,7 @@ def quantize_model(model: nn.Module, config: QATConfig | None = None, **override
                 why = f"in_features={module.in_features} not divisible by {config.block_size}"
                 skipped[id(module)] = f"{name} ({why})"
                 continue
+            _check_finite(name, module.weight.detach())
             try:
                 converted[id(module)] = NVFP4Linear.from_linear(module, config)
             except ValueError as err:
@@ -116,6 +180,10 @@ def quantize_model(model: nn.Module, config: QATConfig | None = None, **override
     for name, key in places:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, converted[key])
+    if config.init_calibration == "mse":
+        for layer in converted.values():
+            if layer.weight.device.type != "meta":  # not calibrated there
+                _mark_calibrated(layer)
 
     if skipped:
         warnings.warn(

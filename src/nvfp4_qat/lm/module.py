@@ -124,6 +124,13 @@ class CausalLMModule(pl.LightningModule):
                 }
             )
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A QAT checkpoint holds NVFP4 layers: quantize this fresh module the same way first, so
+        # that CausalLMModule.load_from_checkpoint(path, net=...) works without further code.
+        from nvfp4_qat.callback import restore_quantization
+
+        restore_quantization(self, checkpoint)
+
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from nvfp4_qat.lm.checks import UsageError
+from nvfp4_qat.lm.console import progress_callbacks
 from nvfp4_qat.lm.module import CausalLMModule, TokenThroughput, quantized_weight_mse
 
 __all__ = ["RunResult", "StageResult", "evaluate", "run_job"]
@@ -141,6 +142,7 @@ def run_stage(
     module.history = []
     throughput = TokenThroughput()
     callbacks = [throughput] + ([callback] if callback is not None else []) + list(extra_callbacks)
+    callbacks += progress_callbacks(bool(cfg.trainer.get("enable_progress_bar", True)), name)
     logger = _logger(cfg, name)
     where = {}
     run_dir = cfg.get("paths", {}).get("output_dir")
