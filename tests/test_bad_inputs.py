@@ -281,7 +281,7 @@ CASES = [
         "quantize-nan-weight",
         lambda t: quantize_model(nan_weight_model(), init_calibration="max"),
         ValueError,
-        "layer '0': weight must be finite",
+        "layer '0': its weight (0.weight, shape (32, 32)) holds 1 NaN",
     ),  # fmt: skip
     ("quantize-not-module", lambda t: quantize_model({"w": X}), TypeError, "model must be an nn.Module"),
     (

@@ -167,6 +167,7 @@ class NVFP4Recalibration(Callback):
             ``gradient`` criterion reads the Adam state of the (single) optimizer; ``activation``
             gathers input statistics with forward hooks during training (freed after each
             recalibration); ``loss_check`` evaluates ``loss_check_batches`` validation batches.
+            The calibration at fit start is always the plain MSE sweep.
         settle_fraction: no step or epoch recalibration in this last fraction of the training
             steps (``trainer.estimated_stepping_batches``), so the weights settle on the final
             scales; 0 recalibrates to the end. Combined with ``stop_step`` (the earlier wins).
@@ -372,9 +373,12 @@ class NVFP4Recalibration(Callback):
         # Every rank gets here at the same step (the schedule depends on global_step only). Plain
         # recalibrate() without a process group, the sweep split across the ranks with one.
         policy = self.policy
-        if reason in ("fit_start", "fit_end") and (policy.needs_input_moments or policy.needs_optimizer):
-            # No input statistics or optimizer state exist yet at fit start; at fit end the plain
-            # criterion keeps the same meaning for every run. Acceptance rules stay.
+        if reason == "fit_start":
+            # The initial calibration is the exact MSE sweep whatever the policy (what the QAT
+            # quality benchmark's rows start from; no statistics or optimizer state exist yet).
+            policy = RecalibrationPolicy()
+        elif reason == "fit_end" and (policy.needs_input_moments or policy.needs_optimizer):
+            # The plain criterion keeps the same meaning for every run. Acceptance rules stay.
             policy = dataclasses.replace(policy, criterion="mse")
         optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
         if policy.needs_optimizer and optimizer is None:
