@@ -348,3 +348,14 @@ def test_cpu_threads_respect_the_users_choice(monkeypatch):
     assert "OMP_NUM_THREADS is set" in setup_cpu_threads("cpu")
     assert torch.get_num_threads() == before  # untouched
     assert setup_cpu_threads("gpu") is None
+
+
+def test_default_callback_keeps_the_scales_frozen(monkeypatch, capsys, tmp_path):
+    # The command's default (callback=frozen): quantize_model's MSE calibration, then no re-sweep.
+    args = [a for a in TINY if not a.startswith("callback.")]
+    run_cli(monkeypatch, *args, "plot=false", f"hydra.run.dir={tmp_path}")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stages"][-1]["recalibrations"] == []
+    assert (
+        "recalibrations  0 (block scales frozen after the initial MSE calibration)" in capsys.readouterr().out
+    )

@@ -75,7 +75,10 @@ def format_summary(
     qat = result.stage("qat")
     recal = qat.recalibrations if qat else []
     steps = ", ".join(str(r["step"]) for r in recal[:12]) + (" ..." if len(recal) > 12 else "")
-    rows.append(("recalibrations", f"{len(recal)}" + (f" (after steps {steps})" if recal else "")))
+    detail = (
+        f" (after steps {steps})" if recal else " (block scales frozen after the initial MSE calibration)"
+    )
+    rows.append(("recalibrations", f"{len(recal)}{detail}"))
     if recal:
         last = recal[-1]
         before, after = last["mse_before"], last["mse_after"]
