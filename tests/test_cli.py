@@ -359,3 +359,35 @@ def test_default_callback_keeps_the_scales_frozen(monkeypatch, capsys, tmp_path)
     assert (
         "recalibrations  0 (block scales frozen after the initial MSE calibration)" in capsys.readouterr().out
     )
+
+
+def test_multirun_trains_the_fp_stage_once_and_writes_one_table(monkeypatch, capsys, tmp_path):
+    # Two jobs that differ only after the fp stage (plot on/off): the second loads the first's
+    # fp weights, so both QAT stages start from the same point and end identically (CPU, same seed).
+    tiny = [o for o in TINY if not o.startswith("callback.every_n_train_steps")]
+    run_cli(monkeypatch, "-m", "plot=true,false", *tiny, f"hydra.sweep.dir={tmp_path}")
+    first, second = (json.loads((tmp_path / job / "summary.json").read_text()) for job in ("0", "1"))
+    assert first["stages"][0] == second["stages"][0]  # the fp stage's result, reused as recorded
+    assert first["stages"][-1]["val_loss"] == second["stages"][-1]["val_loss"]
+    assert len(list((tmp_path / ".fp_cache").glob("*.pt"))) == 1
+    assert "reused" in (tmp_path / "1" / "nvfp4_qat.log").read_text()
+    table = (tmp_path / "multirun_summary.txt").read_text()
+    assert table.startswith(f"nvfp4-qat multirun: 2 jobs in {tmp_path}")
+    loss = first["stages"][-1]["val_loss"]
+    rows = table.splitlines()[1:]
+    assert rows[0].startswith(f"   0  QAT val loss {loss:.4f}  plot=True ")
+    assert rows[1].startswith(f"   1  QAT val loss {loss:.4f}  plot=False ")
+    assert table in capsys.readouterr().out
+
+
+def test_fp_cache_key_ignores_what_comes_after_the_fp_stage():
+    from omegaconf import OmegaConf
+
+    from nvfp4_qat.lm.multirun import fp_cache_key
+
+    base = OmegaConf.create({"model": {"d": 1}, "data": {"x": 2}, "trainer": {}, "seed": 0,
+                             "stages": {"fp": {"steps": 4, "lr": 0.1}, "qat": {"steps": 4}}, "callback": {"a": 1}})  # fmt: skip
+    other = OmegaConf.merge(base, {"callback": {"a": 2}, "stages": {"qat": {"steps": 9}}, "plot": False})
+    assert fp_cache_key(base) == fp_cache_key(other)
+    for change in ({"seed": 1}, {"stages": {"fp": {"lr": 0.2}}}, {"model": {"d": 2}}, {"data": {"x": 3}}):
+        assert fp_cache_key(OmegaConf.merge(base, change)) != fp_cache_key(base), change

@@ -21,6 +21,7 @@ model is quantized (its step 0) and every stage once more when it ends (a separa
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ from nvfp4_qat.lm.console import progress_callbacks
 from nvfp4_qat.lm.module import CausalLMModule, TokenThroughput, quantized_weight_mse
 
 __all__ = ["RunResult", "StageResult", "evaluate", "run_job"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -242,7 +245,12 @@ def run_job(cfg: DictConfig) -> RunResult:
         )
     result = RunResult(data=datamodule.describe())
     if cfg.stages.fp.steps > 0:
-        result.stages.append(run_stage("fp", cfg, module, datamodule, callback=None))
+        from nvfp4_qat.lm.multirun import cached_fp_stage
+
+        stage, reused = cached_fp_stage(cfg, module, lambda: run_stage("fp", cfg, module, datamodule, None))
+        if reused:
+            log.info("stage fp: the same full-precision stage ran in an earlier job of this multirun; reused")
+        result.stages.append(stage)
     variants = []
     if cfg.compare:
         finetune = run_stage("fp_finetune", cfg, module, datamodule, callback=None)
