@@ -103,19 +103,20 @@ def format_summary(
     rows += files or []
     width = max(len(k) for k, _ in rows)
     lines = ["nvfp4-qat summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    width = max([len(label) for label, _ in result.comparison] + [30])
     if result.comparison:
         lines += [
             "",
-            "  comparison: validation cross-entropy (nats/token); every row trained the same steps on the",
-            "  same batches (PTQ rows: the continued full-precision model, quantized without training)",
-            f"  {'variant':<30} {'val loss':>9} {'perplexity':>11} {'vs full precision':>18}",
+            "  comparison: validation cross-entropy (nats/token). PTQ and every QAT row start from the",
+            "  fine-tuned full-precision weights (the first row); the QAT rows then train stages.qat more",
+            "  steps on the same batches, which is why they can end below it. Compare the QAT rows.",
+            f"  {'variant':<{width}} {'val loss':>9} {'perplexity':>11} {'vs full precision':>18}",
         ]
         base = result.comparison[0][1]
-        for label, loss in result.comparison:
-            fp_row = loss is None or base is None or label == "full precision"
-            delta = "" if fp_row else f"{loss - base:+.4f}"
+        for i, (label, loss) in enumerate(result.comparison):
+            delta = "" if i == 0 or loss is None or base is None else f"{loss - base:+.4f}"
             shown = "n/a" if loss is None else f"{loss:.4f}"
-            lines.append(f"  {label:<30} {shown:>9} {_ppl(loss):>11} {delta:>18}")
+            lines.append(f"  {label:<{width}} {shown:>9} {_ppl(loss):>11} {delta:>18}")
     return "\n".join(lines)
 
 
