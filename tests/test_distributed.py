@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nvfp4_qat import NVFP4Recalibration, fake_quantize_nvfp4, load_nvfp4, nvfp4_scale_sweep, quantize_model
 from nvfp4_qat.distributed import layer_owners, recalibrate_distributed
+from nvfp4_qat.policy import InputMoments
 from nvfp4_qat.quantize import nvfp4_layers
 from nvfp4_qat.recalibrate import recalibrate
 
@@ -167,6 +168,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     except ValueError as err:
         out["fsdp2_export_error"] = str(err)
     out["direct"] = _direct_calls(rank)
+    out["policy"] = _policy_calls(rank)
     torch.save(out, Path(tmp) / f"rank{rank}.pt")
 
 
@@ -236,6 +238,41 @@ def _direct_calls(rank: int) -> dict:
     )
     out["replicated"]["diverged"] = _try_replicated(rank, lambda m: [p.mul_(1.5) for p in m.parameters()])
     return out
+
+
+def _policy_calls(rank: int) -> dict:
+    """A policy other than the plain sweep under DDP: each rank sees other inputs; the activation
+    statistics are summed over the ranks and every rank computes the same scales, equal to one
+    process that saw both ranks' inputs. The loss check decides on the loss averaged over ranks."""
+
+    def feed(m: nn.ModuleDict, r: int) -> None:
+        g = torch.Generator().manual_seed(100 + r)
+        for layer in m.values():
+            layer(torch.randn(8, layer.in_features, generator=g) * (1 + r))
+
+    m = _layers()
+    moments = InputMoments(list(m.items()))
+    feed(m, rank)
+    recalibrate_distributed(m, policy="activation", input_moments=moments)
+    ref = _layers()
+    ref_moments = InputMoments(list(ref.items()))
+    feed(ref, 0)
+    feed(ref, 1)
+    recalibrate(ref, policy="activation", input_moments=ref_moments)
+
+    def mean_loss() -> float:  # rank-dependent, averaged: every rank sees the same number
+        local = torch.tensor(float(sum(float(v.block_amax.sum()) for v in checked.values())) * (1 + rank))
+        dist.all_reduce(local)
+        return float(local) / 2
+
+    checked = _layers()
+    report = recalibrate_distributed(checked, policy="loss_check_layer", evaluate=mean_loss)
+    return {
+        "activation": _scales(m),
+        "activation_reference": _scales(ref),
+        "loss_check": _scales(checked),
+        "rolled_back_layers": report.rolled_back_layers,
+    }
 
 
 def _try_replicated(rank: int, spoil) -> dict:
@@ -427,3 +464,14 @@ def test_direct_diverged_replicas_make_every_rank_raise(runs):
             "RuntimeError: replicated weights differ between ranks in 4 layer(s), e.g. ['a', 'b', 'c', 'd']"
         ), (rank, got["result"])
         assert got["unchanged"], rank
+
+
+def test_policies_under_ddp_give_the_same_scales_on_every_rank(runs):
+    _, ranks = runs
+    first, second = ranks[0]["policy"], ranks[1]["policy"]
+    for k, v in first["activation_reference"].items():
+        for rank, got in enumerate((first["activation"], second["activation"])):
+            assert torch.equal(got[k], v), f"rank {rank} {k}: activation scales differ from one process"
+    assert first["rolled_back_layers"] == second["rolled_back_layers"]
+    for k, v in first["loss_check"].items():
+        assert torch.equal(second["loss_check"][k], v), k
