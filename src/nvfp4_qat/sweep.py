@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nvfp4_qat._sweep_reference import sweep_reference
@@ -89,21 +91,26 @@ def nvfp4_scale_sweep(
     resolve_backend(backend, x.device, block_size)
     x = x.detach()  # the sweep writes into out= buffers, which autograd refuses; scales get no gradient
     g = check_global_amax(global_amax, x)
-    check_finite(x)
-    _check_amax_fits(x, g)
+    _check_values(x, g)
     return sweep_unchecked(x, g, block_size, backend, method)
 
 
-def _check_amax_fits(x: torch.Tensor, g: torch.Tensor) -> None:
+def _check_values(x: torch.Tensor, g: torch.Tensor) -> None:
+    """Refuse non-finite ``x`` and a ``global_amax`` that would zero every block: one pass over
+    ``x`` and one host sync (``max |x|`` is NaN or Inf exactly when ``x`` holds NaN or Inf)."""
+    if x.numel() == 0:
+        return
+    amax = x.abs().amax().to(torch.float32)
+    amax_v, g_v, u_v = torch.stack([amax, g.reshape(()), amax / global_scale(g)]).tolist()
+    if not math.isfinite(amax_v):
+        check_finite(x)  # counts the bad elements and raises
     # A global_amax of 0 for non-zero data, or so far above it that u = max|x| / s2 is at most
     # 0.25 times the smallest FP8 code (2^-9), makes every candidate quantize everything to 0:
     # refuse that rather than return all-zero scales. global_amax is normally max |x|.
-    amax = x.abs().amax().to(torch.float32)
-    u = amax / global_scale(g)
-    if bool(amax > 0) and (float(g) == 0 or float(u) <= 2.0**-11):
+    if amax_v > 0 and (g_v == 0 or u_v <= 2.0**-11):
         raise ValueError(
-            f"global_amax must be > 0 and below about {float(amax) * 2688 * 2**11:.6g} for x whose "
-            f"max |x| is {float(amax):.6g} (normally global_amax = max |x|), got {float(g):.6g}: every "
+            f"global_amax must be > 0 and below about {amax_v * 2688 * 2**11:.6g} for x whose "
+            f"max |x| is {amax_v:.6g} (normally global_amax = max |x|), got {g_v:.6g}: every "
             "block would quantize to 0"
         )
 
