@@ -5,6 +5,10 @@ For each layer: ``global_amax = max |w|``, then the exact MSE sweep over the 126
 with ``copy_`` so that every reference (optimizer, DDP bucket, FSDP, a compiled graph) keeps
 seeing the same tensors. The report compares the weight error with the stale and the new scales.
 
+That is the plain ``"mse"`` policy (fused GPU path, or the generic one). Any other
+:class:`~nvfp4_qat.policy.RecalibrationPolicy` runs through :func:`recalibrate_policy` (PyTorch, any
+device), and a policy's loss check (whole model or per layer) wraps either path.
+
 The per-layer pieces (:func:`weight_sse`, :func:`compute_scales`, :func:`recalibrate_layer`) and
 the helpers (argument checks, finiteness check, non-finite policy, change statistics) are shared
 with :mod:`nvfp4_qat.distributed`, which splits the same work across ranks.
