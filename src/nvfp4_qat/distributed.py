@@ -32,6 +32,7 @@ from torch import nn
 
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, resolve_policy
+from nvfp4_qat.quantize import nvfp4_layers
 from nvfp4_qat.recalibrate import (
     LayerClock,
     LayerRecalibration,
@@ -361,8 +362,9 @@ def _prepare_policy_inputs(
     model: nn.Module, policy: RecalibrationPolicy, input_moments: InputMoments | None
 ) -> None:
     """Make a policy's inputs equal on every rank (or refuse what cannot be)."""
-    layers = checked_layers(model, "auto", "pruned", "raise")
-    if policy.needs_optimizer and any(type(m.weight.data) is not torch.Tensor for _, m in layers):
+    if policy.needs_optimizer and any(
+        type(m.weight.data) is not torch.Tensor for _, m in nvfp4_layers(model)
+    ):
         raise ValueError(
             "policy criterion 'gradient' is not supported with sharded weights (FSDP2): the "
             "optimizer state is sharded too; use a policy without it (e.g. policy='mse')"

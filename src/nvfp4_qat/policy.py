@@ -54,6 +54,7 @@ __all__ = [
     "InputMoments",
     "RecalibrationPolicy",
     "adam_moments",
+    "adam_state",
     "resolve_policy",
 ]
 
@@ -239,8 +240,8 @@ class InputMoments:
         self.remove()
 
 
-def adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bias-corrected Adam/AdamW moments ``(m_hat, v_hat)`` of ``param`` (fp32, its shape).
+def adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+    """The optimizer's Adam/AdamW state of ``param`` (checked, nothing computed).
 
     Raises:
         ValueError: the optimizer holds no Adam state for ``param`` (not an Adam-type optimizer,
@@ -253,6 +254,16 @@ def adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple
             f"quantized weight, but {type(optimizer).__name__} has none for a weight of shape "
             f"{tuple(param.shape)} (no optimizer step yet, or not an Adam-type optimizer)"
         )
+    return state
+
+
+def adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bias-corrected Adam/AdamW moments ``(m_hat, v_hat)`` of ``param`` (fp32, its shape).
+
+    Raises:
+        ValueError: as :func:`adam_state`.
+    """
+    state = adam_state(optimizer, param)
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     beta1, beta2 = group.get("betas", (0.9, 0.999))
     step = float(state.get("step", 1))
@@ -290,12 +301,9 @@ def policy_scales(
     q_old = fake_quantize_unchecked(wf, block_amax, g_old, 16)  # (n, 16) the grid the model trained on
     h = None
     if policy.criterion == "activation":
-        h = (
-            feature_weight.to(torch.float32)
-            .reshape(1, -1, 16)
-            .expand(w.shape[0], -1, -1)
-            .reshape(n_blocks, 16)
-        )
+        h = feature_weight.to(torch.float32).reshape(
+            -1, 16
+        )  # (in // 16, 16): block b uses row b % (in // 16)
     if policy.criterion == "gradient":
         m = moments[0].reshape(n_blocks, 16)
         v = moments[1].reshape(n_blocks, 16)
@@ -328,9 +336,10 @@ def policy_scales(
         else:
             err = (absx[:, None, :] - qmag).square()
             cur_err = (x - q_old[a:b]).square()
-            if h is not None:
-                err = err * h[a:b, None, :]
-                cur_err = cur_err * h[a:b]
+            if h is not None:  # the chunk's weights, gathered per block (never a weight-sized copy)
+                hb = h[torch.arange(a, b, device=w.device) % h.shape[0]]  # (B, 16)
+                err = err * hb[:, None, :]
+                cur_err = cur_err * hb
             score = pairwise_block_sum(err)  # (B, K)
             best, k = score.min(dim=1)  # the first minimum: the smallest code
             current = pairwise_block_sum(cur_err)

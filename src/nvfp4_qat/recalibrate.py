@@ -29,7 +29,14 @@ from torch import nn
 from nvfp4_qat._validation import BACKENDS, METHODS, check_choice
 from nvfp4_qat.format import block_code_bytes, global_scale
 from nvfp4_qat.modules import NVFP4Linear, quant_error_stats
-from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, adam_moments, policy_scales, resolve_policy
+from nvfp4_qat.policy import (
+    InputMoments,
+    RecalibrationPolicy,
+    adam_moments,
+    adam_state,
+    policy_scales,
+    resolve_policy,
+)
 from nvfp4_qat.quantize import nvfp4_layers
 from nvfp4_qat.sweep import nvfp4_scale_sweep, sweep_with_stats
 
@@ -494,7 +501,7 @@ def check_policy_inputs(
                 "optimizer=opt)); outside training use policy='mse'"
             )
         for _, m in layers:
-            adam_moments(optimizer, m.weight)  # raises with a clear message
+            adam_state(optimizer, m.weight)  # raises with a clear message; computes nothing
     if policy.needs_input_moments:
         if input_moments is None:
             raise ValueError(
