@@ -251,7 +251,6 @@ def run_job(cfg: DictConfig) -> RunResult:
         if reused:
             log.info("stage fp: the same full-precision stage ran in an earlier job of this multirun; reused")
         result.stages.append(stage)
-    variants = []
     if cfg.compare:
         finetune = run_stage("fp_finetune", cfg, module, datamodule, callback=None)
         result.stages.append(finetune)
