@@ -138,7 +138,7 @@ def bench_fake_quant(args, device: str) -> None:
     gbytes = 2 * w.numel() * w.element_size() / 1e9  # one read, one write
     print(f"\nweight fake-quant alone, {args.ffn} x {args.hidden} bf16")
     print(f"{'implementation':<34} {'median ms':>10} {'GB/s':>8}")
-    rows = [("torch (format.py)", lambda: fake_quantize(w, block, g, "torch"))]
+    rows = [("reference (format.py)", lambda: fake_quantize(w, block, g, "reference"))]
     if device == "cuda":
         from nvfp4_qat.kernels.fake_quant import CONFIGS, DEFAULT_CONFIG, fake_quant_prepared, prepare
 
@@ -151,7 +151,7 @@ def bench_fake_quant(args, device: str) -> None:
             tag = " (default)" if cfg == DEFAULT_CONFIG else ""
             rows.append((f"triton cached R{cfg['ROWS']} w{cfg['num_warps']} t{cfg.get('TILES', 1)}{tag}",
                          lambda cfg=cfg: fake_quant_prepared(w, codes, table, config=cfg)))  # fmt: skip
-        same = torch.equal(fake_quantize(w, block, g, "triton"), fake_quantize(w, block, g, "torch"))
+        same = torch.equal(fake_quantize(w, block, g, "triton"), fake_quantize(w, block, g, "reference"))
         print(f"check: triton equals torch bit for bit: {same}")
     for label, fn in rows:
         ms = median_ms(fn, device)

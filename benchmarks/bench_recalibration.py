@@ -6,10 +6,10 @@ layer and prepared with ``quantize_model`` (max init). Timed, each as the median
 runs after one warm-up (kernel compilation and autotuning), with the device synchronized around
 each run:
 
-* the sweep kernel alone: ``sweep_unchecked(w, g)`` over the 224 weights, ``g`` precomputed (what
-  ``recalibrate`` calls), and the public ``nvfp4_scale_sweep(w, g)``, which adds a finiteness
-  check of ``w`` (a pass over it) and host syncs;
-* ``recalibrate(model)``: on a GPU its fused path (``nvfp4_qat._recalibrate_fused``): one stats
+* the sweep kernels alone: ``launch_sweep(w, g)`` over the 224 weights, ``g`` precomputed, no
+  statistics, and the public ``nvfp4_scale_sweep(w, g)``, which adds its value checks (``max |x|``
+  on the device, one host read after the launch);
+* ``recalibrate(model)``: on a GPU its fused path (``nvfp4_qat.recalibration._execute``): one stats
   launch over all weights (stale-scale error, max |w| -- NaN for a non-finite weight, which turns
   that layer's sweep into a no-op -- and sum w^2), then per layer the sweep with its FP8 bytes and
   losses written alongside the new scales, two small reductions, all queued without a host sync,
@@ -39,8 +39,7 @@ from torch import nn
 import nvfp4_qat
 from nvfp4_qat import nvfp4_scale_sweep, quantize_model, recalibrate
 from nvfp4_qat.quantize import nvfp4_layers
-from nvfp4_qat.recalibrate import scale_codes, weight_stats
-from nvfp4_qat.sweep import sweep_unchecked, sweep_with_stats
+from nvfp4_qat.recalibration import _execute
 
 #: out x in of one Llama-3-8B decoder layer's linear weights.
 LLAMA3_8B = {
@@ -130,27 +129,31 @@ def main(argv: list[str] | None = None) -> None:
           f"method={args.method}; median of {args.repeats} after a warm-up\n")  # fmt: skip
 
     def sweep_only() -> None:
+        if device.type != "cuda" or args.backend == "reference":
+            from nvfp4_qat._sweep_reference import sweep_reference
+
+            for w, g in zip(weights, amaxes, strict=True):
+                sweep_reference(w, g, 16)
+            return
+        from nvfp4_qat.kernels.sweep import launch_sweep
+
         for w, g in zip(weights, amaxes, strict=True):
-            sweep_unchecked(w, g, 16, args.backend, args.method)
+            launch_sweep(w, g, args.method)
 
     def sweep_public() -> None:
         for w, g in zip(weights, amaxes, strict=True):
             nvfp4_scale_sweep(w, g, backend=args.backend, method=args.method)
 
-    named = nvfp4_layers(model)
+    tasks = [_execute.SweepTask(m, w) for m, w in zip(layers, weights, strict=True)]
+    fused = device.type == "cuda" and args.backend != "reference"
+    g_all = torch.stack(amaxes)
 
     def pass_stats() -> None:
-        if device.type == "cuda":
-            from nvfp4_qat._recalibrate_fused import stale_stats
-
-            stale_stats(named)  # one launch for all weights
-        else:
-            for m, w in zip(layers, weights, strict=True):
-                weight_stats(m, w)
+        _execute.stale_stats(tasks, fused)  # fused: one launch per 32 weights
 
     def sweep_stats() -> None:
-        for m, w, g in zip(layers, weights, amaxes, strict=True):
-            sweep_with_stats(w, g, args.backend, args.method, scale_codes(m))
+        backend = "triton" if fused else "reference"
+        _execute.sweep(tasks, g_all, args.method, backend, fused=False)
 
     kernel = timed(sweep_only, device, args.repeats)
     full = timed(lambda: recalibrate(model, backend=args.backend, method=args.method), device, args.repeats)
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"report of the last run: {len(report.layers)} layers, MSE {report.mse_before:.6e} -> "
           f"{report.mse_after:.6e}, changed {100 * report.changed_fraction:.2f}%, {report.seconds * 1e3:.1f} ms")  # fmt: skip
     rows = [
-        ("sweep kernel alone (sweep_unchecked, g given)", kernel),
+        ("sweep kernels alone (launch_sweep, g given)", kernel),
         ("public nvfp4_scale_sweep (+ finiteness check)", timed(sweep_public, device, args.repeats)),
         ("recalibrate(model): the whole report path", full),
         ("  piece: stats pass (stale error, amax, energy)", timed(pass_stats, device, args.repeats)),

@@ -29,7 +29,7 @@ import nvfp4_qat
 from nvfp4_qat import nvfp4_scale_sweep
 from nvfp4_qat._sweep_reference import pairwise_block_sum, sweep_reference
 from nvfp4_qat.format import block_codes, e2m1_magnitude, fp8_scale_candidates, global_scale
-from nvfp4_qat.kernels.sweep import run_sweep, sweep_triton
+from nvfp4_qat.kernels.sweep import launch_sweep, sweep_triton
 
 LLAMA_SHAPES = {  # out x in of one Llama-3-8B decoder layer's linear weights
     "q": (4096, 4096),
@@ -203,7 +203,7 @@ def main() -> None:
                 ]
             )
             print(f"  {case} {name}: {sec * scale * 1e3:.3f} ms (wall {time.time() - t0:.1f}s)", flush=True)
-        _, count = run_sweep(xs[0], gs[0], "pruned")
+        _, count, _ = launch_sweep(xs[0], gs[0], "pruned")
         print(f"  {case} pruned: {int(count)} of {xs[0].numel() // 16} blocks of the first weight re-swept")
         for row in rows:
             if row[0] != case:

@@ -10,7 +10,7 @@ applied per block in ``configure_model``. It reports:
    (``full_weight()`` gathers FSDP2 shards, then ``nvfp4_scale_sweep``; ``torch.equal``);
 2. recalibration wall time (slowest rank) on 1 device vs N devices, for plain ``recalibrate`` on
    every rank (replicated work; FSDP2 weights gathered) and for
-   ``nvfp4_qat.distributed.recalibrate_distributed`` (each rank sweeps a share: what the callback
+   ``nvfp4_qat.recalibrate`` (each rank sweeps a share: what the callback
    runs under DDP and FSDP2), plus the times seen inside training;
 3. training throughput (tokens/s) without QAT, with QAT (callback calibrates at fit start only),
    and with QAT and a recalibration every ``--recal-every`` steps;
@@ -56,7 +56,7 @@ import torch.distributed as dist  # noqa: E402
 
 import nvfp4_qat  # noqa: E402
 from nvfp4_qat import recalibrate  # noqa: E402
-from nvfp4_qat.distributed import recalibrate_distributed  # noqa: E402
+from nvfp4_qat import recalibrate_distributed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _multi_gpu_runs import PRESETS, run_check_and_resume, run_throughput, timing_model  # noqa: E402

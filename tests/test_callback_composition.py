@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nvfp4_qat import NVFP4Linear, NVFP4Recalibration, fake_quantize_nvfp4, nvfp4_scale_sweep
-from nvfp4_qat.distributed import check_strategy
+from nvfp4_qat.callback import check_strategy
 from nvfp4_qat.quantize import nvfp4_layers
 
 LR, CLIP = 0.05, 0.5  # unclipped, the first epoch's gradient norms are 0.6 to 0.8

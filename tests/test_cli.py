@@ -210,7 +210,7 @@ def test_triton_calibrator_where_it_cannot_run_gets_a_message(monkeypatch, capsy
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     err = fail_cli(monkeypatch, capsys, "calibrator=triton", f"hydra.run.dir={tmp_path}")
     assert "needs the model on a CUDA GPU" in err and "calibrator=reference" in err
-    monkeypatch.setattr("nvfp4_qat.sweep.triton_available", lambda: False)
+    monkeypatch.setattr("nvfp4_qat._backend.triton_available", lambda: False)
     err = fail_cli(monkeypatch, capsys, "calibrator=triton", f"hydra.run.dir={tmp_path}")
     assert "needs the `triton` package" in err
 

@@ -14,7 +14,6 @@ non-finite weights that only one rank sees, against a one-process ``recalibrate`
 from __future__ import annotations
 
 import csv
-import importlib
 import math
 import os
 import socket
@@ -35,10 +34,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from nvfp4_qat import NVFP4Recalibration, fake_quantize_nvfp4, load_nvfp4, nvfp4_scale_sweep, quantize_model
-from nvfp4_qat.distributed import layer_owners, recalibrate_distributed
 from nvfp4_qat.policy import InputMoments
 from nvfp4_qat.quantize import nvfp4_layers
-from nvfp4_qat.recalibrate import recalibrate
+from nvfp4_qat.recalibration import _execute, layer_owners, recalibrate, recalibrate_distributed
 
 pytestmark = pytest.mark.slow  # about 35 s on 2 cores, most of it importing torch and Lightning twice
 
@@ -49,16 +47,14 @@ SWEPT: list[tuple[int, ...]] = []  # shapes of the weights this process swept si
 
 
 def _record_sweeps() -> None:
-    """Every CPU recalibration path sweeps through the ``sweep_with_stats`` binding of
-    nvfp4_qat.recalibrate (whole weights) or nvfp4_qat.distributed (row shards): note the shapes."""
-    for name in ("nvfp4_qat.recalibrate", "nvfp4_qat.distributed"):  # the package's name is the function
-        module = importlib.import_module(name)
+    """Every CPU sweep (whole weights or row shards) goes through ``_execute._sweep_one``: note the
+    shapes of the weights it gets."""
 
-        def recording(x, *args, real=module.sweep_with_stats):
-            SWEPT.append(tuple(x.shape))
-            return real(x, *args)
+    def recording(task, *args, real=_execute._sweep_one):
+        SWEPT.append(tuple(task.weight.shape))
+        return real(task, *args)
 
-        module.sweep_with_stats = recording
+    _execute._sweep_one = recording
 
 
 def _take_swept() -> list[tuple[int, ...]]:
@@ -205,7 +201,7 @@ def _scales(m: nn.Module) -> dict[str, torch.Tensor]:
 def _direct_calls(rank: int) -> dict:
     """recalibrate_distributed on replicated and on sharded layers, against one-process recalibrate."""
     reference = _layers()
-    ref_report = recalibrate(reference)
+    ref_report = recalibrate(reference, distributed=False)
     out = {"reference": _scales(reference), "ref_rows": ref_report.layers}
     for layout, make in (("replicated", _layers), ("sharded", lambda: _shard(_layers()))):
         m = make()
@@ -258,7 +254,7 @@ def _policy_calls(rank: int) -> dict:
     ref_moments = InputMoments(list(ref.items()))
     feed(ref, 0)
     feed(ref, 1)
-    recalibrate(ref, policy="activation", input_moments=ref_moments)
+    recalibrate(ref, policy="activation", input_moments=ref_moments, distributed=False)
 
     def mean_loss() -> float:  # rank-dependent, averaged: every rank sees the same number
         local = torch.tensor(float(sum(float(v.block_amax.sum()) for v in checked.values())) * (1 + rank))

@@ -239,6 +239,6 @@ def test_preflight_messages(monkeypatch):
         preflight(_cfg(calibrator__backend="triton"))
     monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
     preflight(_cfg(calibrator__backend="triton"))
-    monkeypatch.setattr("nvfp4_qat.sweep.triton_available", lambda: False)
+    monkeypatch.setattr("nvfp4_qat._backend.triton_available", lambda: False)
     with pytest.raises(UsageError, match="needs the `triton` package"):
         preflight(_cfg(calibrator__backend="triton"))

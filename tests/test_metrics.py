@@ -6,7 +6,7 @@ import torch
 
 from nvfp4_qat import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR, quantize_model, recalibrate
 from nvfp4_qat.metrics import mse_from_sums, sqnr_db_from_sums
-from nvfp4_qat.recalibrate import weight_sse
+from nvfp4_qat.recalibration import weight_sse
 
 
 def test_pure_functions():

@@ -206,9 +206,11 @@ def test_bad_input_is_refused():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         NVFP4Linear.from_linear(nn.Conv1d(16, 16, 1))
     layer = NVFP4Linear(32, 8)
-    layer.fake_quant_backend = "cuda"
-    with pytest.raises(ValueError, match="fake_quant_backend must be one of"):
-        layer(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="fake_quant_backend must be one of .* got 'cuda'"):
+        layer.fake_quant_backend = "cuda"  # refused where it is set, not at the next forward
+    with pytest.raises(ValueError, match="'torch' is now called 'reference'"):
+        QATConfig(fake_quant_backend="torch")
+    assert layer.fake_quant_backend == "auto" and layer.config.fake_quant_backend == "auto"
     with pytest.raises(ValueError, match="mode must be one of"):
         layer.init_scales("min")
     bad = make_linear()
@@ -222,7 +224,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layer = NVFP4Linear(32, 8)
     layer.fake_quant_backend = "triton"
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(ValueError, match="fake_quant_backend='triton' needs a CUDA tensor"):
         layer(torch.randn(2, 32))
 
 

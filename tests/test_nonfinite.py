@@ -41,7 +41,7 @@ def test_fake_quant_of_a_non_finite_element_is_nan_and_the_rest_unchanged(value)
     keep = torch.isfinite(x)
     assert torch.equal(after[keep], before[keep])
     # The module's unvalidated hot path gives the same.
-    assert torch.equal(fake_quantize(x, block, g, "torch").isnan(), ~keep)
+    assert torch.equal(fake_quantize(x, block, g, "reference").isnan(), ~keep)
 
 
 def test_quantize_model_refuses_a_nan_weight_naming_the_layer():

@@ -1,7 +1,6 @@
 """recalibrate(): in-place scales equal to the sweep, report values, non-finite policy, no autograd;
 the helpers it shares with recalibrate_distributed."""
 
-import importlib
 import math
 
 import pytest
@@ -16,9 +15,8 @@ from nvfp4_qat import (
     quantize_model,
     recalibrate,
 )
-from nvfp4_qat.distributed import layer_owners, recalibrate_distributed
 from nvfp4_qat.format import block_codes, global_scale
-from nvfp4_qat.recalibrate import compute_scales, finite_flags, recalibrate_layer, weight_sse
+from nvfp4_qat.recalibration import _execute, layer_owners, recalibrate_distributed, weight_sse
 
 
 def prepared(seed=0, dtype=torch.float32, init="max") -> nn.Sequential:
@@ -55,8 +53,6 @@ def test_scales_written_in_place_equal_the_sweep(dtype):
         w = m.weight.detach()
         assert torch.equal(m.global_amax, w.float().abs().amax())
         assert torch.equal(m.block_amax.reshape(-1), nvfp4_scale_sweep(w, w.float().abs().amax()))
-        new_g, new_block = compute_scales(m)
-        assert torch.equal(new_g, m.global_amax) and torch.equal(new_block, m.block_amax)
 
 
 def test_report_rows_and_totals():
@@ -141,15 +137,16 @@ def recal(request, monkeypatch):
         yield recalibrate
         return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    fused = importlib.import_module("nvfp4_qat._recalibrate_fused")
-    calls, real = [], fused.recalibrate_all
-    monkeypatch.setattr(fused, "recalibrate_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], _execute._sweep_fused
+    monkeypatch.setattr(_execute, "_sweep_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run(model, **kwargs):
         for m in model.modules():
             if isinstance(m, NVFP4Linear):
                 m.fake_quant_backend = "triton"
-        return recalibrate(model, backend="triton", **kwargs)
+        report = recalibrate(model, backend="triton", **kwargs)
+        assert report.execution == "fused" and report.backend == "triton"
+        return report
 
     yield run
     assert calls, "the fused path was not taken"
@@ -238,21 +235,6 @@ def test_dtensor_weight_is_gathered_for_the_sweep():
             assert torch.equal(model.state_dict()[name], t), name
 
 
-def test_finite_flags_checks_exactly_only_what_the_sse_cannot_clear():
-    ok, huge, nan = torch.ones(4, 16), torch.full((4, 16), 1e30), torch.ones(4, 16)
-    nan[2, 3] = float("nan")
-    parts = [ok, huge, nan, nan, torch.empty(0, 16)]
-    sses = [torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(float("nan")), None, None]
-    fetched = []
-
-    def part(i):
-        fetched.append(i)
-        return parts[i]
-
-    assert finite_flags(sses, part) == [True, True, False, False, True]
-    assert fetched == [1, 2, 3, 4]  # a finite SSE proves a finite weight: layer 0 is never read
-
-
 def test_layer_owners_are_greedy_by_size_and_deterministic():
     # 30 -> rank 0; 20 -> rank 1; 10 -> rank 1 (load 20 < 30); 5: tie at 30, the lower rank wins
     assert layer_owners([10, 30, 20, 5], 2) == [1, 0, 1, 0]
@@ -273,16 +255,3 @@ def test_recalibrate_distributed_without_a_process_group_is_recalibrate():
         assert torch.equal(model.state_dict()[name], t), name
 
 
-def test_recalibrate_layer_checks_finiteness_unless_the_caller_did():
-    model = prepared()
-    with torch.no_grad():
-        model[0].weight[3, 5] = float("inf")
-    block, g = model[0].block_amax.clone(), model[0].global_amax.clone()
-    with pytest.raises(ValueError, match="non-finite .* in layer 'first'; no scale was changed"):
-        recalibrate_layer("first", model[0])
-    assert torch.equal(model[0].block_amax, block) and torch.equal(model[0].global_amax, g)
-    drift(model[2])
-    row = recalibrate_layer("second", model[2])
-    assert row.name == "second" and row.mse_after < row.mse_before and row.seconds > 0
-    w = model[2].weight.detach()
-    assert torch.equal(model[2].block_amax.reshape(-1), nvfp4_scale_sweep(w, w.abs().amax()))

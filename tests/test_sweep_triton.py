@@ -22,7 +22,7 @@ from nvfp4_qat.format import (
     global_scale,
 )
 from nvfp4_qat.kernels import _sweep_kernels as K
-from nvfp4_qat.kernels.sweep import FIRST_DOUBLING, N_BELOW, launch_sweep, run_sweep, sweep_triton
+from nvfp4_qat.kernels.sweep import FIRST_DOUBLING, N_BELOW, launch_sweep, sweep_triton
 
 METHODS = ["pruned", "exhaustive"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -213,7 +213,7 @@ def test_interpreter_pruned_partial_tile_every_config(interpret, cfg):
         [random_weight((29, 16), torch.float32, 5), random_weight((40, 16), torch.float32, 6) * 1e-6]
     )
     g = amax(x)
-    out, count = run_sweep(x, g, "pruned", config=cfg)
+    out, count, _ = launch_sweep(x, g, "pruned", config=cfg)
     assert int(count) >= 40
     assert_same_blocks(out, sweep_reference(x, g))
 
@@ -222,7 +222,7 @@ def test_interpreter_pruned_partial_tile_every_config(interpret, cfg):
 def test_interpreter_exhaustive_partial_tile_every_config(interpret, cfg):
     x = random_weight((69, 16), torch.bfloat16, 7)  # a partial last tile for 32, 64 and 128
     g = amax(x)
-    out, _ = run_sweep(x, g, "exhaustive", config=cfg)
+    out, _, _ = launch_sweep(x, g, "exhaustive", config=cfg)
     assert_same_blocks(out, sweep_reference(x, g))
 
 
@@ -231,7 +231,7 @@ def test_interpreter_exhaustive_partial_tile_every_config(interpret, cfg):
 def test_interpreter_adversarial_blocks(interpret, dtype, method):
     x = adversarial_blocks().to(dtype)
     g = amax(x)
-    out, count = run_sweep(x, g, method)
+    out, count, _ = launch_sweep(x, g, method)
     assert_same_blocks(out, sweep_reference(x, g))
     if method == "pruned":  # the second pass ran, and not for everything
         assert 0 < int(count) < x.shape[0]
@@ -254,13 +254,13 @@ def test_interpreter_shallow_windows_stay_exact(interpret, n_below, n_extra):
     # the answer must not change.
     x = mixed_weight(600, 13)
     g = amax(x)
-    out, count = run_sweep(x, g, "pruned", n_below=n_below, n_extra=n_extra)
+    out, count, _ = launch_sweep(x, g, "pruned", n_below=n_below, n_extra=n_extra)
     assert_same_blocks(out, sweep_reference(x, g))
     n_subnormal = 30  # the 1e-5 blocks always go to the second pass
     if (n_below, n_extra) == (0, 0):
         assert int(count) > n_subnormal + 50  # the bound failed for many blocks
     if n_extra == 3:
-        assert int(count) < run_sweep(x, g, "pruned", n_below=n_below, n_extra=0)[1]
+        assert int(count) < launch_sweep(x, g, "pruned", n_below=n_below, n_extra=0)[1]
 
 
 def check_stats_outputs(x, g, method, **kw) -> None:
@@ -344,7 +344,7 @@ def test_interpreter_extreme_global_amax(interpret, case, method):
     else:  # squared errors overflow to inf
         x = x * 1e37 / g
         g = amax(x)
-    out, count = run_sweep(x, g, method)
+    out, count, _ = launch_sweep(x, g, method)
     assert_same_blocks(out, sweep_reference(x, g))
     if case == "s2-tiny" and method == "pruned":
         assert int(count) == x.shape[0]
@@ -362,7 +362,7 @@ def test_interpreter_elements_near_a_midpoint_need_no_second_pass(interpret, off
     for j, mid in enumerate([0.75, 1.25]):
         target = (mid * v).view(torch.int32) + offset
         rows[:, 1 + j] = target.view(torch.float32) * s2
-    out, count = run_sweep(rows, g, "pruned")
+    out, count, _ = launch_sweep(rows, g, "pruned")
     assert int(count) == 0
     assert_same_blocks(out, sweep_reference(rows, g))
 
@@ -413,7 +413,7 @@ def test_sweep_triton_refuses_bad_input(interpret):
         nvfp4_scale_sweep(x, amax(x), backend="triton", method="fast")
     with pytest.raises(TypeError, match="x must"):
         sweep_triton(x.to(torch.int32), amax(x))
-    with pytest.raises(ValueError, match="divisible by 16"):
+    with pytest.raises(ValueError, match="divisible by block_size=16"):
         sweep_triton(x.reshape(8, 8), amax(x))
     with pytest.raises(TypeError, match="global_amax"):
         sweep_triton(x, 1.0)
@@ -451,7 +451,7 @@ def test_cuda_partial_tile_every_config(method, cfg):
     x = torch.cat([random_weight((128 * 997, 16), torch.bfloat16, 10), adversarial_blocks().bfloat16()])
     x = x.cuda()  # 127,616 + 69 blocks: a partial last tile for every tile size
     g = amax(x)
-    out, _ = run_sweep(x, g, method, config=cfg)
+    out, _, _ = launch_sweep(x, g, method, config=cfg)
     assert_same_blocks(out, sweep_reference(x, g))
 
 
@@ -493,18 +493,18 @@ def test_cuda_extreme_global_amax(case, method):
 def test_cuda_shallow_windows_stay_exact(n_below, n_extra):
     x = mixed_weight(300_000, 14, device="cuda")
     g = amax(x)
-    out, _ = run_sweep(x, g, "pruned", n_below=n_below, n_extra=n_extra)
+    out, _, _ = launch_sweep(x, g, "pruned", n_below=n_below, n_extra=n_extra)
     assert_same_blocks(out, sweep_reference(x, g))
 
 
 @pytest.mark.gpu
 def test_cuda_pruned_second_pass_is_small_and_interpreter_agrees(monkeypatch):
     x = random_weight((2048, 4096), torch.bfloat16, 12, device="cuda")
-    out, count = run_sweep(x, amax(x), "pruned")
+    out, count, _ = launch_sweep(x, amax(x), "pruned")
     assert int(count) < 1e-3 * out.numel()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     small = x[:64].cpu()
-    cpu_out, _ = run_sweep(small, amax(x).cpu(), "pruned")
+    cpu_out, _, _ = launch_sweep(small, amax(x).cpu(), "pruned")
     assert_same_blocks(cpu_out, out[: small.numel() // 16].cpu())
 
 

@@ -105,7 +105,7 @@ def test_import_works_without_triton(monkeypatch):
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, nvfp4_qat\n"
-        "from nvfp4_qat.sweep import triton_available, resolve_backend\n"
+        "from nvfp4_qat._backend import triton_available, resolve_backend\n"
         "assert not triton_available()\n"
         "assert resolve_backend('auto', torch.device('cpu')) == 'reference'\n"
         "x = torch.randn(2, 16); print(nvfp4_qat.nvfp4_scale_sweep(x, x.abs().max()).shape)\n"

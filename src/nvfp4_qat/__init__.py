@@ -10,20 +10,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from nvfp4_qat._version import __version__
 from nvfp4_qat.config import QATConfig
-from nvfp4_qat.distributed import recalibrate_distributed
 from nvfp4_qat.export import export_nvfp4, load_nvfp4
 from nvfp4_qat.format import fake_quantize_nvfp4, fp8_scale_candidates
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.quantize import quantize_model
-from nvfp4_qat.recalibrate import RecalibrationReport, recalibrate
+from nvfp4_qat.recalibration import RecalibrationReport, recalibrate, recalibrate_distributed
 from nvfp4_qat.sweep import nvfp4_scale_sweep
 
 if TYPE_CHECKING:
     from nvfp4_qat.callback import NVFP4Recalibration, restore_quantization
     from nvfp4_qat.metrics import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR
 
-__version__ = "0.1.0"
 
 __all__ = [
     "NVFP4Linear",

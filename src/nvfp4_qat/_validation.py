@@ -51,8 +51,12 @@ def check_finite(x: torch.Tensor, *, name: str = "x") -> None:
         raise ValueError(f"{name} must be finite, but {bad} of {x.numel()} elements are NaN or Inf")
 
 
-def check_global_amax(global_amax: object, x: torch.Tensor) -> torch.Tensor:
-    """Return ``global_amax`` as a 0-dim fp32 tensor on ``x``'s device, or raise."""
+def check_global_amax(global_amax: object, x: torch.Tensor, *, check_value: bool = True) -> torch.Tensor:
+    """Return ``global_amax`` as a 0-dim fp32 tensor on ``x``'s device, or raise.
+
+    ``check_value=False`` skips the value check (finite, >= 0), which reads a GPU tensor back to the
+    host; the caller then checks it later, with its own values (the public sweep on CUDA does).
+    """
     if isinstance(global_amax, bool) or not isinstance(global_amax, (torch.Tensor, int, float)):
         raise TypeError(f"global_amax must be a scalar tensor or a number, got {type(global_amax).__name__}")
     if isinstance(global_amax, torch.Tensor):
@@ -70,6 +74,8 @@ def check_global_amax(global_amax: object, x: torch.Tensor) -> torch.Tensor:
         g = global_amax.detach().reshape(()).to(torch.float32)
     else:
         g = torch.tensor(float(global_amax), dtype=torch.float32, device=x.device)
+    if not check_value:
+        return g
     value = float(g)
     if not (value >= 0.0 and value != float("inf")):
         raise ValueError(f"global_amax must be finite and >= 0, got {value}")

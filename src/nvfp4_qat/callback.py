@@ -15,7 +15,7 @@ Life cycle:
 Recalibration runs under ``torch.no_grad()`` between optimizer steps, before validation and before
 ``ModelCheckpoint`` (Lightning runs checkpoint callbacks last), so validation and checkpoints
 always see one consistent set of scales. Under ``torch.distributed`` (DDP, FSDP2) the sweep is split
-across the ranks (:func:`~nvfp4_qat.distributed.recalibrate_distributed`) and every rank ends with
+across the ranks (:func:`~nvfp4_qat.recalibrate` does it) and every rank ends with
 the same scales. Between recalibrations the callback touches no weight and syncs nothing: its
 per-step hook compares two integers.
 """
@@ -39,16 +39,40 @@ from typing_extensions import override
 from nvfp4_qat._feedback import done_line, logger_step, say, start_line
 from nvfp4_qat._validation import BACKENDS, METHODS
 from nvfp4_qat.config import QATConfig
-from nvfp4_qat.distributed import check_strategy, recalibrate_distributed
-from nvfp4_qat.metrics import ScaleChangeFraction, WeightQuantMSE, WeightQuantSQNR
 from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, resolve_policy
 from nvfp4_qat.quantize import calibration_is_current, nvfp4_layers, quantize_model
-from nvfp4_qat.recalibrate import ON_NONFINITE, RecalibrationReport
+from nvfp4_qat.recalibration import ON_NONFINITE, RecalibrationReport, recalibrate
 
-__all__ = ["NVFP4Recalibration", "restore_quantization"]
+__all__ = ["NVFP4Recalibration", "check_strategy", "restore_quantization"]
 
 #: Key under which the callback stores what ``restore_quantization`` needs in a checkpoint.
 CHECKPOINT_KEY = "nvfp4_qat"
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse a Lightning strategy whose parameters the recalibration cannot read correctly.
+
+    FSDP1 (``FSDPStrategy``) flattens the parameters of a wrapped module into one sharded
+    ``FlatParameter``, and DeepSpeed partitions them in its own way (ZeRO-3: empty placeholders), so
+    a layer's weight is not its rows. Supported: a single device, DDP, and FSDP2 through
+    ``ModelParallelStrategy`` with ``fully_shard``.
+
+    Raises:
+        ValueError: ``strategy`` is an ``FSDPStrategy`` or a ``DeepSpeedStrategy`` (or a subclass).
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    for cls, why in (
+        (FSDPStrategy, "FSDP1 keeps each wrapped module's parameters in one flat, sharded FlatParameter"),
+        (DeepSpeedStrategy, "DeepSpeed partitions the parameters outside the modules' own tensors"),
+    ):
+        if isinstance(strategy, cls):
+            name = cls.__name__ if type(strategy) is cls else f"{type(strategy).__name__} (a {cls.__name__})"
+            raise ValueError(
+                f"NVFP4Recalibration does not support the strategy {name}: {why}, so "
+                "a layer's block scales cannot be computed from its weight. Supported: a single device, "
+                "DDP (strategy='ddp'), and FSDP2 (ModelParallelStrategy with fully_shard in configure_model)"
+            )
 
 
 def _non_negative_int(value: Any, name: str) -> int:
@@ -385,7 +409,7 @@ class NVFP4Recalibration(Callback):
             raise ValueError(
                 f"policy criterion 'gradient' needs exactly one optimizer, the trainer has {len(trainer.optimizers)}"
             )
-        report = recalibrate_distributed(
+        report = recalibrate(
             pl_module,
             self.backend,
             self.method,
@@ -470,25 +494,15 @@ class NVFP4Recalibration(Callback):
             pl_module.train(was_training)
 
     def _metrics(self, report: RecalibrationReport, seconds: float) -> dict[str, float]:
-        # The report is the same on every rank (recalibrate_distributed reduced it), so each rank
-        # already holds the global values: no cross-rank reduction here.
-        local = {"sync_on_compute": False}
-        before, after = WeightQuantMSE(**local), WeightQuantMSE(**local)
-        sqnr, changed = WeightQuantSQNR(**local), ScaleChangeFraction(**local)
-        for row in report.layers:
-            if row.skipped:  # non-finite weights, scales kept: nothing to measure
-                continue
-            before.update(row.sse_before, row.numel)
-            after.update(row.sse_after, row.numel)
-            sqnr.update(row.energy, row.sse_after)
-            changed.update(round(row.changed_fraction * row.n_blocks), row.n_blocks)
-        mse_before, mse_after = float(before.compute()), float(after.compute())
+        # The report's totals are the same on every rank (the distributed recalibration reduced
+        # them): no cross-rank reduction here.
+        mse_before, mse_after = report.mse_before, report.mse_after
         return {
             "mse_before": mse_before,
             "mse_after": mse_after,
             "rel_improvement": (mse_before - mse_after) / mse_before if mse_before > 0 else 0.0,
-            "sqnr_db": float(sqnr.compute()),
-            "changed_fraction": float(changed.compute()),
+            "sqnr_db": report.sqnr_db,
+            "changed_fraction": report.changed_fraction,
             "seconds": seconds,
             **(
                 {

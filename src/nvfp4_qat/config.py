@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvfp4_qat._validation import BACKENDS, METHODS
+from nvfp4_qat.format import BLOCK_SIZE
 
 __all__ = ["GRADIENTS", "INIT_CALIBRATIONS", "QATConfig"]
 
@@ -21,8 +22,6 @@ __all__ = ["GRADIENTS", "INIT_CALIBRATIONS", "QATConfig"]
 GRADIENTS = ("ste", "clipped_ste")
 #: How ``block_amax`` is set when a layer is converted.
 INIT_CALIBRATIONS = ("max", "mse")
-#: NVFP4 blocks hold 16 elements; the kernels and the export support nothing else.
-NVFP4_BLOCK_SIZE = 16
 
 
 def _patterns(value: object, field: str) -> tuple[str, ...]:
@@ -67,6 +66,11 @@ class QATConfig:
         backend: sweep backend for the initial calibration (``"auto"``, ``"triton"``,
             ``"reference"``).
         method: sweep method (``"pruned"`` or ``"exhaustive"``; same result, different speed).
+        fake_quant_backend: the forward's fake-quant, same vocabulary as ``backend``: ``"auto"``
+            (the fused Triton kernel where Triton runs, i.e. on CUDA, else PyTorch), ``"triton"``
+            or ``"reference"`` (PyTorch). Every choice gives the same bits; it decides speed, and
+            whether :func:`~nvfp4_qat.recalibrate` can take its fused GPU path (the report's
+            ``execution`` says which ran).
 
     Raises:
         TypeError, ValueError: a field of the wrong type or value (the message names the field).
@@ -74,12 +78,13 @@ class QATConfig:
 
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    block_size: int = NVFP4_BLOCK_SIZE
+    block_size: int = BLOCK_SIZE
     gradient: str = "ste"
     quantize_activations: bool = False
     init_calibration: str = "mse"
     backend: str = "auto"
     method: str = "pruned"
+    fake_quant_backend: str = "auto"
 
     def __post_init__(self) -> None:
         # frozen=True: normalised values are written through object.__setattr__.
@@ -89,7 +94,7 @@ class QATConfig:
             raise ValueError("QATConfig.include must hold at least one pattern, e.g. ('*',)")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise TypeError(f"QATConfig.block_size must be the int 16, got {self.block_size!r}")
-        if self.block_size != NVFP4_BLOCK_SIZE:
+        if self.block_size != BLOCK_SIZE:
             raise ValueError(f"QATConfig.block_size must be 16 (the NVFP4 block), got {self.block_size}")
         _choice(self.gradient, GRADIENTS, "gradient")
         if not isinstance(self.quantize_activations, bool):
@@ -99,6 +104,12 @@ class QATConfig:
         _choice(self.init_calibration, INIT_CALIBRATIONS, "init_calibration")
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.method, METHODS, "method")
+        if self.fake_quant_backend == "torch":  # the name before the vocabulary was shared
+            raise ValueError(
+                "QATConfig.fake_quant_backend='torch' is now called 'reference' (the sweep's name "
+                f"for the PyTorch implementation); must be one of {BACKENDS}"
+            )
+        _choice(self.fake_quant_backend, BACKENDS, "fake_quant_backend")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> QATConfig:

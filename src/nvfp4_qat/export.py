@@ -55,12 +55,12 @@ from nvfp4_qat._export_files import (
 )
 from nvfp4_qat._load import load_nvfp4, tensor_crc32
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
-from nvfp4_qat.format import E2M1_VALUES, block_codes, e2m1_magnitude, global_scale
+from nvfp4_qat._version import __version__
+from nvfp4_qat.format import BLOCK_SIZE, E2M1_VALUES, block_codes, e2m1_magnitude, global_scale
 from nvfp4_qat.modules import NVFP4Linear
 
 __all__ = ["export_nvfp4", "load_nvfp4", "pack_nvfp4", "unpack_nvfp4", "parse_shard_size"]
 
-GROUP_SIZE = 16
 _META_KEY = "nvfp4_qat"
 _BUFFERS = ("block_amax", "global_amax", "input_amax")  # ours: never exported
 _ROWS_ELEMENTS = 1 << 22  # elements per packing chunk: bounds the fp32 temporaries (~50 MiB)
@@ -86,24 +86,24 @@ def pack_nvfp4(
     Raises:
         ValueError, TypeError: on bad input, naming the argument.
     """
-    check_x(x, GROUP_SIZE)
+    check_x(x, BLOCK_SIZE)
     g = check_global_amax(global_amax, x)
-    check_block_amax(block_amax, x, GROUP_SIZE)
+    check_block_amax(block_amax, x, BLOCK_SIZE)
     s2 = global_scale(g)
     n = x.shape[-1]
     rows = x.detach().reshape(-1, n)  # (rows, n)
-    e = block_codes(block_amax.detach().reshape(rows.shape[0], n // GROUP_SIZE), s2)  # (rows, nb)
+    e = block_codes(block_amax.detach().reshape(rows.shape[0], n // BLOCK_SIZE), s2)  # (rows, nb)
     values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)
     packed = torch.empty(rows.shape[0], n // 2, dtype=torch.uint8, device=x.device)
     step = max(1, _ROWS_ELEMENTS // n)
     for r in range(0, rows.shape[0], step):
-        xf = rows[r : r + step].to(torch.float32).reshape(-1, GROUP_SIZE)  # (blocks, 16)
+        xf = rows[r : r + step].to(torch.float32).reshape(-1, BLOCK_SIZE)  # (blocks, 16)
         q = e2m1_magnitude(xf.abs() / s2, e[r : r + step].reshape(-1, 1))  # format.py's rule
         index = torch.searchsorted(values, q).to(torch.uint8)  # q is exactly one of the values
         codes = (index | ((xf < 0).to(torch.uint8) << 3)).reshape(-1, n)  # (chunk rows, n)
         packed[r : r + step] = codes[:, 0::2] | (codes[:, 1::2] << 4)
     shape = tuple(x.shape[:-1])
-    weight_scale = e.to(torch.float8_e4m3fn).reshape(*shape, n // GROUP_SIZE)  # e is FP8-exact
+    weight_scale = e.to(torch.float8_e4m3fn).reshape(*shape, n // BLOCK_SIZE)  # e is FP8-exact
     return packed.reshape(*shape, n // 2), weight_scale, s2
 
 
@@ -132,15 +132,15 @@ def unpack_nvfp4(
     """
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
-    if packed.dim() == 0 or (packed.shape[-1] * 2) % GROUP_SIZE != 0:
+    if packed.dim() == 0 or (packed.shape[-1] * 2) % BLOCK_SIZE != 0:
         raise ValueError(f"packed must have a last dim divisible by 8, got shape {tuple(packed.shape)}")
     n = packed.shape[-1] * 2
-    expected = (*packed.shape[:-1], n // GROUP_SIZE)
+    expected = (*packed.shape[:-1], n // BLOCK_SIZE)
     if tuple(weight_scale.shape) != expected:
         raise ValueError(f"weight_scale must have shape {expected}, got {tuple(weight_scale.shape)}")
     if weight_scale_2.numel() != 1:
         raise ValueError(f"weight_scale_2 must be a scalar, got shape {tuple(weight_scale_2.shape)}")
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(-1, GROUP_SIZE)  # (blocks, 16)
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(-1, BLOCK_SIZE)  # (blocks, 16)
     values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
     q = values[(codes & 0x07).long()]
     scale = weight_scale.to(torch.float32).reshape(-1, 1) * weight_scale_2.to(torch.float32).reshape(())
@@ -185,9 +185,9 @@ def _quantized_tensors(name: str, layer: NVFP4Linear) -> dict[str, torch.Tensor]
     w = layer.weight.detach()
     if w.is_meta:
         raise ValueError(f"layer {name!r} has its weight on the meta device; materialize it before export")
-    if w.dim() != 2 or w.shape[1] % GROUP_SIZE != 0 or layer.block_amax.shape[-1] * GROUP_SIZE != w.shape[1]:
+    if w.dim() != 2 or w.shape[1] % BLOCK_SIZE != 0 or layer.block_amax.shape[-1] * BLOCK_SIZE != w.shape[1]:
         raise ValueError(
-            f"layer {name!r}: NVFP4 export needs blocks of {GROUP_SIZE} along in_features; weight "
+            f"layer {name!r}: NVFP4 export needs blocks of {BLOCK_SIZE} along in_features; weight "
             f"{tuple(w.shape)} with block_amax {tuple(layer.block_amax.shape)} does not fit"
         )
     for label, t in (("weight", w), ("block_amax", layer.block_amax), ("global_amax", layer.global_amax)):
@@ -273,14 +273,13 @@ def _quant_config(model: nn.Module) -> dict:
         excluded = [
             n for n, m in model.named_modules() if _is_linear_like(m) and not isinstance(m, NVFP4Linear)
         ]
-        quantization.update(quant_algo=next(iter(algos.values())), group_size=GROUP_SIZE)
+        quantization.update(quant_algo=next(iter(algos.values())), group_size=BLOCK_SIZE)
         quantization["exclude_modules"] = sorted(excluded)
     else:
         quantization["quant_algo"] = "MIXED_PRECISION"
         quantization["quantized_layers"] = {
-            n: {"quant_algo": a, "group_size": GROUP_SIZE} for n, a in algos.items()
+            n: {"quant_algo": a, "group_size": BLOCK_SIZE} for n, a in algos.items()
         }
-    from nvfp4_qat import __version__  # here: the package imports this module before defining it
 
     return {"producer": {"name": "nvfp4_qat", "version": __version__}, "quantization": quantization}
 
@@ -288,7 +287,7 @@ def _quant_config(model: nn.Module) -> dict:
 def _hf_quantization_config(quant_config: dict) -> dict:
     """The ``quantization_config`` block ModelOpt puts into a Hugging Face ``config.json``."""
     q = quant_config["quantization"]
-    weights = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE}
+    weights = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": BLOCK_SIZE}
 
     def group(algo: str) -> dict:
         return (

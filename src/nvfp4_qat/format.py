@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "BLOCK_SIZE",
     "E2M1_VALUES",
     "E2M1_MIDPOINTS",
     "FP4_MAX",
@@ -68,6 +69,9 @@ E2M1_MIDPOINTS: tuple[tuple[float, bool], ...] = (
     (3.5, False),
     (5.0, True),
 )
+#: Elements per block (along the last dim): NVFP4 fixes it at 16; the kernels and the export
+#: support nothing else. The one source of this number.
+BLOCK_SIZE = 16
 FP4_MAX = 6.0
 FP8_MAX = 448.0
 #: ``s2 = global_amax / GLOBAL_SCALE_DIVISOR``.

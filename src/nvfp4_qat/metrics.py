@@ -37,7 +37,7 @@ class WeightQuantMSE(Metric):
     """Mean squared NVFP4 weight-quantization error over every element seen.
 
     ``update(sse, numel)`` adds one tensor's summed squared error (from
-    :func:`nvfp4_qat.recalibrate.weight_sse`, or a :class:`~nvfp4_qat.RecalibrationReport` row, so
+    :func:`nvfp4_qat.recalibration.weight_sse`, or a :class:`~nvfp4_qat.RecalibrationReport` row, so
     that nothing is quantized twice);
     ``compute()`` is the element-weighted mean over all tensors: a model's global weight MSE.
     """

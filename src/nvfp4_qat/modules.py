@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvfp4_qat._validation import check_choice, interpreter_on
+from nvfp4_qat._backend import resolve_backend
+from nvfp4_qat._validation import check_choice
 from nvfp4_qat.config import QATConfig
 from nvfp4_qat.format import FP4_MAX, block_codes, fake_quantize_unchecked, global_scale
 
 __all__ = [
-    "FAKE_QUANT_BACKENDS",
     "NVFP4ActivationSTE",
     "NVFP4Linear",
     "NVFP4WeightClippedSTE",
@@ -31,30 +31,23 @@ __all__ = [
     "quant_error_stats",
 ]
 
-#: ``NVFP4Linear.fake_quant_backend`` values: ``auto`` = Triton kernel on CUDA, PyTorch elsewhere.
-FAKE_QUANT_BACKENDS = ("auto", "triton", "torch")
 _SCALE_BUFFERS = ("block_amax", "global_amax", "input_amax")
+_fused_module = None
 
 
-try:  # importing the kernel module registers torch.ops.nvfp4_qat.fake_quant_nvfp4
-    from nvfp4_qat.kernels import fake_quant as _fused
-except ImportError:  # no triton: the PyTorch path serves every device
-    _fused = None
+def _fused():
+    """:mod:`nvfp4_qat.kernels.fake_quant`, imported on first use (importing it compiles nothing but
+    loads Triton, and registers ``torch.ops.nvfp4_qat.fake_quant_nvfp4``)."""
+    global _fused_module
+    if _fused_module is None:
+        from nvfp4_qat.kernels import fake_quant
+
+        _fused_module = fake_quant
+    return _fused_module
 
 
 def _use_kernel(x: torch.Tensor, backend: str) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return x.is_cuda and _fused is not None
-    check_choice(backend, FAKE_QUANT_BACKENDS, "fake_quant_backend")
-    if _fused is None:
-        raise RuntimeError("fake_quant_backend='triton' needs the `triton` package, which is not importable")
-    if not (x.is_cuda or interpreter_on()):
-        raise ValueError(
-            f"fake_quant_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {x.device}"
-        )
-    return True
+    return resolve_backend(backend, x.device, name="fake_quant_backend") == "triton"
 
 
 def fake_quantize(
@@ -70,7 +63,7 @@ def fake_quantize(
         x: tensor whose last dim is a multiple of 16.
         block_amax: fp32, ``x.numel() // 16`` values on ``x``'s device.
         global_amax: 0-dim fp32 tensor on ``x``'s device.
-        backend: ``"auto"`` (Triton kernel for CUDA tensors), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton kernel where it runs), ``"triton"`` or ``"reference"``.
         state: the kernel's ``(codes, table)`` for these scales
             (:func:`nvfp4_qat.kernels.fake_quant.prepare`), if the caller caches it.
 
@@ -79,8 +72,9 @@ def fake_quantize(
     """
     if _use_kernel(x, backend):
         if state is None or torch.compiler.is_compiling():
+            _fused()  # registers the operator
             return torch.ops.nvfp4_qat.fake_quant_nvfp4(x, block_amax, global_amax)
-        return _fused.fake_quant_prepared(x, *state)
+        return _fused().fake_quant_prepared(x, *state)
     return fake_quantize_unchecked(x, block_amax, global_amax, 16)
 
 
@@ -100,8 +94,9 @@ def quant_error_stats(
     rounding of the sums (the max is exact). NaN/Inf weights make the first value NaN/Inf.
     """
     if _use_kernel(x, backend):
-        state = _fused.prepare(block_amax, global_amax) if state is None else state
-        return _fused.stats_prepared(x, *state)
+        fused = _fused()
+        state = fused.prepare(block_amax, global_amax) if state is None else state
+        return fused.stats_prepared(x, *state)
     xf = x.detach().to(torch.float32)
     err = fake_quantize_unchecked(xf, block_amax, global_amax, 16) - xf
     absx = xf.abs()
@@ -187,8 +182,9 @@ class NVFP4Linear(nn.Linear):
       buffer ``nonfinite_input_batches``; :meth:`reset_input_amax` starts the max afresh.
       Inputs use dynamic per-block amax (their own 16-blocks along the last dim).
 
-    The bias stays full precision. ``fake_quant_backend`` (an attribute, not saved) selects the
-    fake-quant implementation: ``"auto"`` (Triton kernel on CUDA), ``"triton"`` or ``"torch"``.
+    The bias stays full precision. ``config.fake_quant_backend`` selects the fake-quant
+    implementation (``"auto"``: the Triton kernel on CUDA; ``"triton"``; ``"reference"``: PyTorch);
+    :attr:`fake_quant_backend` reads and sets it.
     """
 
     block_amax: torch.Tensor
@@ -213,7 +209,6 @@ class NVFP4Linear(nn.Linear):
             )
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.config = config
-        self.fake_quant_backend = "auto"
         self._kernel_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kernel_state_key: tuple | None = None
         kw = {"dtype": torch.float32, "device": self.weight.device}
@@ -286,6 +281,15 @@ class NVFP4Linear(nn.Linear):
             self.global_amax.copy_(g)
             self.block_amax.copy_(block.reshape(self.block_amax.shape))
 
+    @property
+    def fake_quant_backend(self) -> str:
+        """``config.fake_quant_backend``; setting it replaces the config (validated, saved with it)."""
+        return self.config.fake_quant_backend
+
+    @fake_quant_backend.setter
+    def fake_quant_backend(self, value: str) -> None:
+        self.config = self.config.replace(fake_quant_backend=value)
+
     def fake_quantized_weight(self) -> torch.Tensor:
         """The weight as forward uses it: fake-quantized, same dtype, with the configured STE."""
         ste = _WEIGHT_STE[self.config.gradient]
@@ -309,10 +313,10 @@ class NVFP4Linear(nn.Linear):
         try:
             versions = (b._version, g._version)
         except RuntimeError:  # inference tensors have no version counter
-            return _fused.prepare(b, g)
+            return _fused().prepare(b, g)
         key = self._kernel_state_key
         if key is None or key[0] is not b or key[1] is not g or key[2] != versions:
-            self._kernel_state = _fused.prepare(b, g)
+            self._kernel_state = _fused().prepare(b, g)
             self._kernel_state_key = (b, g, versions)
         return self._kernel_state
 

@@ -1,4 +1,12 @@
-"""Public NVFP4 scale sweep: validation, then dispatch to the reference or the Triton kernels."""
+"""Public NVFP4 scale sweep: validation, then dispatch to the reference or the Triton kernels.
+
+The backend is resolved by :func:`nvfp4_qat._backend.resolve_backend` (the one Triton/CUDA rule).
+On the Triton path the value checks ride on the launch instead of preceding it: ``max |x|`` is
+computed on the device, an invalid input turns the global amax into NaN (for which the kernels
+read and write nothing), and one host read after the launch decides whether to raise. A check
+before the launch would hold the host until the GPU had read the whole tensor, and then leave
+the GPU idle while the host launched the kernels (1.7x the kernel's time on an H100).
+"""
 
 from __future__ import annotations
 
@@ -6,56 +14,18 @@ import math
 
 import torch
 
+from nvfp4_qat._backend import resolve_backend
 from nvfp4_qat._sweep_reference import sweep_reference
-from nvfp4_qat._validation import (
-    BACKENDS,
-    METHODS,
-    check_choice,
-    check_finite,
-    check_global_amax,
-    check_x,
-    interpreter_on,
-)
-from nvfp4_qat.format import block_code_bytes, fake_quantize_unchecked, global_scale
+from nvfp4_qat._validation import METHODS, check_choice, check_finite, check_global_amax, check_x
+from nvfp4_qat.format import BLOCK_SIZE, global_scale
 
-
-def triton_available() -> bool:
-    """Whether the Triton kernels can be imported (triton installed)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device, block_size: int = 16) -> str:
-    """Turn ``"auto"`` into ``"triton"`` or ``"reference"``; refuse impossible requests.
-
-    ``auto`` picks Triton for CUDA tensors when triton imports and ``block_size == 16``, else the
-    reference. ``triton`` on a CPU tensor needs Triton's interpreter (``TRITON_INTERPRET=1``).
-    """
-    check_choice(backend, BACKENDS, "backend")
-    if backend == "reference":
-        return "reference"
-    usable = device.type == "cuda" or interpreter_on()
-    if backend == "auto":
-        return "triton" if usable and block_size == 16 and triton_available() else "reference"
-    if not triton_available():
-        raise RuntimeError("backend='triton' needs the `triton` package, which is not importable")
-    if not usable:
-        raise ValueError(
-            f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU "
-            f"interpreter), got a tensor on {device}"
-        )
-    if block_size != 16:
-        raise ValueError(f"backend='triton' supports block_size=16 only, got {block_size}")
-    return "triton"
+__all__ = ["nvfp4_scale_sweep"]
 
 
 def nvfp4_scale_sweep(
     x: torch.Tensor,
     global_amax: torch.Tensor | float,
-    block_size: int = 16,
+    block_size: int = BLOCK_SIZE,
     backend: str = "auto",
     method: str = "pruned",
 ) -> torch.Tensor:
@@ -88,78 +58,43 @@ def nvfp4_scale_sweep(
     """
     check_x(x, block_size)
     check_choice(method, METHODS, "method")
-    resolve_backend(backend, x.device, block_size)
+    resolved = resolve_backend(backend, x.device, block_size)
     x = x.detach()  # the sweep writes into out= buffers, which autograd refuses; scales get no gradient
-    g = check_global_amax(global_amax, x)
-    _check_values(x, g)
-    return sweep_unchecked(x, g, block_size, backend, method)
+    if resolved == "reference":
+        g = check_global_amax(global_amax, x)
+        _raise_if_invalid(x, *torch.stack(_values(x, g)).tolist())
+        return sweep_reference(x, g, block_size)
+    from nvfp4_qat.kernels.sweep import sweep_triton
+
+    g = check_global_amax(global_amax, x, check_value=False)
+    amax, g, u = _values(x, g)
+    valid = torch.isfinite(amax) & torch.isfinite(g) & (g >= 0) & ((amax == 0) | ((g > 0) & (u > 2.0**-11)))
+    out = sweep_triton(x, torch.where(valid, g, torch.nan), method)  # NaN amax: the kernels do nothing
+    _raise_if_invalid(x, *torch.stack([amax, g, u]).tolist())  # the one host sync, after the launch
+    return out
 
 
-def _check_values(x: torch.Tensor, g: torch.Tensor) -> None:
-    """Refuse non-finite ``x`` and a ``global_amax`` that would zero every block: one pass over
-    ``x`` and one host sync (``max |x|`` is NaN or Inf exactly when ``x`` holds NaN or Inf)."""
-    if x.numel() == 0:
-        return
-    amax = x.abs().amax().to(torch.float32)
-    amax_v, g_v, u_v = torch.stack([amax, g.reshape(()), amax / global_scale(g)]).tolist()
-    if not math.isfinite(amax_v):
+def _values(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(max |x|, global_amax, max |x| / s2)``, fp32 0-dim, from one pass over ``x``, no host sync.
+
+    ``max |x|`` is NaN or Inf exactly when ``x`` holds NaN or Inf (the max propagates NaN)."""
+    amax = torch.linalg.vector_norm(x, float("inf")).to(torch.float32)
+    g = g.reshape(())
+    return amax, g, amax / global_scale(g)
+
+
+def _raise_if_invalid(x: torch.Tensor, amax: float, g: float, u: float) -> None:
+    """Refuse non-finite ``x`` and a ``global_amax`` that is negative, non-finite, or would zero every block."""
+    if not (g >= 0.0 and math.isfinite(g)):
+        raise ValueError(f"global_amax must be finite and >= 0, got {g}")
+    if not math.isfinite(amax):
         check_finite(x)  # counts the bad elements and raises
     # A global_amax of 0 for non-zero data, or so far above it that u = max|x| / s2 is at most
     # 0.25 times the smallest FP8 code (2^-9), makes every candidate quantize everything to 0:
     # refuse that rather than return all-zero scales. global_amax is normally max |x|.
-    if amax_v > 0 and (g_v == 0 or u_v <= 2.0**-11):
+    if amax > 0 and (g == 0 or u <= 2.0**-11):
         raise ValueError(
-            f"global_amax must be > 0 and below about {amax_v * 2688 * 2**11:.6g} for x whose "
-            f"max |x| is {amax_v:.6g} (normally global_amax = max |x|), got {g_v:.6g}: every "
+            f"global_amax must be > 0 and below about {amax * 2688 * 2**11:.6g} for x whose "
+            f"max |x| is {amax:.6g} (normally global_amax = max |x|), got {g:.6g}: every "
             "block would quantize to 0"
         )
-
-
-def sweep_unchecked(
-    x: torch.Tensor,
-    global_amax: torch.Tensor,
-    block_size: int = 16,
-    backend: str = "auto",
-    method: str = "pruned",
-) -> torch.Tensor:
-    """:func:`nvfp4_scale_sweep` without the value checks, for callers that have made them.
-
-    ``recalibrate`` checks every weight's finiteness once for all layers; the public function's
-    own check reads the whole weight and syncs with the host, which on an H100 doubles the time of
-    the pruned kernel. ``global_amax`` must be a finite, non-negative 0-dim fp32 tensor on ``x``'s
-    device; ``x`` must be finite.
-    """
-    x = x.detach()
-    if resolve_backend(backend, x.device, block_size) == "triton":
-        from nvfp4_qat.kernels.sweep import sweep_triton
-
-        return sweep_triton(x, global_amax, method=method)
-    return sweep_reference(x, global_amax, block_size)
-
-
-def sweep_with_stats(
-    x: torch.Tensor, global_amax: torch.Tensor, backend: str, method: str, old_codes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`sweep_unchecked` (block 16) plus what a recalibration report needs, from the same pass.
-
-    Args:
-        x, global_amax, backend, method: as :func:`sweep_unchecked` (``x`` finite).
-        old_codes: uint8 ``[n_blocks]``, the FP8 bytes of the scales being replaced.
-
-    Returns:
-        ``(block_amax [n_blocks] fp32, codes [n_blocks] uint8, sse, n_changed)``: the sweep's result,
-        the FP8 byte it selects in each block (:func:`~nvfp4_qat.format.block_code_bytes`), the
-        summed squared fp32 error at the new scales (the minimised loss; 0-dim fp32) and the number
-        of blocks whose byte differs from ``old_codes`` (0-dim). The Triton kernels produce the
-        last three while sweeping; the reference recomputes them.
-    """
-    if resolve_backend(backend, x.device, 16) == "triton":
-        from nvfp4_qat.kernels.sweep import launch_sweep
-
-        out, _, (codes, part) = launch_sweep(x, global_amax, method, stats=True, buffers={"old": old_codes})
-        return out, codes, part[0].sum(), part[1].sum()
-    out = sweep_reference(x, global_amax, 16)
-    codes = block_code_bytes(out, global_scale(global_amax))
-    xf = x.to(torch.float32)
-    sse = (fake_quantize_unchecked(xf, out, global_amax, 16) - xf).square().sum()
-    return out, codes, sse, (codes != old_codes.reshape(-1)).sum()

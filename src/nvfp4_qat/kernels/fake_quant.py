@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x, interpreter_on
+from nvfp4_qat._backend import require_triton
+from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
 from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale
 from nvfp4_qat.kernels import _interpret
 
@@ -455,10 +456,7 @@ def _(x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor) -> t
 def _check_inputs(x: object, block_amax: object, global_amax: object, config: object) -> torch.Tensor:
     check_x(x, 16)  # raises unless x is a floating tensor with a last dim divisible by 16
     x = typing.cast(torch.Tensor, x)
-    if not (x.is_cuda or (x.device.type == "cpu" and interpreter_on())):
-        raise ValueError(
-            f"x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got a tensor on {x.device}"
-        )
+    require_triton(x.device, "the Triton fake-quant kernel (x)")
     g = check_global_amax(global_amax, x)
     check_block_amax(block_amax, x, 16)
     if config is not None and (

@@ -1,22 +1,24 @@
 """Launcher of the Triton NVFP4 scale-sweep kernels (see ``_sweep_kernels`` for the math).
 
 ``sweep_triton`` is what :func:`nvfp4_qat.nvfp4_scale_sweep` calls for ``backend="triton"``, after
-its shared validation; the result is bit-identical to the reference sweep for both methods.
+its shared validation; recalibration calls :func:`launch_sweep` with its statistics and buffers. The
+result is bit-identical to the reference sweep for both methods.
 """
 
 from __future__ import annotations
 
 import contextlib
+import typing
 
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
-from nvfp4_qat._validation import METHODS, SUPPORTED_DTYPES, check_choice, interpreter_on
-from nvfp4_qat.format import fp8_code_values, fp8_scale_candidates
+from nvfp4_qat._backend import require_triton
+from nvfp4_qat._validation import METHODS, check_choice, check_x
+from nvfp4_qat.format import BLOCK_SIZE, fp8_code_values, fp8_scale_candidates
 from nvfp4_qat.kernels import _sweep_kernels as _k
 
-BLOCK_SIZE = 16
 #: Codes scored below ``k0`` by the pruned kernel (with the 8 from ``k0`` up: 11 of 126). On a
 #: random bf16 8192x4096 weight the saturation bound then fails for 0.9% of the blocks (16% with 2).
 N_BELOW = 3
@@ -53,16 +55,12 @@ FIRST_DOUBLING = first_doubling_index(fp8_code_values())
 
 
 def _check_inputs(x: object, global_amax: object, method: object) -> None:
-    """Refuse what the kernels cannot take (``ValueError``/``TypeError`` naming the argument)."""
+    """Refuse what the kernels cannot take (``ValueError``/``TypeError`` naming the argument); the
+    device rule is :func:`~nvfp4_qat._backend.resolve_backend`'s. Reads nothing back from the GPU."""
     check_choice(method, METHODS, "method")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.numel() == 0 or x.shape[-1] % BLOCK_SIZE != 0:
-        raise ValueError(
-            f"x must be non-empty with x.shape[-1] divisible by {BLOCK_SIZE}, got shape {tuple(x.shape)}"
-        )
+    check_x(x, BLOCK_SIZE)
+    x = typing.cast(torch.Tensor, x)
+    require_triton(x.device, "the Triton sweep kernel (x)")
     if x.numel() // BLOCK_SIZE > _INT32_MAX:
         raise ValueError(f"x must hold fewer than 2**31 blocks, got {x.numel() // BLOCK_SIZE}")
     if not isinstance(global_amax, torch.Tensor) or global_amax.numel() != 1:
@@ -70,11 +68,6 @@ def _check_inputs(x: object, global_amax: object, method: object) -> None:
     if global_amax.device != x.device:
         raise ValueError(
             f"x and global_amax must be on the same device, got {x.device} and {global_amax.device}"
-        )
-    if x.device.type != "cuda" and not interpreter_on():
-        raise ValueError(
-            f"x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 for Triton's "
-            f"interpreter), got a tensor on {x.device}"
         )
 
 
@@ -115,22 +108,6 @@ def _worklist_programs(x: torch.Tensor, n_blocks: int) -> int:
     if index not in _num_sms:
         _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return max(1, min(tiles, 4 * _num_sms[index]))
-
-
-def run_sweep(
-    x: torch.Tensor,
-    global_amax: torch.Tensor,
-    method: str = "pruned",
-    config: triton.Config | None = None,
-    n_below: int = N_BELOW,
-    n_extra: int = N_EXTRA,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernels on validated input: ``(block_amax, flagged-block count or None)``.
-
-    See :func:`launch_sweep` for the arguments.
-    """
-    out, count, _ = launch_sweep(x, global_amax, method, config, n_below, n_extra)
-    return out, count
 
 
 def launch_sweep(
@@ -239,5 +216,4 @@ def sweep_triton(x: torch.Tensor, global_amax: torch.Tensor, method: str = "prun
             kernels were not built for the interpreter.
     """
     _check_inputs(x, global_amax, method)
-    out, _ = run_sweep(x, global_amax, method)
-    return out
+    return launch_sweep(x, global_amax, method)[0]

@@ -8,7 +8,6 @@ a second, not a failed run.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -237,15 +236,15 @@ def _trainer_uses_cuda(cfg: DictConfig) -> bool:
 def _check_calibrator(backend: str, on_cuda: bool) -> None:
     if backend != "triton":
         return
-    from nvfp4_qat.sweep import triton_available
+    from nvfp4_qat import _backend
 
-    if not triton_available():
+    if not _backend.triton_available():
         raise UsageError(
             "calibrator=triton needs the `triton` package, which is not importable here "
             "(pip install triton on Linux with a CUDA GPU). Use `calibrator=reference` (the exact "
             "PyTorch sweep, same scales) or `calibrator=auto` (Triton when it can run)."
         )
-    if not on_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not _backend.triton_usable(torch.device("cuda" if on_cuda else "cpu")):
         raise UsageError(
             "calibrator=triton runs the fused Triton sweep kernel, which needs the model on a "
             "CUDA GPU, and this run trains on the CPU. Use `calibrator=reference` or "

@@ -27,11 +27,11 @@ def quantized_weight_mse(model: nn.Module) -> float | None:
     """Element-weighted mean of ``(fake_quant(w) - w)^2`` over all NVFP4 layers, in fp32.
 
     The same quantity as the recalibration report's ``mse_before``/``mse_after`` (it uses the
-    same :func:`~nvfp4_qat.recalibrate.weight_sse`), measured at the scales in use right now.
+    same :func:`~nvfp4_qat.recalibration.weight_sse`), measured at the scales in use right now.
     Returns ``None`` when the model holds no NVFP4 layer (full-precision stage).
     """
     from nvfp4_qat.modules import NVFP4Linear
-    from nvfp4_qat.recalibrate import weight_sse
+    from nvfp4_qat.recalibration import weight_sse
 
     sse, numel = None, 0
     for layer in model.modules():
