@@ -23,7 +23,7 @@ CASES = {
     "import nvfp4_qat.format": "import nvfp4_qat.format",
     "nvfp4-qat --help": "import sys; sys.argv = ['nvfp4-qat', '--help']; from nvfp4_qat.cli import main; main()",
 }
-FRAMEWORKS = ("lightning", "torchmetrics", "hydra", "torch.distributed.tensor")
+FRAMEWORKS = ("lightning", "torchmetrics", "hydra", "torch.distributed.tensor", "triton")
 
 
 def main() -> None:

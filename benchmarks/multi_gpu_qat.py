@@ -146,9 +146,9 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
     out: dict = {"reps": args.reps}
     for layout in ("ddp", "fsdp2"):
         model = timing_model(args, device, layout == "fsdp2")
-        recalibrate(model)  # warm-up: kernel compilation and autotuning
-        recalibrate_distributed(model)
-        replicated = _timed(lambda m=model: recalibrate(m), device, args.reps)
+        recalibrate(model, distributed=False)  # warm-up: kernel compilation and autotuning
+        execution = recalibrate_distributed(model).execution  # e.g. distributed-fused
+        replicated = _timed(lambda m=model: recalibrate(m, distributed=False), device, args.reps)
         expected = _scales(model)
         split = _timed(lambda m=model: recalibrate_distributed(m), device, args.reps)
         for name, b in model.named_buffers():  # the split must rewrite every scale, not keep them
@@ -158,9 +158,16 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
         same = all(torch.equal(a, b) for a, b in zip(expected, _scales(model), strict=True))
         flag = torch.tensor(int(same), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        out[layout] = {"replicated_s": replicated, "split_s": split, "split_equals_replicated": bool(flag)}
+        out[layout] = {
+            "replicated_s": replicated,
+            "split_s": split,
+            "split_equals_replicated": bool(flag),
+            "execution": execution,
+        }
         if layout == "ddp":  # the same full model, swept by rank 0 alone: the 1-device time
-            out["one_device_s"] = _timed(lambda m=model: recalibrate(m), device, args.reps, ranks="zero")
+            out["one_device_s"] = _timed(
+                lambda m=model: recalibrate(m, distributed=False), device, args.reps, ranks="zero"
+            )
         del model
         gc.collect()
     out["n_weights_swept"] = sum(
@@ -220,7 +227,10 @@ def table(results: dict) -> tuple[list[tuple[str, str, str]], bool]:
                     f"{layout} layout, {n} devices: replicated (plain recalibrate on every rank)",
                     _fmt_s(x["replicated_s"]),
                 )
-                add(f"{layout} layout, {n} devices: split (recalibrate_distributed)", _fmt_s(x["split_s"]))
+                add(
+                    f"{layout} layout, {n} devices: split ({x['execution']})",
+                    f"{_fmt_s(x['split_s'])} ({x['split_s'] / r['one_device_s']:.2f}x the 1-device time)",
+                )
                 add(f"{layout} layout: split scales == replicated scales", _yes(x["split_equals_replicated"]))
                 ok &= x["split_equals_replicated"]
     return rows, ok

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nvfp4_qat import NVFP4Recalibration, quantize_model
 from nvfp4_qat import sweep as sweep_module
+from nvfp4_qat.recalibration import _execute
 from nvfp4_qat.quantize import calibration_is_current
 
 
@@ -30,6 +31,7 @@ def _fit(model, cb, steps=4):
 
 
 def _count_sweeps(monkeypatch) -> list[int]:
+    """Every reference sweep: the public one (quantize_model) and recalibration's generic path."""
     calls = []
     real = sweep_module.sweep_reference
 
@@ -38,6 +40,7 @@ def _count_sweeps(monkeypatch) -> list[int]:
         return real(x, *a, **k)
 
     monkeypatch.setattr(sweep_module, "sweep_reference", counting)
+    monkeypatch.setattr(_execute, "sweep_reference", counting)
     return calls
 
 

@@ -239,7 +239,7 @@ import sys
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from nvfp4_qat import quantize_model
+from nvfp4_qat import quantize_model, recalibrate
 from nvfp4_qat.modules import NVFP4Linear
 
 scales = {}
@@ -252,7 +252,7 @@ for calibrator in ("reference", "triton"):
     with torch.no_grad():  # weights move as in QAT, then the calibrator re-sweeps
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 1e-3)
-    instantiate(cfg.calibrator)(module)
+    recalibrate(module, backend=cfg.calibrator.backend, method=cfg.calibrator.method)
     scales[calibrator] = {n: m.block_amax.clone() for n, m in module.named_modules() if isinstance(m, NVFP4Linear)}
 ref, tri = scales["reference"], scales["triton"]
 print(len(ref), sum(v.numel() for v in ref.values()),

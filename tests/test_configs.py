@@ -64,11 +64,16 @@ def _cpu_trainer(cfg) -> Trainer:
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_option_composes_and_instantiates(make_cfg, group, option):
-    from nvfp4_qat import NVFP4Recalibration, QATConfig, recalibrate
+    from nvfp4_qat import NVFP4Recalibration, QATConfig
     from nvfp4_qat.lm import CausalLMModule, TextDataModule
 
     cfg = make_cfg(f"{group}={option}", "data.max_chars=60000")
     node = cfg[group]
+    if group == "calibrator":  # plain settings, read by the callback (`${calibrator.backend}`)
+        assert "_target_" not in node and set(node) == {"backend", "method"}
+        assert node.backend == option and cfg.callback.backend == option
+        assert node.method in ("pruned", "exhaustive")
+        return
     assert "_target_" in node, f"{group}/{option}.yaml has no _target_"
     if group == "trainer":
         trainer = _cpu_trainer(cfg)
@@ -76,10 +81,7 @@ def test_every_option_composes_and_instantiates(make_cfg, group, option):
         assert cfg.trainer.accelerator == {"cpu": "cpu", "default": "cpu"}.get(option, "gpu")
         return
     obj = instantiate(node)
-    if group == "calibrator":
-        assert obj.func is recalibrate
-        assert obj.keywords["backend"] == option
-    elif group == "quant":
+    if group == "quant":
         assert isinstance(obj, QATConfig)
         assert obj.quantize_activations is (option == "w4a4")
         assert obj.exclude == (() if option == "all_layers" else ("*lm_head",))
@@ -216,3 +218,25 @@ def test_non_editable_install_ships_configs(tmp_path):
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == [str(target / "nvfp4_qat" / "conf" / "__init__.py"), "True", "reference"]
+
+
+def test_yaml_values_equal_the_python_defaults(make_cfg):
+    """A default is written once: where a config restates a constructor argument with a literal, it
+    is the constructor's default (interpolations such as ``${seed}`` and ``null`` paths aside)."""
+    import inspect
+
+    from nvfp4_qat import NVFP4Recalibration
+    from nvfp4_qat.lm import TextDataModule
+
+    cfg = make_cfg()
+    for node, cls in ((cfg.data, TextDataModule), (cfg.callback, NVFP4Recalibration)):
+        params = inspect.signature(cls.__init__).parameters
+        raw = OmegaConf.to_container(node, resolve=False)
+        checked = 0
+        for key, value in raw.items():
+            if key == "_target_" or (isinstance(value, str) and "${" in value):
+                continue
+            default = params[key].default
+            assert value == (list(default) if isinstance(default, tuple) else default), (cls.__name__, key)
+            checked += 1
+        assert checked >= 8, cls.__name__

@@ -1,5 +1,6 @@
-"""Imports cost what they use: the package, its format module and the command's start-up do not
-load Lightning (seconds on a small CPU); the callback and the metrics load on first access."""
+"""Imports cost what they use: the package, its format module and the command's start-up load neither
+Lightning (seconds on a small CPU) nor Triton; the callback and the metrics load on first access,
+the kernels when their backend is first used."""
 
 import json
 import subprocess
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-HEAVY = ("lightning", "torchmetrics", "hydra", "omegaconf", "torch.distributed.tensor")
+HEAVY = ("lightning", "torchmetrics", "hydra", "omegaconf", "torch.distributed.tensor", "triton")
 
 
 def _loaded_after(code: str) -> list[str]:
@@ -17,7 +18,7 @@ def _loaded_after(code: str) -> list[str]:
 
 
 def test_package_import_loads_no_framework():
-    modules = "nvfp4_qat, nvfp4_qat.format, nvfp4_qat.sweep, nvfp4_qat.export, nvfp4_qat.quantize"
+    modules = "nvfp4_qat, nvfp4_qat.format, nvfp4_qat.sweep, nvfp4_qat.export, nvfp4_qat.quantize, nvfp4_qat.recalibration"
     assert _loaded_after(f"import {modules}") == []
 
 
@@ -43,3 +44,15 @@ def test_lazy_names_resolve_on_first_access():
     assert set(nvfp4_qat.__all__) <= set(namespace)
     with pytest.raises(AttributeError, match="no attribute 'NVFP4Recalibrator'"):
         _ = nvfp4_qat.NVFP4Recalibrator
+
+
+def test_triton_loads_when_a_kernel_is_first_used():
+    code = (
+        "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import torch, sys, nvfp4_qat\n"
+        "from nvfp4_qat.modules import fake_quantize\n"
+        "x = torch.randn(4, 16); g = x.abs().max(); b = x.abs().reshape(-1, 16).amax(-1)\n"
+        "fake_quantize(x, b, g, 'reference'); assert 'triton' not in sys.modules\n"
+        "fake_quantize(x, b, g, 'triton')\n"
+    )
+    assert "triton" in _loaded_after(code)

@@ -64,12 +64,15 @@ def nvfp4_scale_sweep(
         g = check_global_amax(global_amax, x)
         _raise_if_invalid(x, *torch.stack(_values(x, g)).tolist())
         return sweep_reference(x, g, block_size)
-    from nvfp4_qat.kernels.sweep import sweep_triton
+    from nvfp4_qat.kernels.sweep import launch_sweep  # validated here: the unchecked launcher
+
+    if x.numel() // block_size > 2**31 - 1:  # the kernels index blocks with int32
+        raise ValueError(f"x must hold fewer than 2**31 blocks for backend='triton', got {x.numel() // block_size}")
 
     g = check_global_amax(global_amax, x, check_value=False)
     amax, g, u = _values(x, g)
     valid = torch.isfinite(amax) & torch.isfinite(g) & (g >= 0) & ((amax == 0) | ((g > 0) & (u > 2.0**-11)))
-    out = sweep_triton(x, torch.where(valid, g, torch.nan), method)  # NaN amax: the kernels do nothing
+    out = launch_sweep(x, torch.where(valid, g, torch.nan), method)[0]  # NaN amax: the kernels do nothing
     _raise_if_invalid(x, *torch.stack([amax, g, u]).tolist())  # the one host sync, after the launch
     return out
 

@@ -1,9 +1,9 @@
-"""Triton kernels (need the ``triton`` package). :mod:`nvfp4_qat.modules` imports the fake-quant
-kernel when triton is installed, to register its ``torch.ops`` op; the sweep kernels load on first use.
+"""Triton kernels (need the ``triton`` package). Nothing here is imported with :mod:`nvfp4_qat`:
+each module loads when its backend is first used.
 
-``sweep_triton`` is the fused NVFP4 scale sweep behind ``nvfp4_scale_sweep(backend="triton")``.
+* :mod:`.fake_quant`: the fused fake-quant (the forward of ``NVFP4Linear`` on CUDA, registered as
+  ``torch.ops.nvfp4_qat.fake_quant_nvfp4``) and recalibration's statistics pass;
+* :mod:`.sweep`: the launcher of the scale-sweep kernels (:mod:`._sweep_kernels`), behind
+  ``nvfp4_scale_sweep(backend="triton")`` and recalibration;
+* :mod:`._interpret`: interpreted copies of the kernels for CPU tensors under ``TRITON_INTERPRET=1``.
 """
-
-from nvfp4_qat.kernels.sweep import sweep_triton
-
-__all__ = ["sweep_triton"]

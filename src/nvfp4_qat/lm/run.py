@@ -225,6 +225,16 @@ def _describe_model(module: nn.Module) -> str:
     return line
 
 
+def _frozen_overrides() -> dict:
+    """What ``callback=frozen`` changes (conf/callback/frozen.yaml, the one definition of frozen)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(files("nvfp4_qat.conf").joinpath("callback", "frozen.yaml"))
+    return {k: v for k, v in OmegaConf.to_container(node).items() if k != "defaults"}
+
+
 def run_job(cfg: DictConfig) -> RunResult:
     """Run the stages the config asks for and collect what the summary reports.
 
@@ -263,7 +273,7 @@ def run_job(cfg: DictConfig) -> RunResult:
         every = int(cfg.callback.every_n_train_steps) or max(1, int(cfg.stages.qat.steps) // 8)
         plain = {"every_n_epochs": 0, "at_fit_start": True, "at_fit_end": False, "export_path": None}
         variants = [  # (stage, label, callback overrides, extra callbacks)
-            ("qat_frozen", "QAT, frozen scales", {"every_n_train_steps": 0}, ()),
+            ("qat_frozen", "QAT, frozen scales", _frozen_overrides(), ()),
             (
                 "qat_max_step",
                 "QAT, max scales every step",
