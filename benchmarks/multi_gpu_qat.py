@@ -164,6 +164,7 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
             "split_equals_replicated": bool(flag),
             "execution": execution,
         }
+        out[layout]["reliability"] = _reliability(model)
         if layout == "ddp":  # the same full model, swept by rank 0 alone: the 1-device time
             out["one_device_s"] = _timed(
                 lambda m=model: recalibrate(m, distributed=False), device, args.reps, ranks="zero"
@@ -174,6 +175,37 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
         m.weight.numel() for m in timing_model(args, "meta", False).modules()
         if isinstance(m, nvfp4_qat.NVFP4Linear)
     )  # fmt: skip
+    return out
+
+
+def _reliability(model: torch.nn.Module) -> dict:
+    """The promises under the real backend: a NaN weight on rank 1 only makes every rank raise a
+    ValueError (none hangs, nothing written), and (replicated layout) weights changed on rank 1 only
+    make every rank raise a RuntimeError. Each rank records what it saw; all must agree."""
+    layers = [m for m in model.modules() if isinstance(m, nvfp4_qat.NVFP4Linear)]
+    out = {}
+    cases = [("nan_on_rank_1", lambda w: w.view(-1)[:1].fill_(float("nan")))]
+    if not hasattr(layers[-1].weight, "full_tensor"):  # replicas only: FSDP2 holds no replica
+        cases.append(("diverged_on_rank_1", lambda w: w.mul_(1.0 + 2.0**-7)))
+    for name, spoil in cases:
+        target = layers[-1].weight
+        local = target.to_local() if hasattr(target, "to_local") else target
+        kept, before = local.detach().clone(), _scales(model)
+        with torch.no_grad():
+            if dist.get_rank() == 1 and local.numel():
+                spoil(local)
+        try:
+            recalibrate(model)
+            got = "returned"
+        except (ValueError, RuntimeError) as err:
+            got = type(err).__name__
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, _scales(model), strict=True))
+        with torch.no_grad():
+            local.copy_(kept)
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, (got, unchanged))
+        want = "ValueError" if name.startswith("nan") else "RuntimeError"
+        out[name] = {"per_rank": seen, "ok": all(g == want and u for g, u in seen)}
     return out
 
 
@@ -211,7 +243,10 @@ def table(results: dict) -> tuple[list[tuple[str, str, str]], bool]:
             secs = [h["seconds"] for h in r["history"][1:]] or [r["history"][0]["seconds"]]
             add("recalibration inside training (callback, median)", _fmt_s(statistics.median(secs)))
             add("training loss at the end", f"{r['final_loss']:.3f}")
-            logged = r["logged_recal_steps"] == s["recal_steps"]
+            # Logged on the row of val/loss of the same point: after optimizer step n at n - 1
+            # (nvfp4_qat._feedback.logger_step), at n at fit start and epoch ends.
+            expected = [max(h["step"] - 1, 0) if h["reason"] == "step" else h["step"] for h in r["history"]]
+            logged = r["logged_recal_steps"] == expected
             ok &= ranks and sweep and bool(c) and s["scales_equal"] and s["recal_steps_equal"] and logged
         for label, t in r.get("throughput", {}).items():
             add(
@@ -233,6 +268,10 @@ def table(results: dict) -> tuple[list[tuple[str, str, str]], bool]:
                 )
                 add(f"{layout} layout: split scales == replicated scales", _yes(x["split_equals_replicated"]))
                 ok &= x["split_equals_replicated"]
+                for case, v in x.get("reliability", {}).items():
+                    seen = ", ".join(f"{g}{'' if u else ' (scales changed!)'}" for g, u in v["per_rank"])
+                    add(f"{layout} layout: {case.replace('_', ' ')}: every rank raised", f"{_yes(v['ok'])} ({seen})")
+                    ok &= v["ok"]
     return rows, ok
 
 
