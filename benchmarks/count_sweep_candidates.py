@@ -108,7 +108,10 @@ def main() -> None:
         n = absw.shape[0]
         print(f"== {name} {shape[0]}x{shape[1]} bf16, {n} blocks")
         off, cnt = torch.unique(best_k - k0, return_counts=True)
-        print("  optimum at k0 + j, % of blocks: " + ", ".join(f"{int(o)}: {100 * int(c) / n:.3f}" for o, c in zip(off, cnt)))
+        print(
+            "  optimum at k0 + j, % of blocks: "
+            + ", ".join(f"{int(o)}: {100 * int(c) / n:.3f}" for o, c in zip(off, cnt, strict=True))
+        )
         # Oracle lower bounds over the codes k0-8 .. k0+7 (the rest is excluded by the doubling
         # argument and the saturation bound): codes not excluded even knowing the optimum's loss.
         codes = (k0[:, None] + torch.arange(-8, 8)).clamp(0, 125)
@@ -120,15 +123,20 @@ def main() -> None:
                 top = order[i : i + CHUNK, :t]
                 lb = e.gather(1, top[:, :, None].expand(-1, -1, 16)).sum(1) * (1 - 2**-20)
                 left[i : i + CHUNK] = (lb <= best[i : i + CHUNK, None]).sum(1).float()
-            print(f"  oracle bound from the {t} largest elements: {left.mean():.2f} codes left per block "
-                  f"(p50 {left.median():.0f}, p99 {left.quantile(0.99):.0f})")
+            print(
+                f"  oracle bound from the {t} largest elements: {left.mean():.2f} codes left per block "
+                f"(p50 {left.median():.0f}, p99 {left.quantile(0.99):.0f})"
+            )
         for n_below, n_extra, bound in [(3, 2, "max"), (3, 0, "max"), (3, 2, "clip"), (2, 2, "clip")]:
             res = []
             for tile in (32, 64, 128):
                 ev, fl = simulate(absw, s2, k0, losses, n_below, n_extra, bound, tile)
                 res.append(f"B{tile} {ev:.3f} (+{100 * fl:.3f}% flagged)")
             tag = "current" if (n_below, n_extra, bound) == (3, 2, "max") else ""
-            print(f"  kernel N_BELOW={n_below} N_EXTRA={n_extra} bound={bound} {tag}: codes/block " + ", ".join(res))
+            print(
+                f"  kernel N_BELOW={n_below} N_EXTRA={n_extra} bound={bound} {tag}: codes/block "
+                + ", ".join(res)
+            )
         print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
