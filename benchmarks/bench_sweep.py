@@ -3,6 +3,8 @@
 Run on a GPU machine from the repository root::
 
     python benchmarks/bench_sweep.py            # add --skip-llama for a 1-minute run
+    python benchmarks/bench_sweep.py --configs  # only case (a): every tile config, pinned
+
 
 Prints versions first, then one table: for each case (a) one 8192x4096 bf16 weight, (b) the 224
 linear weights of a Llama-3-8B-shaped model, (c) one 256x4096 weight, the median time
@@ -12,6 +14,12 @@ amax for the same code can differ in the last bit). A differing block is a "near
 codes' losses (our definition) are within 1e-6 relative; the rest are counted as real differences.
 ModelOpt rows appear when ``nvidia-modelopt`` imports; its reference calibrator runs with
 ``MODELOPT_NVFP4_TRITON_SWEEP=0`` (axis=0, quant_func=static_blockwise_fp4_fake_quant).
+Before anything is timed, the first weight of each case is swept by the reference and by the Triton
+kernels, and the run stops unless they are ``torch.equal``. "triton pruned kernel" is
+``launch_sweep`` alone (no input validation, no host sync); "nvfp4_scale_sweep" is the public call.
+``--configs`` times each tile config of ``_sweep_kernels.PRUNED_CONFIGS`` / ``EXHAUSTIVE_CONFIGS``
+pinned on case (a) (the default is the first of each list), with the blocks sent to the
+second pass.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import nvfp4_qat
 from nvfp4_qat import nvfp4_scale_sweep
 from nvfp4_qat._sweep_reference import pairwise_block_sum, sweep_reference
 from nvfp4_qat.format import block_codes, e2m1_magnitude, fp8_scale_candidates, global_scale
+from nvfp4_qat.kernels import _sweep_kernels as K
 from nvfp4_qat.kernels.sweep import launch_sweep, sweep_triton
 
 LLAMA_SHAPES = {  # out x in of one Llama-3-8B decoder layer's linear weights
@@ -161,16 +170,60 @@ def make_case(name: str, gen: torch.Generator) -> list[torch.Tensor]:
     return [torch.randn(s, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02 for s in shapes]
 
 
+def check_exact(x: torch.Tensor, g: torch.Tensor) -> None:
+    """Stop unless both Triton methods (public call and bare launch) equal the reference."""
+    ref = sweep_reference(x, g)
+    for name, out in [
+        ("nvfp4_scale_sweep pruned", nvfp4_scale_sweep(x, g)),
+        ("launch_sweep pruned", launch_sweep(x, g, "pruned")[0]),
+        ("launch_sweep exhaustive", launch_sweep(x, g, "exhaustive")[0]),
+    ]:
+        if not torch.equal(out, ref):
+            raise SystemExit(f"{name}: {int((out != ref).sum())} blocks differ from the reference")
+    print(f"  exact: both methods equal the reference on a {tuple(x.shape)} {x.dtype} weight")
+
+
+def time_configs() -> None:
+    """Case (a) with every tile config pinned: median ms of the bare launch, checked first."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8192, 4096, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+    g = x.float().abs().amax()
+    ref = sweep_reference(x, g)
+    cfgs = [("pruned", c) for c in K.PRUNED_CONFIGS] + [("exhaustive", c) for c in K.EXHAUSTIVE_CONFIGS]
+    for method, cfg in cfgs:
+        out, count, _ = launch_sweep(x, g, method, config=cfg)
+        if not torch.equal(out, ref):
+            raise SystemExit(f"{method} {cfg}: {int((out != ref).sum())} blocks differ from the reference")
+        ms = triton.testing.do_bench(
+            lambda m=method, c=cfg: launch_sweep(x, g, m, config=c),
+            warmup=100,
+            rep=1000,
+            return_mode="median",
+        )
+        tag = " (default)" if cfg in (K.PRUNED_CONFIG, K.EXHAUSTIVE_CONFIG) else ""
+        flagged = f", {int(count)} blocks to the second pass" if count is not None else ""
+        print(
+            f"  8192x4096 bf16 {method} BLOCK_B={cfg.kwargs['BLOCK_B']} warps={cfg.num_warps}{tag}: "
+            f"{ms:.3f} ms{flagged}",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-llama", action="store_true", help="skip case (b)")
+    parser.add_argument("--configs", action="store_true", help="only time every tile config on case (a)")
     args = parser.parse_args()
     print_versions()
+    if args.configs:
+        time_configs()
+        return
     mo = modelopt_api()
     methods = {
         "reference": lambda x, g: sweep_reference(x, g),
         "triton exhaustive": lambda x, g: sweep_triton(x, g, "exhaustive"),
         "triton pruned": lambda x, g: sweep_triton(x, g, "pruned"),
+        "triton pruned kernel": lambda x, g: launch_sweep(x, g, "pruned")[0],
         "nvfp4_scale_sweep (pruned, validated)": lambda x, g: nvfp4_scale_sweep(x, g),
         **(mo or {}),
     }
@@ -183,6 +236,7 @@ def main() -> None:
             continue
         xs = make_case(case, gen)
         gs = [x.float().abs().amax() for x in xs]
+        check_exact(xs[0], gs[0])
         n_blocks = sum(x.numel() // 16 for x in xs)
         # The slow references run on one Llama layer (7 weights) and are scaled by 32.
         sub = 7 if case.startswith("(b)") else len(xs)

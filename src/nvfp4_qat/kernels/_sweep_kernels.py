@@ -63,18 +63,27 @@ _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 
-# (BLOCK_B, num_warps), autotuned on the block count. Medians on an H100 (8192x4096 bf16): exhaustive
-# 3.91-3.95 ms for every config here (B32w1 3.91), 3.99 with 16 rows per warp; pruned (both passes)
-# B32w2 0.462, B64w4 0.464, B128w8 0.467, B128w4 0.470, B64w2 0.472 ms, B128w2 / B256w4 0.56 ms
-# (before N_EXTRA, which took the best to 0.404 ms).
+# (BLOCK_B, num_warps) of each kernel: fixed, not autotuned. Medians on an H100 (8192x4096 bf16):
+# exhaustive 3.91-3.95 ms for every config below (B32w1 3.91), 3.99 with 16 rows per warp; pruned
+# (both passes, before N_EXTRA, which took the best to 0.404 ms) B32w2 0.462, B64w4 0.464, B128w8
+# 0.467, B128w4 0.470, B64w2 0.472 ms, B128w2 / B256w4 0.56 ms. Within 1% of each other, while
+# autotuning them cost every process ~3 s of trial runs per weight shape with a warm Triton cache
+# (and ~4 s of compiling per unrolled pruned config when cold). B32 is also the tile that scores the
+# fewest codes: a tile scores an extra code below the window when any one of its blocks needs it
+# (11.17 codes per block at B32, 11.31 at B64, 11.52 at B128 on a normal 512x4096 weight, counted
+# exactly on CPU by benchmarks/count_sweep_candidates.py), and it gives small weights the most
+# programs. `benchmarks/bench_sweep.py --configs` times every config of the lists below.
+EXHAUSTIVE_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1)
+PRUNED_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=2)
+#: Alternatives with the same results (tests pin each one; the benchmark times them).
 EXHAUSTIVE_CONFIGS = [
-    triton.Config({"BLOCK_B": 32}, num_warps=1),
+    EXHAUSTIVE_CONFIG,
     triton.Config({"BLOCK_B": 64}, num_warps=2),
     triton.Config({"BLOCK_B": 128}, num_warps=4),
     triton.Config({"BLOCK_B": 256}, num_warps=8),
 ]
-PRUNED_CONFIGS = [  # three: each takes ~4 s to compile (the window is unrolled)
-    triton.Config({"BLOCK_B": 32}, num_warps=2),
+PRUNED_CONFIGS = [
+    PRUNED_CONFIG,
     triton.Config({"BLOCK_B": 64}, num_warps=4),
     triton.Config({"BLOCK_B": 128}, num_warps=8),
 ]
@@ -119,12 +128,11 @@ def _block_loss(
 @triton.jit
 def _live(g_ptr, B: tl.constexpr):
     # Whether the global amax is finite. A non-finite one (NaN: the weight holds NaN/Inf, see
-    # nvfp4_qat._recalibrate_fused) turns the launch into a no-op: no block is read or written and
+    # nvfp4_qat.recalibration._execute) turns the launch into a no-op: no block is read or written and
     # the partial sums are 0, so recalibration can queue every layer's sweep before it knows (after
     # its one host sync) which weights were finite, and still leave a non-finite layer's scales as
     # they were. The public sweep validates a finite global amax first. Known cost: the arithmetic
-    # still runs, and if the first launch of a shape is such a no-op, the autotuner picks that
-    # shape's tile from a run without memory traffic (a slower tile for the process, same results).
+    # still runs.
     g = tl.full([B], 0.0, tl.float32) + tl.load(g_ptr)  # [B]: the interpreter cannot & a scalar bool
     return tl.abs(g) < float("inf")  # False for NaN too -> [B]
 
@@ -180,7 +188,6 @@ def _argmin_lanes(
     return tl.reduce(tl.where(best_loss == low[:, None], best_idx, NUM_CANDIDATES), 1, _MIN), low
 
 
-@triton.autotune(configs=EXHAUSTIVE_CONFIGS, key=["n_blocks"], reset_to_zero=["part_ptr"])
 @triton.jit
 def _sweep_exhaustive_kernel(
     x_ptr,  # [n_blocks * 16] fp32/fp16/bf16
@@ -204,9 +211,6 @@ def _sweep_exhaustive_kernel(
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False)
 
 
-# Both zeroed before each autotuning trial: the flagged count, and the partial sums (a tile size
-# with more programs would leave sums in slots that the chosen one does not overwrite).
-@triton.autotune(configs=PRUNED_CONFIGS, key=["n_blocks"], reset_to_zero=["count_ptr", "part_ptr"])
 @triton.jit
 def _sweep_pruned_kernel(
     x_ptr,  # [n_blocks * 16] fp32/fp16/bf16

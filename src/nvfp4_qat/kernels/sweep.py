@@ -12,7 +12,6 @@ import typing
 
 import torch
 import triton
-from triton.runtime.autotuner import Autotuner
 
 from nvfp4_qat._backend import require_triton
 from nvfp4_qat._validation import METHODS, check_choice, check_x
@@ -84,19 +83,24 @@ def _grid(n_blocks: int):
     return lambda meta: (triton.cdiv(n_blocks, meta["BLOCK_B"]),)
 
 
+#: The tile each kernel runs with on CUDA unless a caller pins another (see ``_sweep_kernels``:
+#: fixed configs, so a process's first call compiles or loads one kernel and runs no trials).
+DEFAULT_CONFIGS = {
+    "_sweep_exhaustive_kernel": _k.EXHAUSTIVE_CONFIG,
+    "_sweep_pruned_kernel": _k.PRUNED_CONFIG,
+}
+
+
 def _launch(name: str, device: torch.device, grid, *args, config: triton.Config | None = None, **kwargs):
-    """Run kernel ``name`` compiled (CUDA; autotuned unless ``config`` pins one) or interpreted."""
+    """Run kernel ``name`` compiled (CUDA) or interpreted, with ``config`` or its default tile."""
     kernel = getattr(_k, name)
     if device.type != "cuda":
         # The interpreter runs programs one after another and vectorises inside one with numpy,
         # so the largest tile is fastest (1024 blocks, exhaustive: 0.4 s at 1024, 3.3 s at 128).
         config = config or INTERPRETER_CONFIG
         kernel = _k.interpreted(name)
-    elif config is None:
-        kernel[grid](*args, **kwargs, enable_fp_fusion=False)
-        return
-    elif isinstance(kernel, Autotuner):
-        kernel = kernel.fn  # the JITFunction under the autotuner
+    else:
+        config = config or DEFAULT_CONFIGS[name]
     meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     kernel[grid](*args, **kwargs, **meta, enable_fp_fusion=False)
 
@@ -129,7 +133,7 @@ def launch_sweep(
             and the partial sums are 0 (recalibration's way to skip a non-finite weight without
             a host sync).
         method: ``"pruned"`` or ``"exhaustive"``.
-        config: pin one autotune config (tests use this to cover every tile size).
+        config: pin a tile config (default: ``DEFAULT_CONFIGS``; tests cover every tile size).
         n_below, n_extra: the pruned window's depth below ``k0`` (tests shrink it to force the
             bound and the second pass; any value gives the same result).
         stats: also return each block's FP8 byte (uint8) and partial sums from which the total
