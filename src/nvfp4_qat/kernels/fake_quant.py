@@ -158,15 +158,22 @@ def _fake_quant_kernel(
             code = tl.load(code_ptr + rows, mask=mask, other=0)
         xbits = _widen(raw, BF16).to(tl.uint32, bitcast=True)
         a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
-        # NaN/Inf in -> NaN out (format.py's rule): |x| < inf is false exactly for NaN and Inf.
-        mag = tl.where(a < float("inf"), _magnitude(a, code, table_ptr, ROWS), float("nan"))
-        out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
-        if BF16:
-            top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
-            tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-        else:
-            out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + offs, out, mask=mask)
+        _quantize_store(out_ptr, offs, mask, a, xbits, code, table_ptr, ROWS, BF16)
+
+
+@triton.jit
+def _quantize_store(out_ptr, offs, mask, a, xbits, code, table_ptr, ROWS: tl.constexpr, BF16: tl.constexpr):
+    # Store copysign(NVFP4 magnitude of a = |x|, x) for a tile ([ROWS, 16]) whose blocks have the FP8
+    # bytes `code` [ROWS, 1]; xbits are x's fp32 bits. Shared with kernels.act_quant.
+    # NaN/Inf in -> NaN out (format.py's rule): |x| < inf is false exactly for NaN and Inf.
+    mag = tl.where(a < float("inf"), _magnitude(a, code, table_ptr, ROWS), float("nan"))
+    out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
+    if BF16:
+        top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
+        tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, out, mask=mask)
 
 
 @triton.jit
@@ -461,6 +468,11 @@ def _check_inputs(x: object, block_amax: object, global_amax: object, config: ob
         )
     g = check_global_amax(global_amax, x)
     check_block_amax(block_amax, x, 16)
+    _check_config(config)
+    return g
+
+
+def _check_config(config: object) -> None:
     if config is not None and (
         not isinstance(config, dict)
         or not {"ROWS", "num_warps"} <= set(config) <= {"ROWS", "num_warps", "TILES"}
@@ -471,7 +483,6 @@ def _check_inputs(x: object, block_amax: object, global_amax: object, config: ob
             f"config must be None or a dict like {DEFAULT_CONFIG} or {STATS_CONFIG} (positive ints, "
             f"ROWS a power of two), got {config!r}"
         )
-    return g
 
 
 def fake_quant_triton(
