@@ -128,7 +128,7 @@ def _amax_kernel(
 def _block_code(b, thr_ptr):
     # FP8 byte [ROWS, 1] int32 of block amax b [ROWS, 1]: the number of thresholds T[1..126] that b
     # reaches, by binary search (T is non-decreasing; T[127] is NaN, so index 127 never passes).
-    code = tl.zeros(b.shape, tl.int32)
+    code = tl.full(b.shape, 0, tl.int32)  # not tl.zeros: a jitted helper, not callable interpreted
     for k in tl.static_range(7):
         step: tl.constexpr = 64 >> k
         t = tl.load(thr_ptr + code + step)
