@@ -130,9 +130,8 @@ def _block_code(b, thr_ptr):
     # reaches, by binary search (T is non-decreasing; T[127] is NaN, so index 127 never passes).
     code = tl.full(b.shape, 0, tl.int32)  # not tl.zeros: a jitted helper, not callable interpreted
     for k in tl.static_range(7):
-        step: tl.constexpr = 64 >> k
-        t = tl.load(thr_ptr + code + step)
-        code = tl.where(b >= t, code + step, code)  # NaN b or NaN t: no step
+        t = tl.load(thr_ptr + code + (64 >> k))
+        code = tl.where(b >= t, code + (64 >> k), code)  # NaN b or NaN t: no step
     return code
 
 
@@ -150,16 +149,16 @@ def _act_quant_kernel(
 ):
     for tile in range(TILES):
         rows = (tl.program_id(0) * TILES + tile) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
-        mask = None if EVEN else rows < n_blocks  # a column: rows of 16 stay vector loads
         offs = rows.to(tl.int64) * 16 + tl.arange(0, 16)[None, :]  # [ROWS, 16]
         if EVEN:
             raw = tl.load(x_ptr + offs)
         else:  # masked rows read 0: block amax 0, byte 0, nothing stored
-            raw = tl.load(x_ptr + offs, mask=mask, other=0)
+            raw = tl.load(x_ptr + offs, mask=rows < n_blocks, other=0)
         xbits = _widen(raw, BF16).to(tl.uint32, bitcast=True)
         a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
         b = tl.reduce(a, 1, _max)[:, None]  # the block amax, NaN if the block holds a NaN
-        _quantize_store(out_ptr, offs, mask, a, xbits, _block_code(b, thr_ptr), table_ptr, ROWS, BF16)
+        code = _block_code(b, thr_ptr)
+        _quantize_store(out_ptr, offs, rows, n_blocks, a, xbits, code, table_ptr, ROWS, BF16, EVEN)
 
 
 def _kernel(name: str, device: torch.device):
