@@ -9,12 +9,14 @@ Measures one MLP block, Llama-2-7B shaped by default (SwiGLU: gate and up 4096 -
 * ``nvfp4 torch``: ``NVFP4Linear`` with the PyTorch fake-quant (:func:`format.fake_quantize_unchecked`);
 * ``w4a4 triton``: weights and inputs fake-quantized (``quantize_activations=True``).
 
-It also times the weight fake-quant alone (one 11008 x 4096 weight): the kernel with the layer's
+It also times the W4A4 input fake-quant alone (the down projection's input, tokens x ffn), by
+path and by stage, against a plain copy of the input, and the weight fake-quant alone (one 11008 x 4096 weight): the kernel with the layer's
 cached FP8 bytes and decision table (what a training step runs between scale changes), and with
 their preparation; with ``--configs``, each launch configuration of the kernel. Medians from ``triton.testing.do_bench`` on CUDA; on the CPU
 (``--small``, for a smoke test) medians of ``time.perf_counter`` over a few runs.
 
     python benchmarks/bench_qat_step.py            # on the GPU
+    python benchmarks/bench_qat_step.py --ffn 14336   # Llama-3-8B shaped MLP
     python benchmarks/bench_qat_step.py --small    # anywhere, seconds
 """
 
@@ -158,6 +160,47 @@ def bench_fake_quant(args, device: str) -> None:
         print(f"{label:<34} {ms:>10.4f} {gbytes / (ms / 1e3):>8.1f}")
 
 
+def bench_act_quant(args, device: str) -> None:
+    """The W4A4 input fake-quant alone, on the down projection's input (tokens x ffn, bf16)."""
+    torch.manual_seed(0)
+    x = torch.randn(args.batch * args.seq, args.ffn, device=device).to(torch.bfloat16)
+    layer = NVFP4Linear(args.ffn, 16, device=device, dtype=torch.bfloat16,
+                        config=QATConfig(init_calibration="max", quantize_activations=True))  # fmt: skip
+    print(f"\nW4A4 input fake-quant alone, {x.shape[0]} x {x.shape[1]} bf16 (training forward)")
+    print(f"{'implementation':<34} {'median ms':>10} {'x copies':>8}")
+    rows = [("x.clone() (1 read + 1 write)", x.clone)]
+    for backend in ("reference", "triton") if device == "cuda" else ("reference",):
+
+        def run(backend=backend):
+            layer.fake_quant_backend = backend
+            return layer.fake_quantized_input(x)
+
+        rows.append((f"layer input, {backend}", run))
+    if device == "cuda":
+        from nvfp4_qat.kernels import act_quant
+
+        def before() -> torch.Tensor:  # the path this package took before kernels.act_quant
+            cur = x.abs().amax().to(torch.float32)
+            block = x.abs().reshape(-1, 16).amax(dim=-1).to(torch.float32)
+            return torch.ops.nvfp4_qat.fake_quant_nvfp4(x, block, cur)
+
+        g = act_quant.input_amax(x)
+        thresholds, table = act_quant.prepare_dynamic(g)
+        rows += [
+            ("before: abs, amax x2, fake_quant op", before),
+            ("max pass (act_amax)", lambda: act_quant.input_amax(x)),
+            ("prepare_dynamic (small ops)", lambda: act_quant.prepare_dynamic(g)),
+            ("fused pass (act_quant_prepared)", lambda: act_quant.act_quant_prepared(x, thresholds, table)),
+        ]
+        same = torch.equal(before(), torch.ops.nvfp4_qat.act_fake_quant(x, g))
+        print(f"check: new path equals the old one bit for bit: {same}")
+    base = None
+    for label, fn in rows:
+        ms = median_ms(fn, device)
+        base = ms if base is None else base
+        print(f"{label:<34} {ms:>10.4f} {ms / base:>8.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke test")
@@ -174,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     print_versions(device)
     bench_steps(args, device)
     bench_fake_quant(args, device)
+    bench_act_quant(args, device)
 
 
 if __name__ == "__main__":

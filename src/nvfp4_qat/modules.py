@@ -147,12 +147,36 @@ class NVFP4WeightClippedSTE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _act_ops() -> None:
+    """Register ``torch.ops.nvfp4_qat.act_amax`` and ``act_fake_quant`` (the W4A4 input kernels,
+    :mod:`nvfp4_qat.kernels.act_quant`) on first use; later calls find the module imported."""
+    from nvfp4_qat.kernels import act_quant  # noqa: F401
+
+
+def _block_amax(x: torch.Tensor) -> torch.Tensor:
+    # The input's own per-block amax, (n_blocks,) fp32 (NaN for a block holding NaN).
+    return x.detach().abs().reshape(-1, 16).amax(dim=-1).to(torch.float32)
+
+
 class NVFP4ActivationSTE(NVFP4WeightSTE):
     """Activation fake-quant with the straight-through estimator (the W4A4 input path).
 
     Forward: ``fake_quantize_nvfp4(x, block_amax, global_amax)`` with the input's own per-block
     amax. Backward: ``dL/dx = dL/dx_q`` (unchanged); the amaxes get no gradient.
+
+    ``block_amax=None`` means "the input's own": on the kernel path the fused kernel takes each
+    block's amax from the tile it loads (:mod:`nvfp4_qat.kernels.act_quant`), so no per-block tensor
+    is made; the PyTorch path computes it. Both give the bits of the explicit form.
     """
+
+    @staticmethod
+    def forward(ctx: Any, x, block_amax, global_amax, backend: str = "auto", state=None):
+        if block_amax is not None:
+            return fake_quantize(x, block_amax, global_amax, backend, state)
+        if _use_kernel(x, backend):
+            _act_ops()
+            return torch.ops.nvfp4_qat.act_fake_quant(x, global_amax)
+        return fake_quantize_unchecked(x, _block_amax(x), global_amax, 16)
 
 
 _WEIGHT_STE = {"ste": NVFP4WeightSTE, "clipped_ste": NVFP4WeightClippedSTE}
@@ -335,7 +359,16 @@ class NVFP4Linear(nn.Linear):
         poison every later output); it is counted in ``nonfinite_input_batches`` instead, and its
         own output is NaN where the input was. No host sync: the skip is a ``torch.where``.
         """
-        cur = x.detach().abs().amax().to(torch.float32)
+        if _use_kernel(x, self.fake_quant_backend):
+            # Two reads of x in all: the max here, then the fused kernel, which takes each block's
+            # amax from its own tile (before: two abs() copies, two reductions, read and write).
+            x = x.contiguous()  # once, not in each of the two operators
+            _act_ops()
+            cur = torch.ops.nvfp4_qat.act_amax(x.detach())
+            block = None
+        else:
+            block = _block_amax(x)  # the max of the block maxima is max |x| (NaN wins in both)
+            cur = block.amax() if block.numel() else block.new_zeros(())
         if self.training:
             with torch.no_grad():
                 finite = torch.isfinite(cur)
@@ -344,7 +377,6 @@ class NVFP4Linear(nn.Linear):
             g = self.input_amax
         else:
             g = torch.where(self.input_amax > 0, self.input_amax, cur)  # no host sync
-        block = x.detach().abs().reshape(-1, 16).amax(dim=-1).to(torch.float32)  # (n_blocks,)
         return NVFP4ActivationSTE.apply(x, block, g, self.fake_quant_backend)
 
     def reset_input_amax(self) -> None:

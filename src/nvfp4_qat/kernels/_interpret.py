@@ -4,7 +4,7 @@ A kernel jitted at import (CUDA) cannot simply be run by Triton's interpreter: a
 kernel cannot call a jitted helper. :func:`interpreted` copies the module's globals and replaces
 every jitted function defined there by an interpreted one that resolves its callees in the copy,
 so kernels and their helpers run interpreted while the compiled CUDA kernels stay intact in the
-same process.
+same process. Helpers imported from another module of the package are taken from that module's copy.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def _namespace(module_name: str) -> dict:
             while not isinstance(raw, types.FunctionType):
                 raw = raw.fn  # Autotuner -> JITFunction / InterpretedFunction -> function
             if raw.__module__ != module_name:
+                if raw.__module__.partition(".")[0] == module_name.partition(".")[0]:
+                    # a helper imported from another module of this package: its own interpreted copy
+                    ns[name] = _namespace(raw.__module__)[raw.__name__]
                 continue  # Triton's combine functions (tl.standard._sum_combine ...): the interpreter knows them
             copy = types.FunctionType(raw.__code__, ns, raw.__name__, raw.__defaults__, raw.__closure__)
             ns[name] = InterpretedFunction(copy)

@@ -159,15 +159,36 @@ def _fake_quant_kernel(
             code = tl.load(code_ptr + rows, mask=mask, other=0)
         xbits = _widen(raw, BF16).to(tl.uint32, bitcast=True)
         a = (xbits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |x|, NaN stays NaN
-        # NaN/Inf in -> NaN out (format.py's rule): |x| < inf is false exactly for NaN and Inf.
-        mag = tl.where(a < float("inf"), _magnitude(a, code, table_ptr, ROWS), float("nan"))
-        out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
-        if BF16:
-            top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
-            tl.store(out_ptr + offs, top.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-        else:
-            out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + offs, out, mask=mask)
+        _quantize_store(out_ptr, offs, rows, n_blocks, a, xbits, code, table_ptr, ROWS, BF16, EVEN)
+
+
+@triton.jit
+def _quantize_store(
+    out_ptr,  # [n_blocks * 16] fp32 | fp16 | int16 (bf16 bits)
+    offs,  # [ROWS, 16] int64, the tile's element offsets
+    rows,  # [ROWS, 1] the tile's block indices (the mask where not EVEN)
+    n_blocks,  # int, number of 16-blocks
+    a,  # [ROWS, 16] fp32, |x|
+    xbits,  # [ROWS, 16] uint32, x's fp32 bits
+    code,  # [ROWS, 1] the blocks' FP8 bytes (rows of the table)
+    table_ptr,  # [128 * 8] fp32, format.decision_table(s2)
+    ROWS: tl.constexpr,
+    BF16: tl.constexpr,
+    EVEN: tl.constexpr,  # no mask
+):
+    # Store copysign(NVFP4 magnitude of |x|, x) for one tile. Shared with kernels.act_quant.
+    # NaN/Inf in -> NaN out (format.py's rule): |x| < inf is false exactly for NaN and Inf.
+    mag = tl.where(a < float("inf"), _magnitude(a, code, table_ptr, ROWS), float("nan"))
+    out_bits = mag.to(tl.uint32, bitcast=True) | (xbits & 0x80000000)  # copysign(mag, x)
+    if BF16:
+        top = (out_bits + (0x7FFF + ((out_bits >> 16) & 1))) >> 16  # round to nearest even
+        out = top.to(tl.uint16).to(tl.int16, bitcast=True)
+    else:
+        out = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
+    if EVEN:  # the mask is a [ROWS, 1] column: rows of 16 contiguous elements stay vector stores
+        tl.store(out_ptr + offs, out)
+    else:
+        tl.store(out_ptr + offs, out, mask=rows < n_blocks)
 
 
 @triton.jit
@@ -459,6 +480,11 @@ def _check_inputs(x: object, block_amax: object, global_amax: object, config: ob
     require_triton(x.device, "the Triton fake-quant kernel (x)")
     g = check_global_amax(global_amax, x)
     check_block_amax(block_amax, x, 16)
+    _check_config(config)
+    return g
+
+
+def _check_config(config: object) -> None:
     if config is not None and (
         not isinstance(config, dict)
         or not {"ROWS", "num_warps"} <= set(config) <= {"ROWS", "num_warps", "TILES"}
@@ -469,7 +495,6 @@ def _check_inputs(x: object, block_amax: object, global_amax: object, config: ob
             f"config must be None or a dict like {DEFAULT_CONFIG} or {STATS_CONFIG} (positive ints, "
             f"ROWS a power of two), got {config!r}"
         )
-    return g
 
 
 def fake_quant_triton(
