@@ -393,9 +393,9 @@ def test_auto_dispatch(monkeypatch):
 
     def fake(x, g, method):
         calls.append(method)
-        return sweep_reference(x, g)
+        return sweep_reference(x, g), None, None
 
-    monkeypatch.setattr("nvfp4_qat.kernels.sweep.sweep_triton", fake)
+    monkeypatch.setattr("nvfp4_qat.kernels.sweep.launch_sweep", fake)
     x = random_weight((4, 16), torch.float32, 0)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     nvfp4_scale_sweep(x, amax(x))  # CPU without the interpreter: the reference
