@@ -55,8 +55,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import nvfp4_qat  # noqa: E402
-from nvfp4_qat import recalibrate  # noqa: E402
-from nvfp4_qat import recalibrate_distributed  # noqa: E402
+from nvfp4_qat import (
+    recalibrate,  # noqa: E402
+    recalibrate_distributed,  # noqa: E402
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _multi_gpu_runs import PRESETS, run_check_and_resume, run_throughput, timing_model  # noqa: E402

@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nvfp4_qat import NVFP4Recalibration, quantize_model
 from nvfp4_qat import sweep as sweep_module
-from nvfp4_qat.recalibration import _execute
 from nvfp4_qat.quantize import calibration_is_current
+from nvfp4_qat.recalibration import _execute
 
 
 class Tiny(pl.LightningModule):

@@ -28,7 +28,9 @@ def build(fake_quant_backend: str = "reference") -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 80), nn.Linear(80, 32), nn.Linear(32, 16))
     model[1].to(torch.bfloat16)
-    quantize_model(model, QATConfig(init_calibration="max", backend="reference", fake_quant_backend=fake_quant_backend))
+    quantize_model(
+        model, QATConfig(init_calibration="max", backend="reference", fake_quant_backend=fake_quant_backend)
+    )
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -90,12 +92,24 @@ def test_plan_is_resolved_once_and_says_why(monkeypatch):
 
 
 def test_record_fields_name_the_measurements():
-    assert LayerStats._fields == ("sse_before", "sse_after", "n_changed", "energy", "amax_before", "amax_after")
+    assert LayerStats._fields == (
+        "sse_before",
+        "sse_after",
+        "n_changed",
+        "energy",
+        "amax_before",
+        "amax_after",
+    )
     stats = LayerStats(*(torch.tensor([float(i), 10.0 + i]) for i in range(6)))
     back = LayerStats.from_tensor(stats.to_tensor())
     assert all(torch.equal(a.double(), b) for a, b in zip(stats, back, strict=True))
     row = LayerRecalibration.from_stats("l", 64, LayerStats(8.0, 4.0, 1.0, 32.0, 2.0, 3.0), 0.5)
-    assert (row.mse_before, row.mse_after, row.changed_fraction, row.global_amax_after) == (0.125, 0.0625, 0.25, 3.0)
+    assert (row.mse_before, row.mse_after, row.changed_fraction, row.global_amax_after) == (
+        0.125,
+        0.0625,
+        0.25,
+        3.0,
+    )
 
 
 def _rank(rank: int, world: int, store_path: str, out_path: str, fused: bool) -> None:
@@ -134,4 +148,6 @@ def test_nvfp4_layer_config_carries_the_fake_quant_backend():
     layer = NVFP4Linear(32, 16, config=QATConfig(fake_quant_backend="reference"))
     assert layer.fake_quant_backend == "reference"
     layer.fake_quant_backend = "auto"
-    assert layer.config.fake_quant_backend == "auto" and layer.config.to_dict()["fake_quant_backend"] == "auto"
+    assert (
+        layer.config.fake_quant_backend == "auto" and layer.config.to_dict()["fake_quant_backend"] == "auto"
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from nvfp4_qat._version import __version__
+from nvfp4_qat._version import __version__ as __version__
 from nvfp4_qat.config import QATConfig
 from nvfp4_qat.export import export_nvfp4, load_nvfp4
 from nvfp4_qat.format import fake_quantize_nvfp4, fp8_scale_candidates

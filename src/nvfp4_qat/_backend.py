@@ -16,7 +16,7 @@ import torch
 from nvfp4_qat._validation import BACKENDS, check_choice, interpreter_on
 from nvfp4_qat.format import BLOCK_SIZE
 
-__all__ = ["BACKENDS", "require_triton", "resolve_backend", "triton_available", "triton_usable"]
+__all__ = ["BACKENDS", "on_device", "require_triton", "resolve_backend", "triton_available", "triton_usable"]
 
 
 @functools.cache
@@ -76,3 +76,14 @@ def resolve_backend(
     if block_size != BLOCK_SIZE:
         raise ValueError(f"{name}='triton' supports block_size={BLOCK_SIZE} only, got {block_size}")
     return "triton"
+
+
+def on_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync.
+
+    A plain copy to a GPU from pageable memory waits for everything queued on the stream; the
+    recalibration pipeline queues its kernels for all layers and must not stall on a constant.
+    """
+    t = torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

@@ -67,7 +67,9 @@ def nvfp4_scale_sweep(
     from nvfp4_qat.kernels.sweep import launch_sweep  # validated here: the unchecked launcher
 
     if x.numel() // block_size > 2**31 - 1:  # the kernels index blocks with int32
-        raise ValueError(f"x must hold fewer than 2**31 blocks for backend='triton', got {x.numel() // block_size}")
+        raise ValueError(
+            f"x must hold fewer than 2**31 blocks for backend='triton', got {x.numel() // block_size}"
+        )
 
     g = check_global_amax(global_amax, x, check_value=False)
     amax, g, u = _values(x, g)

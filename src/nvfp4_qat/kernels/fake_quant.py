@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_qat._backend import require_triton
+from nvfp4_qat._backend import on_device, require_triton
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
 from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale
 from nvfp4_qat.kernels import _interpret
@@ -312,17 +312,6 @@ def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.
 
 def _programs(n_blocks: int, config: dict[str, int]) -> int:
     return max(1, triton.cdiv(n_blocks, config["ROWS"] * config.get("TILES", 1)))
-
-
-def on_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync.
-
-    A plain copy to a GPU from pageable memory waits for everything queued on the stream; the
-    recalibration pipeline queues its kernels for all layers and must not stall on a constant.
-    """
-    t = torch.tensor(values, dtype=dtype)
-    device = torch.device(device)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[int]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from nvfp4_qat._backend import on_device
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.recalibration._execute import SweepTask, install_kernel_states, stale_stats, sweep
 from nvfp4_qat.recalibration._layers import apply_nonfinite_policy, full_weight
@@ -105,32 +106,13 @@ def _bit_sum(w: torch.Tensor) -> torch.Tensor:
     return bits.sum(dtype=torch.int64)
 
 
-def _check_replicas(layers: Layers, where: list[int | str], bad: set[int], device: torch.device) -> None:
-    """Raise on every rank if replicated weights differ between ranks (one int64 all-reduce).
-
-    Each replicated layer is swept by one rank and its scales are copied to the others, so a rank
-    whose weights drifted would silently get scales computed from another rank's weights.
-    Layers with non-finite weights (``bad``) are left to the non-finite policy.
-    """
-    replicated = [i for i, p in enumerate(where) if isinstance(p, int) and i not in bad]
-    if not replicated:
-        return
-    sums = torch.stack([_bit_sum(layers[i][1].weight).to(device) for i in replicated])
-    both = torch.cat([sums, -sums])  # one MAX gives the largest and (negated) the smallest checksum
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    high, low = both[: len(replicated)].tolist(), [-v for v in both[len(replicated) :].tolist()]
-    diverged = [layers[i][0] for k, i in enumerate(replicated) if high[k] != low[k]]
-    if diverged:
-        raise RuntimeError(
-            f"replicated weights differ between ranks in {len(diverged)} layer(s), e.g. {diverged[:5]}: "
-            "the recalibration sweeps each replicated layer on one rank and copies its scales, "
-            "so every rank must hold the same weights (as DDP keeps them); no scale was changed. "
-            "Look for rank-dependent weight updates or a checkpoint loaded on some ranks only"
-        )
-
-
 def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], list[float]]:
     """The plain sweep of ``plan.layers`` split across the ranks; every rank ends with every scale.
+
+    Everything is queued without a host sync until the scales are exchanged: the checks decide on
+    the device (a global amax of NaN makes the sweep kernels skip a layer, and any stop makes them
+    skip all), and the host reads the outcome once, at the end. A sync after the checks left the
+    GPUs idle while the host launched the sweeps.
 
     Returns ``(stats [L], done, seconds)``, the same on every rank: the measurements (a row
     shard's sums add up over the ranks), whether each layer was recalibrated, and the device time
@@ -141,6 +123,7 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
         RuntimeError: replicated weights differ between ranks (every rank, nothing written).
     """
     layers, rank, world = plan.layers, dist.get_rank(), plan.world
+    n = len(layers)
     device = layers[0][1].block_amax.device
     fused = plan.execution == "fused"
     where = _placement(layers, world)
@@ -159,100 +142,142 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
             mine.append(i)
             tasks.append(task)
     before = stale_stats(tasks, fused) if tasks else torch.zeros(0, 3, device=device)
-    index = torch.tensor(mine, dtype=torch.int64).to(device)
-    # What this rank sweeps is checked through its max |w| (NaN/Inf exactly for a bad weight);
-    # a replica it does not sweep is checked too (one read, no host sync): a NaN there would
-    # otherwise stay unseen, since its owner's copy is finite and its scales come from the owner.
-    bad_flags = torch.zeros(len(layers), dtype=torch.float32, device=device)
-    bad_flags.index_copy_(0, index, (~torch.isfinite(before[:, 1])).to(torch.float32))
-    others = [i for i, p in enumerate(where) if isinstance(p, int) and p != rank]
-    if others:
-        nonfinite = [(~torch.isfinite(layers[i][1].weight.detach())).any() for i in others]
-        bad_flags[others] = torch.stack(nonfinite).to(device, torch.float32)
-    # A row-sharded layer's global amax is the max over the ranks' rows (0 where a rank has none).
+    index = on_device(mine, torch.int64, device)
     rows = [i for i, p in enumerate(where) if p == _ROWS]
-    row_amax = torch.zeros(len(layers), dtype=torch.float32, device=device)
-    row_amax.index_copy_(0, index, torch.nan_to_num(before[:, 1], nan=0.0, posinf=0.0))
-    reduced = torch.cat([bad_flags, row_amax[rows]])
+    replicated = [i for i, p in enumerate(where) if isinstance(p, int)]
+    # The checks, in two all-reduces (MAX): a non-finite flag per layer and the row shards'
+    # global amax (float32), and the replicas' bit checksums (int64, see _checksums).
+    flags = torch.zeros(n, dtype=torch.float32, device=device)
+    flags.index_copy_(0, index, (~torch.isfinite(before[:, 1])).to(torch.float32))  # max |w|: NaN/Inf
+    others = [i for i in replicated if where[i] != rank]
+    if others:  # a replica this rank does not sweep: a NaN there would stay unseen otherwise
+        norms = torch.stack(
+            [torch.linalg.vector_norm(layers[i][1].weight.detach(), float("inf")) for i in others]
+        )
+        flags.index_copy_(
+            0, on_device(others, torch.int64, device), (~torch.isfinite(norms)).to(torch.float32)
+        )
+    amax = torch.zeros(n, dtype=torch.float32, device=device)
+    amax.index_copy_(0, index, torch.nan_to_num(before[:, 1], nan=0.0, posinf=0.0))
+    row_index = on_device(rows, torch.int64, device)
+    reduced = torch.cat([flags, amax.index_select(0, row_index)])
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    bad = {i for i, flag in enumerate(reduced[: len(layers)].tolist()) if flag}
-    apply_nonfinite_policy([layers[i][0] for i in sorted(bad)], plan.on_nonfinite, warn=rank == 0)
-    _check_replicas(layers, where, bad, device)
-
-    g_new = before[:, 1].clone()  # max |w| of what each task holds ...
-    g_all = torch.zeros(len(layers), dtype=torch.float32, device=device)
-    g_all[rows] = reduced[len(layers) :]  # ... and the reduced one for the row shards
-    is_rows = torch.tensor([where[i] == _ROWS for i in mine], dtype=torch.bool).to(device)
-    g_new = torch.where(is_rows, g_all[index], g_new)
-    live = [i not in bad for i in mine]
-    live_t = torch.tensor(live, dtype=torch.bool).to(device)
+    bad = reduced[:n] > 0
+    sums = _checksums(layers, replicated, device)
+    dist.all_reduce(sums, op=dist.ReduceOp.MAX)
+    rep_index = on_device(replicated, torch.int64, device)
+    k = len(replicated)
+    diverged = (sums[:k] != -sums[k:]) & ~bad.index_select(0, rep_index)  # a NaN replica is "bad"
+    stop = diverged.any() | (
+        bad.any() if plan.on_nonfinite == "raise" else torch.zeros((), dtype=torch.bool, device=device)
+    )
+    live = ~bad & ~stop  # [L]: the layers whose scales change
+    g_rows = torch.zeros(n, dtype=torch.float32, device=device).index_copy_(0, row_index, reduced[n:])
+    is_rows = on_device([where[i] == _ROWS for i in mine], torch.bool, device)
+    g_new = torch.where(is_rows, g_rows.index_select(0, index), before[:, 1])
+    live_task = live.index_select(0, index)
     g_old = torch.stack([m.global_amax for _, m in layers]).to(device)
-    out = sweep(tasks, torch.where(live_t, g_new, torch.nan), plan.method, plan.backend, fused)
+    out = sweep(tasks, torch.where(live_task, g_new, torch.nan), plan.method, plan.backend, fused)
 
-    # Write: global amax of what this rank swept; every rank takes a row-sharded layer's.
-    for task, ok, g in zip(tasks, live, g_new.unbind(), strict=True):
-        if ok:
-            task.layer.global_amax.copy_(g)
-    for i in rows:
-        if i not in bad:
-            layers[i][1].global_amax.copy_(g_all[i])
-    install_kernel_states(tasks, out, live)
-    _gather_rows(layers, [i for i in rows if i not in bad])
-    _broadcast_owned_scales(layers, where, bad, rank, world)
+    # Write: the global amax of what this rank swept; every rank takes a row-sharded layer's. Then
+    # exchange: row shards all-gathered, replicated layers broadcast by their owners (unchanged
+    # scales where nothing was written: the same on every rank).
+    targets = [t.layer.global_amax for t in tasks] + [layers[i][1].global_amax for i in rows if i not in mine]
+    values = torch.where(live_task, g_new, g_old.index_select(0, index)).unbind()
+    extra = [torch.where(live[i], g_rows[i], g_old[i]) for i in rows if i not in mine]
+    if targets:
+        torch._foreach_copy_(targets, [*values, *extra])
+    _gather_rows(layers, rows, world)
+    _broadcast_owned_scales(layers, where, rank, world)
+
+    # The one host sync: what happened, and the sweeps' device times.
+    seconds = out.seconds
+    bad_host, live_host = torch.stack([bad, live]).tolist()
+    diverged_host = diverged.tolist()
+    apply_nonfinite_policy([layers[i][0] for i in range(n) if bad_host[i]], plan.on_nonfinite, warn=rank == 0)
+    if any(diverged_host):
+        names = [layers[i][0] for i, d in zip(replicated, diverged_host, strict=True) if d]
+        raise RuntimeError(
+            f"replicated weights differ between ranks in {len(names)} layer(s), e.g. {names[:5]}: "
+            "the recalibration sweeps each replicated layer on one rank and copies its scales, "
+            "so every rank must hold the same weights (as DDP keeps them); no scale was changed. "
+            "Look for rank-dependent weight updates or a checkpoint loaded on some ranks only"
+        )
+    install_kernel_states(tasks, out, [live_host[i] for i in mine])
 
     # stats[i] = the six LayerStats fields and the seconds: each rank writes what it knows and
     # leaves zeros elsewhere, so one SUM gives every rank every value exactly (x + 0 == x); a row
     # shard's sums add up over the ranks, its amaxes and seconds come from rank 0.
-    own = LayerStats(before[:, 0], out.sse_after, out.n_changed, before[:, 2], g_old[index], g_new)
-    values = own.to_tensor().T  # (T, 6) float64
-    seconds = torch.tensor(out.seconds, dtype=torch.float64).to(device)[:, None]
+    own = LayerStats(
+        before[:, 0], out.sse_after, out.n_changed, before[:, 2], g_old.index_select(0, index), g_new
+    )
     reports = [where[i] == rank or (where[i] == _GATHER and rank == 0) for i in mine]
-    keep = torch.tensor(
-        [[r or (where[i] == _ROWS and (k < 4 or rank == 0)) for k in range(6)] + [r or (where[i] == _ROWS and rank == 0)]
-         for i, r in zip(mine, reports, strict=True)],
-        dtype=torch.bool,
-    ).reshape(len(mine), 7).to(device)  # fmt: skip
-    keep &= live_t[:, None]
-    table = torch.zeros(len(layers), 7, dtype=torch.float64, device=device)
-    table.index_add_(0, index, torch.where(keep, torch.cat([values, seconds], dim=1), 0.0))
-    # Rank 0 may hold no rows of a sharded layer: the amaxes are known to all, rank 0 writes them.
-    if rank == 0:
+    keep = [
+        [live_host[i] and (r or (where[i] == _ROWS and (c < 4 or rank == 0))) for c in range(7)]
+        for i, r in zip(mine, reports, strict=True)
+    ]
+    table = torch.zeros(n, 7, dtype=torch.float64, device=device)
+    if mine:
+        values = torch.cat([own.to_tensor().T, on_device(seconds, torch.float64, device)[:, None]], dim=1)
+        table.index_add_(0, index, torch.where(on_device(keep, torch.bool, device), values, 0.0))
+    if rank == 0:  # rank 0 may hold no rows of a sharded layer: the amaxes are known to all
         for i in rows:
-            if i not in bad and i not in mine:
-                table[i, 4], table[i, 5] = g_old[i].double(), g_all[i].double()
+            if live_host[i] and i not in mine:
+                table[i, 4], table[i, 5] = g_old[i].double(), g_rows[i].double()
     dist.all_reduce(table)
-    done = [i not in bad for i in range(len(layers))]
-    return LayerStats.from_tensor(table[:, :6].T), done, table[:, 6].tolist()
+    return LayerStats.from_tensor(table[:, :6].T), live_host, table[:, 6].tolist()
 
 
-def _gather_rows(layers: Layers, rows: list[int]) -> None:
-    """Every rank gets all block-scale rows of the row-sharded layers (each swept its own)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    for i in rows:
-        m = layers[i][1]
-        w = m.weight
-        local, first = _local_rows(w)
-        b_local = m.block_amax[first : first + local.shape[0]]  # (rows, in // 16), this rank's sweep
-        full = DTensor.from_local(
-            b_local, w.device_mesh, [Shard(0)], shape=m.block_amax.shape, stride=m.block_amax.stride()
-        ).full_tensor()
-        m.block_amax.copy_(full)
+def _checksums(layers: Layers, replicated: list[int], device: torch.device) -> torch.Tensor:
+    """int64 ``[2k]``: each replicated weight's bit-pattern sum, then the same negated (one MAX
+    all-reduce gives the largest and, negated, the smallest over the ranks; equal iff the ranks
+    agree). A rank whose weights drifted would otherwise silently get scales computed from another
+    rank's weights: each replicated layer is swept by one rank and its scales copied."""
+    if not replicated:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    sums = torch.stack([_bit_sum(layers[i][1].weight).to(device) for i in replicated])
+    return torch.cat([sums, -sums])
 
 
-def _broadcast_owned_scales(layers: Layers, where: list[int | str], bad: set[int], rank: int, world: int) -> None:
-    """Each rank broadcasts ``[global_amax, block_amax...]`` of the layers it swept, in one buffer."""
+def _gather_rows(layers: Layers, rows: list[int], world: int) -> None:
+    """Every rank gets all block-scale rows of the row-sharded layers (each swept its own), in one
+    all-gather: each rank's rows of every layer, padded to the layer's chunk (``torch.chunk``)."""
+    if not rows:
+        return
+    mods = [layers[i][1] for i in rows]
+    chunks = [-(-m.block_amax.shape[0] // world) for m in mods]  # rows per rank (the last may have fewer)
+    sizes = [c * m.block_amax.shape[1] for c, m in zip(chunks, mods, strict=True)]
+    rank = dist.get_rank()
+    send = torch.zeros(sum(sizes), dtype=torch.float32, device=mods[0].block_amax.device)
+    start = 0
+    for m, c, size in zip(mods, chunks, sizes, strict=True):
+        mine = m.block_amax[rank * c : (rank + 1) * c].reshape(-1)  # may be short or empty
+        send[start : start + mine.numel()].copy_(mine)
+        start += size
+    got = torch.empty(world * sum(sizes), dtype=torch.float32, device=send.device)  # flat: gloo wants 1-D
+    dist.all_gather_into_tensor(got, send)
+    got = got.view(world, -1)
+    start = 0
+    for m, c, size in zip(mods, chunks, sizes, strict=True):
+        full = got[:, start : start + size].reshape(world * c, m.block_amax.shape[1])
+        m.block_amax.copy_(full[: m.block_amax.shape[0]])
+        start += size
+
+
+def _broadcast_owned_scales(layers: Layers, where: list[int | str], rank: int, world: int) -> None:
+    """Each rank broadcasts ``[global_amax, block_amax...]`` of the layers it owns, in one buffer."""
     for src in range(world):
-        mods = [m for i, (_, m) in enumerate(layers) if where[i] == src and i not in bad]
+        mods = [m for i, (_, m) in enumerate(layers) if where[i] == src]
         if not mods:
             continue
         sizes = [1 + m.block_amax.numel() for m in mods]
         if src == rank:
-            flat = torch.cat([torch.cat([m.global_amax.reshape(1), m.block_amax.reshape(-1)]) for m in mods])
+            parts = [t for m in mods for t in (m.global_amax.reshape(1), m.block_amax.reshape(-1))]
+            flat = torch.cat(parts)
         else:
             flat = torch.empty(sum(sizes), dtype=torch.float32, device=mods[0].block_amax.device)
         dist.broadcast(flat, src=src)
         if src != rank:
-            for m, part in zip(mods, flat.split(sizes), strict=True):
-                m.global_amax.copy_(part[0])
-                m.block_amax.copy_(part[1:].reshape(m.block_amax.shape))
+            parts = flat.split(sizes)
+            torch._foreach_copy_([m.global_amax.reshape(1) for m in mods], [p[:1] for p in parts])
+            torch._foreach_copy_([m.block_amax.view(-1) for m in mods], [p[1:] for p in parts])

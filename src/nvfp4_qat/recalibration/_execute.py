@@ -34,9 +34,16 @@ from dataclasses import dataclass
 
 import torch
 
+from nvfp4_qat._backend import on_device
 from nvfp4_qat._sweep_reference import sweep_reference
-from nvfp4_qat.format import BLOCK_SIZE, GLOBAL_SCALE_DIVISOR, block_code_bytes, decision_table, global_scale
-from nvfp4_qat.format import fake_quantize_unchecked
+from nvfp4_qat.format import (
+    BLOCK_SIZE,
+    GLOBAL_SCALE_DIVISOR,
+    block_code_bytes,
+    decision_table,
+    fake_quantize_unchecked,
+    global_scale,
+)
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.recalibration._layers import LayerClock, scale_codes, weight_stats
 
@@ -74,8 +81,13 @@ class SweepOutput:
 
     sse_after: torch.Tensor  # summed squared error at the new scales (the minimised loss)
     n_changed: torch.Tensor  # blocks whose FP8 byte changed
-    seconds: list[float]
+    clock: LayerClock  # one interval per task
     codes: torch.Tensor | None = None  # fused: every task's new bytes, concatenated
+
+    @property
+    def seconds(self) -> list[float]:
+        """Each task's time (on a GPU: device time; reading it waits for the last sweep)."""
+        return self.clock.seconds()
 
 
 def stale_stats(tasks: list[SweepTask], fused: bool) -> torch.Tensor:
@@ -99,8 +111,10 @@ def stale_stats(tasks: list[SweepTask], fused: bool) -> torch.Tensor:
     order = [i for chunk in chunks for i in chunk]
     if order == list(range(len(tasks))):  # one dtype: the chunks are in order
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-    index = fq.on_device(order, torch.int64, device)
-    return torch.empty(len(tasks), 3, dtype=torch.float32, device=device).index_copy_(0, index, torch.cat(parts))
+    index = on_device(order, torch.int64, device)
+    return torch.empty(len(tasks), 3, dtype=torch.float32, device=device).index_copy_(
+        0, index, torch.cat(parts)
+    )
 
 
 def _state(task: SweepTask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +133,7 @@ def sweep(tasks: list[SweepTask], g: torch.Tensor, method: str, backend: str, fu
     """
     if not tasks:  # a rank with nothing to sweep
         empty = torch.zeros(0, dtype=torch.float32, device=g.device)
-        return SweepOutput(empty, empty, [])
+        return SweepOutput(empty, empty, LayerClock(torch.device("cpu")))
     return _sweep_fused(tasks, g, method) if fused else _sweep_generic(tasks, g, method, backend)
 
 
@@ -134,10 +148,12 @@ def _sweep_generic(tasks: list[SweepTask], g: torch.Tensor, method: str, backend
         sse.append(s.to(zero.device).to(torch.float32))
         changed.append(n.to(zero.device).to(torch.float32))
         clock.mark()
-    return SweepOutput(torch.stack(sse), torch.stack(changed), clock.seconds())
+    return SweepOutput(torch.stack(sse), torch.stack(changed), clock)
 
 
-def _sweep_one(task: SweepTask, g: torch.Tensor, method: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _sweep_one(
+    task: SweepTask, g: torch.Tensor, method: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One task on the generic path: ``(sse_after, n_changed)`` 0-dim, the scales written in place."""
     x, old = task.weight, scale_codes(task.layer, task.rows)
     g = g.to(x.device)
@@ -183,7 +199,7 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
         start, col = start + n, col + k
         clock.mark()
     sse_after, changed = fq.segment_totals(partials, slots).unbind(1)
-    return SweepOutput(sse_after, changed, clock.seconds(), codes)
+    return SweepOutput(sse_after, changed, clock, codes)
 
 
 def install_kernel_states(tasks: list[SweepTask], out: SweepOutput, written: list[bool]) -> None:

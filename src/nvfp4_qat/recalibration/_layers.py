@@ -38,7 +38,9 @@ def full_weight(layer: NVFP4Linear) -> torch.Tensor:
     return gather() if callable(gather) else w
 
 
-def weight_stats(layer: NVFP4Linear, w: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
+def weight_stats(
+    layer: NVFP4Linear, w: torch.Tensor | None = None, rows: slice | None = None
+) -> torch.Tensor:
     """``[sse, max |w|, sum w^2]`` (fp32, no host sync) of the layer's weight at its current scales.
 
     ``sse`` is the summed squared NVFP4 error in fp32 (:func:`~nvfp4_qat.modules.quant_error_stats`),

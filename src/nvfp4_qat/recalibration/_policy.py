@@ -13,8 +13,14 @@ import torch
 
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.policy import InputMoments, RecalibrationPolicy, adam_moments, policy_scales
-from nvfp4_qat.recalibration._layers import LayerClock, full_weight, restore_scales, scale_codes, scale_snapshot
-from nvfp4_qat.recalibration._layers import weight_stats
+from nvfp4_qat.recalibration._layers import (
+    LayerClock,
+    full_weight,
+    restore_scales,
+    scale_codes,
+    scale_snapshot,
+    weight_stats,
+)
 from nvfp4_qat.recalibration.report import LayerStats
 
 __all__ = ["check_layers", "scored_scales"]

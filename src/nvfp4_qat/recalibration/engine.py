@@ -25,7 +25,12 @@ from torch import nn
 from nvfp4_qat.policy import InputMoments, RecalibrationPolicy
 from nvfp4_qat.recalibration import _policy
 from nvfp4_qat.recalibration._execute import SweepTask, install_kernel_states, stale_stats, sweep
-from nvfp4_qat.recalibration._layers import apply_nonfinite_policy, full_weight, restore_scales, scale_snapshot
+from nvfp4_qat.recalibration._layers import (
+    apply_nonfinite_policy,
+    full_weight,
+    restore_scales,
+    scale_snapshot,
+)
 from nvfp4_qat.recalibration.plan import RecalibrationPlan, check_policy_inputs, resolve_plan
 from nvfp4_qat.recalibration.report import LayerStats, RecalibrationReport, build_rows
 
@@ -172,4 +177,8 @@ def _execute(
                            plan.on_nonfinite)  # fmt: skip
     if fused:
         install_kernel_states(tasks, out, live_host)
-    return LayerStats(before[:, 0], out.sse_after, out.n_changed, before[:, 2], g_old, g_new), live_host, out.seconds
+    return (
+        LayerStats(before[:, 0], out.sse_after, out.n_changed, before[:, 2], g_old, g_new),
+        live_host,
+        out.seconds,
+    )
