@@ -6,7 +6,7 @@ Measures one MLP block, Llama-2-7B shaped by default (SwiGLU: gate and up 4096 -
 
 * ``linear``: plain ``nn.Linear`` layers, the baseline;
 * ``nvfp4 triton``: ``NVFP4Linear`` with the fused Triton fake-quant kernel (the CUDA default);
-* ``nvfp4 torch``: ``NVFP4Linear`` with the PyTorch fake-quant (:func:`format.fake_quantize_unchecked`);
+* ``nvfp4 reference``: ``NVFP4Linear`` with the PyTorch fake-quant (:func:`format.fake_quantize_unchecked`);
 * ``w4a4 triton``: weights and inputs fake-quantized (``quantize_activations=True``).
 
 It also times the W4A4 input fake-quant alone (the down projection's input, tokens x ffn), by
@@ -105,7 +105,7 @@ def bench_steps(args, device: str) -> None:
     tokens = args.batch * args.seq
     x = torch.randn(tokens, args.hidden, device=device, dtype=torch.bfloat16)
     grad_out = torch.randn(tokens, args.hidden, device=device, dtype=torch.bfloat16)
-    variants = ["linear", "nvfp4 torch", "w4a4 torch"]
+    variants = ["linear", "nvfp4 reference", "w4a4 reference"]
     if device == "cuda":
         variants[1:1] = ["nvfp4 triton"]
         variants.append("w4a4 triton")
@@ -128,7 +128,7 @@ def bench_steps(args, device: str) -> None:
         base = ms if base is None else base
         print(f"{name:<14} {ms:>10.3f} {100 * (ms - base) / base:>8.1f}%")
         del model, params
-    for kernel, ref in (("nvfp4 triton", "nvfp4 torch"), ("w4a4 triton", "w4a4 torch")):
+    for kernel, ref in (("nvfp4 triton", "nvfp4 reference"), ("w4a4 triton", "w4a4 reference")):
         if kernel in outputs:
             print(f"check: {kernel} output equals {ref}: {torch.equal(outputs[kernel], outputs[ref])}")
 

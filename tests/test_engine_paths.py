@@ -121,7 +121,24 @@ def _rank(rank: int, world: int, store_path: str, out_path: str, fused: bool) ->
     try:
         model = build("triton" if fused else "reference")
         report = recalibrate(model, backend="triton" if fused else "reference")
-        torch.save({"report": report, "scales": scales(model)}, f"{out_path}.{rank}")
+        result = {"report": report, "scales": scales(model)}
+        # the checks: a weight changed on rank 1 only (diverged replicas), then a NaN on rank 1 only
+        for case, spoil in (
+            ("diverged", lambda w: w.mul_(1.0 + 2.0**-6)),
+            ("nan", lambda w: w.fill_(float("nan"))),
+        ):
+            spoilt, before = build("triton" if fused else "reference"), None
+            before = scales(spoilt)
+            if rank == 1:
+                with torch.no_grad():
+                    spoil(spoilt[2].weight[0, :16])  # a layer rank 0 sweeps or rank 1 sweeps alike
+            try:
+                recalibrate(spoilt, backend="triton" if fused else "reference")
+                result[case] = "returned"
+            except (ValueError, RuntimeError) as err:
+                result[case] = type(err).__name__
+            result[case + "_unchanged"] = all(torch.equal(v, before[k]) for k, v in scales(spoilt).items())
+        torch.save(result, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -140,6 +157,8 @@ def test_two_gloo_ranks_agree_with_one_process(fused, tmp_path, monkeypatch):
         for k, v in ref_scales.items():
             assert torch.equal(got["scales"][k], v), (rank, k)
         assert_same(got["report"], ref)
+        assert (got["diverged"], got["nan"]) == ("RuntimeError", "ValueError"), rank
+        assert got["diverged_unchanged"] and got["nan_unchanged"], rank
     # the split is real: each rank swept a share (the seconds come from the owner)
     assert all(r.seconds > 0 for r in got["report"].layers)
 

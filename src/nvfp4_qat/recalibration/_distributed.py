@@ -127,50 +127,56 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
     device = layers[0][1].block_amax.device
     fused = plan.execution == "fused"
     where = _placement(layers, world)
-    mine, tasks = [], []
+    replicated = [i for i, p in enumerate(where) if isinstance(p, int)]
+    rows = [i for i, p in enumerate(where) if p == _ROWS]
+    # Every rank measures every replica it holds (the stale statistics of the ones it sweeps, and
+    # for all of them the NaN check and the fingerprint that finds diverged ranks), then its rows
+    # of the sharded layers and the layers it gathers.
+    measured, tasks = [], []
     for i, (_, m) in enumerate(layers):
-        if where[i] == rank:
+        if isinstance(where[i], int):
             task = SweepTask(m, m.weight.detach())
         elif where[i] == _ROWS:
             local, first = _local_rows(m.weight)  # (rows, in); no rows on the last ranks, maybe
             task = SweepTask(m, local, slice(first, first + local.shape[0])) if local.shape[0] else None
-        elif where[i] == _GATHER:
-            task = SweepTask(m, full_weight(m))  # a collective: every rank gathers and sweeps it
         else:
-            task = None
+            task = SweepTask(m, full_weight(m))  # _GATHER, a collective: every rank gathers and sweeps it
         if task is not None:
-            mine.append(i)
+            measured.append(i)
             tasks.append(task)
-    before = stale_stats(tasks, fused) if tasks else torch.zeros(0, 3, device=device)
+    stats_all = stale_stats(tasks, fused) if tasks else torch.zeros(0, 3, device=device)
+    sweeps = [
+        k for k, i in enumerate(measured) if where[i] in (rank, _ROWS, _GATHER)
+    ]  # what this rank sweeps
+    mine = [measured[k] for k in sweeps]
+    tasks = [tasks[k] for k in sweeps]
+    before = stats_all.index_select(0, on_device(sweeps, torch.int64, device))
     index = on_device(mine, torch.int64, device)
-    rows = [i for i, p in enumerate(where) if p == _ROWS]
-    replicated = [i for i, p in enumerate(where) if isinstance(p, int)]
-    # The checks, in two all-reduces (MAX): a non-finite flag per layer and the row shards'
-    # global amax (float32), and the replicas' bit checksums (int64, see _checksums).
+    # The checks, in two all-reduces (MAX): a non-finite flag per layer (max |w| is NaN or Inf
+    # exactly for a bad weight) and the row shards' global amax; then the replicas' fingerprints.
     flags = torch.zeros(n, dtype=torch.float32, device=device)
-    flags.index_copy_(0, index, (~torch.isfinite(before[:, 1])).to(torch.float32))  # max |w|: NaN/Inf
-    others = [i for i in replicated if where[i] != rank]
-    if others:  # a replica this rank does not sweep: a NaN there would stay unseen otherwise
-        norms = torch.stack(
-            [torch.linalg.vector_norm(layers[i][1].weight.detach(), float("inf")) for i in others]
-        )
-        flags.index_copy_(
-            0, on_device(others, torch.int64, device), (~torch.isfinite(norms)).to(torch.float32)
-        )
+    flags.index_copy_(0, on_device(measured, torch.int64, device), (~torch.isfinite(stats_all[:, 1])).float())
     amax = torch.zeros(n, dtype=torch.float32, device=device)
     amax.index_copy_(0, index, torch.nan_to_num(before[:, 1], nan=0.0, posinf=0.0))
     row_index = on_device(rows, torch.int64, device)
     reduced = torch.cat([flags, amax.index_select(0, row_index)])
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
     bad = reduced[:n] > 0
-    sums = _checksums(layers, replicated, device)
-    dist.all_reduce(sums, op=dist.ReduceOp.MAX)
     rep_index = on_device(replicated, torch.int64, device)
+    position = {i: k for k, i in enumerate(measured)}
+    rep_stats = stats_all.index_select(0, on_device([position[i] for i in replicated], torch.int64, device))
+    prints = _fingerprints(layers, replicated, rep_stats, fused)
+    both = torch.cat([prints, -prints])  # one MAX: the largest and (negated) the smallest per value
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
     k = len(replicated)
-    diverged = (sums[:k] != -sums[k:]) & ~bad.index_select(0, rep_index)  # a NaN replica is "bad"
-    stop = diverged.any() | (
-        bad.any() if plan.on_nonfinite == "raise" else torch.zeros((), dtype=torch.bool, device=device)
+    half = prints.numel()
+    differ = (
+        (both[:half] != -both[half:]).reshape(k, -1).any(dim=1) if k else torch.zeros(0, dtype=torch.bool)
     )
+    diverged = differ.to(device) & ~bad.index_select(0, rep_index)  # a NaN replica is "bad" instead
+    stop = diverged.any()
+    if plan.on_nonfinite == "raise":
+        stop = stop | bad.any()
     live = ~bad & ~stop  # [L]: the layers whose scales change
     g_rows = torch.zeros(n, dtype=torch.float32, device=device).index_copy_(0, row_index, reduced[n:])
     is_rows = on_device([where[i] == _ROWS for i in mine], torch.bool, device)
@@ -180,14 +186,15 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
     out = sweep(tasks, torch.where(live_task, g_new, torch.nan), plan.method, plan.backend, fused)
 
     # Write: the global amax of what this rank swept; every rank takes a row-sharded layer's. Then
-    # exchange: row shards all-gathered, replicated layers broadcast by their owners (unchanged
-    # scales where nothing was written: the same on every rank).
+    # exchange: row shards all-gathered (with their FP8 bytes on the fused path), replicated layers
+    # broadcast by their owners (unchanged scales where nothing was written: the same everywhere).
     targets = [t.layer.global_amax for t in tasks] + [layers[i][1].global_amax for i in rows if i not in mine]
     values = torch.where(live_task, g_new, g_old.index_select(0, index)).unbind()
     extra = [torch.where(live[i], g_rows[i], g_old[i]) for i in rows if i not in mine]
     if targets:
         torch._foreach_copy_(targets, [*values, *extra])
-    _gather_rows(layers, rows, world)
+    codes = out.task_codes(tasks) if out.codes is not None else None
+    row_codes = _gather_rows(layers, rows, world, dict(zip(mine, codes, strict=True)) if codes else None)
     _broadcast_owned_scales(layers, where, rank, world)
 
     # The one host sync: what happened, and the sweeps' device times.
@@ -203,7 +210,14 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
             "so every rank must hold the same weights (as DDP keeps them); no scale was changed. "
             "Look for rank-dependent weight updates or a checkpoint loaded on some ranks only"
         )
-    install_kernel_states(tasks, out, [live_host[i] for i in mine])
+    if codes is not None:  # the fake-quant kernel's state of the new scales, where this rank has the bytes
+        pairs = [
+            (t.layer, c)
+            for t, i, c in zip(tasks, mine, codes, strict=True)
+            if t.rows is None and live_host[i]
+        ]
+        pairs += [(layers[i][1], c) for i, c in row_codes.items() if live_host[i]]
+        install_kernel_states(pairs)
 
     # stats[i] = the six LayerStats fields and the seconds: each rank writes what it knows and
     # leaves zeros elsewhere, so one SUM gives every rank every value exactly (x + 0 == x); a row
@@ -228,40 +242,67 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
     return LayerStats.from_tensor(table[:, :6].T), live_host, table[:, 6].tolist()
 
 
-def _checksums(layers: Layers, replicated: list[int], device: torch.device) -> torch.Tensor:
-    """int64 ``[2k]``: each replicated weight's bit-pattern sum, then the same negated (one MAX
-    all-reduce gives the largest and, negated, the smallest over the ranks; equal iff the ranks
-    agree). A rank whose weights drifted would otherwise silently get scales computed from another
-    rank's weights: each replicated layer is swept by one rank and its scales copied."""
+def _fingerprints(layers: Layers, replicated: list[int], stats: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Per replicated layer, values that equal on every rank exactly when (almost surely) the
+    replicas' bits do: a rank whose weights drifted would otherwise silently get scales computed from
+    another rank's weights (each replicated layer is swept by one rank and its scales copied).
+
+    Fused path: the stale statistics ``[sse, max |w|, sum w^2]`` (float64), which every rank has
+    just computed with the same kernel in the same order (bit-reproducible); no extra pass. Generic
+    path: the int64 sum of the weight's bit patterns (exact and order-independent: PyTorch's sums
+    of floats may group differently per process)."""
+    device = stats.device
     if not replicated:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    sums = torch.stack([_bit_sum(layers[i][1].weight).to(device) for i in replicated])
-    return torch.cat([sums, -sums])
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    if fused:
+        return stats.to(torch.float64).reshape(-1)
+    return torch.stack([_bit_sum(layers[i][1].weight).to(device) for i in replicated])
 
 
-def _gather_rows(layers: Layers, rows: list[int], world: int) -> None:
+def _gather_rows(
+    layers: Layers, rows: list[int], world: int, codes: dict[int, torch.Tensor] | None
+) -> dict[int, torch.Tensor]:
     """Every rank gets all block-scale rows of the row-sharded layers (each swept its own), in one
-    all-gather: each rank's rows of every layer, padded to the layer's chunk (``torch.chunk``)."""
+    all-gather: each rank's rows of every layer, padded to the layer's chunk (``torch.chunk``).
+    With ``codes`` (this rank's new FP8 bytes per layer), the bytes are gathered too (a second,
+    uint8 all-gather); returns each layer's full bytes then (else nothing)."""
     if not rows:
-        return
+        return {}
+    rank = dist.get_rank()
     mods = [layers[i][1] for i in rows]
     chunks = [-(-m.block_amax.shape[0] // world) for m in mods]  # rows per rank (the last may have fewer)
     sizes = [c * m.block_amax.shape[1] for c, m in zip(chunks, mods, strict=True)]
-    rank = dist.get_rank()
-    send = torch.zeros(sum(sizes), dtype=torch.float32, device=mods[0].block_amax.device)
+    parts = [m.block_amax[rank * c : (rank + 1) * c].reshape(-1) for m, c in zip(mods, chunks, strict=True)]
+    device = mods[0].block_amax.device
+    full = _all_gather_padded(parts, sizes, world, device)
+    for m, c, f in zip(mods, chunks, full, strict=True):
+        m.block_amax.copy_(f.reshape(world * c, -1)[: m.block_amax.shape[0]])
+    if codes is None:
+        return {}
+    empty = torch.zeros(0, dtype=torch.uint8, device=device)
+    full = _all_gather_padded([codes.get(i, empty) for i in rows], sizes, world, device)
+    return {i: f[: m.block_amax.numel()] for i, m, f in zip(rows, mods, full, strict=True)}
+
+
+def _all_gather_padded(
+    parts: list[torch.Tensor], sizes: list[int], world: int, device: torch.device
+) -> list[torch.Tensor]:
+    """One all-gather of this rank's ``parts`` (one dtype; each padded to ``sizes``): per part,
+    the ranks' pieces one after another, ``[world * size]``."""
+    dtype = parts[0].dtype
+    send = torch.zeros(sum(sizes), dtype=dtype, device=device)
     start = 0
-    for m, c, size in zip(mods, chunks, sizes, strict=True):
-        mine = m.block_amax[rank * c : (rank + 1) * c].reshape(-1)  # may be short or empty
-        send[start : start + mine.numel()].copy_(mine)
+    for part, size in zip(parts, sizes, strict=True):
+        send[start : start + part.numel()].copy_(part)
         start += size
-    got = torch.empty(world * sum(sizes), dtype=torch.float32, device=send.device)  # flat: gloo wants 1-D
+    got = torch.empty(world * sum(sizes), dtype=dtype, device=device)  # flat: gloo wants 1-D
     dist.all_gather_into_tensor(got, send)
     got = got.view(world, -1)
-    start = 0
-    for m, c, size in zip(mods, chunks, sizes, strict=True):
-        full = got[:, start : start + size].reshape(world * c, m.block_amax.shape[1])
-        m.block_amax.copy_(full[: m.block_amax.shape[0]])
+    out, start = [], 0
+    for size in sizes:
+        out.append(got[:, start : start + size].reshape(-1))
         start += size
+    return out
 
 
 def _broadcast_owned_scales(layers: Layers, where: list[int | str], rank: int, world: int) -> None:

@@ -84,6 +84,14 @@ class SweepOutput:
     clock: LayerClock  # one interval per task
     codes: torch.Tensor | None = None  # fused: every task's new bytes, concatenated
 
+    def task_codes(self, tasks: list[SweepTask]) -> list[torch.Tensor]:
+        """Each task's new FP8 bytes (views of :attr:`codes`; fused path only)."""
+        out, start = [], 0
+        for t in tasks:
+            out.append(self.codes[start : start + t.n_blocks])
+            start += t.n_blocks
+        return out
+
     @property
     def seconds(self) -> list[float]:
         """Each task's time (on a GPU: device time; reading it waits for the last sweep)."""
@@ -202,20 +210,17 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
     return SweepOutput(sse_after, changed, clock, codes)
 
 
-def install_kernel_states(tasks: list[SweepTask], out: SweepOutput, written: list[bool]) -> None:
-    """Fused path: give each fully swept, written layer the fake-quant kernel's state of its new
-    scales (the sweep's bytes, and decision tables for the new global scales in one batch).
+def install_kernel_states(pairs: list[tuple[NVFP4Linear, torch.Tensor]]) -> None:
+    """Fused path: give each ``(layer, bytes)`` the fake-quant kernel's state of its new scales: the
+    sweep's FP8 bytes of the whole ``block_amax`` and the decision table of the new global scale
+    (all tables in one batch), so that the next forward (or recalibration) need not prepare them.
 
-    Call after the layers' ``global_amax`` holds the new value."""
-    full = [i for i, (t, w) in enumerate(zip(tasks, written, strict=True)) if w and t.rows is None]
-    if out.codes is None or not full:
+    Call after the layers' ``global_amax`` holds the new value, for layers that were written."""
+    if not pairs:
         return
-    device = out.codes.device
-    g = torch.stack([tasks[i].layer.global_amax for i in full])
+    device = pairs[0][1].device
+    g = torch.stack([layer.global_amax for layer, _ in pairs])
     divisor = torch.full((), GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device)
-    tables = decision_table(g / divisor).reshape(len(full), -1)  # format.global_scale, batched
-    starts = [0]
-    for t in tasks:
-        starts.append(starts[-1] + t.n_blocks)
-    for row, i in enumerate(full):
-        tasks[i].layer.set_kernel_state(out.codes[starts[i] : starts[i + 1]], tables[row])
+    tables = decision_table(g / divisor).reshape(len(pairs), -1)  # format.global_scale, batched
+    for (layer, codes), table in zip(pairs, tables, strict=True):
+        layer.set_kernel_state(codes, table)

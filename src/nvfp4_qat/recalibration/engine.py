@@ -176,7 +176,8 @@ def _execute(
     apply_nonfinite_policy([n for (n, _), ok in zip(layers, finite_host, strict=True) if not ok],
                            plan.on_nonfinite)  # fmt: skip
     if fused:
-        install_kernel_states(tasks, out, live_host)
+        codes = out.task_codes(tasks)
+        install_kernel_states([(t.layer, c) for t, c, ok in zip(tasks, codes, live_host, strict=True) if ok])
     return (
         LayerStats(before[:, 0], out.sse_after, out.n_changed, before[:, 2], g_old, g_new),
         live_host,
