@@ -122,6 +122,18 @@ def _rank(rank: int, world: int, store_path: str, out_path: str, fused: bool) ->
         model = build("triton" if fused else "reference")
         report = recalibrate(model, backend="triton" if fused else "reference")
         result = {"report": report, "scales": scales(model)}
+        if fused:  # every rank holds the kernel state of the new scales, installed (owner's bytes), not stale
+            from nvfp4_qat.kernels.fake_quant import prepare
+
+            layers = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+            result["states"] = [
+                m._kernel_state_key is not None
+                and m._kernel_state_key[2] == (m.block_amax._version, m.global_amax._version)
+                and all(
+                    torch.equal(a, b) for a, b in zip(m._kernel_state, prepare(m.block_amax, m.global_amax))
+                )
+                for m in layers
+            ]
         # the checks: a weight changed on rank 1 only (diverged replicas), then a NaN on rank 1 only
         for case, spoil in (
             ("diverged", lambda w: w.mul_(1.0 + 2.0**-6)),
@@ -158,6 +170,7 @@ def test_two_gloo_ranks_agree_with_one_process(fused, tmp_path, monkeypatch):
             assert torch.equal(got["scales"][k], v), (rank, k)
         assert_same(got["report"], ref)
         assert (got["diverged"], got["nan"]) == ("RuntimeError", "ValueError"), rank
+        assert got.get("states", [True]) and all(got.get("states", [True])), (rank, got.get("states"))
         assert got["diverged_unchanged"] and got["nan_unchanged"], rank
     # the split is real: each rank swept a share (the seconds come from the owner)
     assert all(r.seconds > 0 for r in got["report"].layers)

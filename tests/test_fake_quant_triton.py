@@ -412,9 +412,14 @@ def test_cuda_each_config_and_edge_cases(config, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_module_uses_kernel_and_matches_torch_path(dtype, monkeypatch):
+    from nvfp4_qat.kernels import act_quant
+
     calls = []
-    launch = fq.fake_quant_prepared
-    monkeypatch.setattr(fq, "fake_quant_prepared", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    launch, act_launch = fq.fake_quant_prepared, act_quant.act_quant_prepared
+    monkeypatch.setattr(fq, "fake_quant_prepared", lambda *a, **k: calls.append("w") or launch(*a, **k))
+    monkeypatch.setattr(
+        act_quant, "act_quant_prepared", lambda *a, **k: calls.append("x") or act_launch(*a, **k)
+    )
     torch.manual_seed(0)
     cfg = QATConfig(quantize_activations=True, gradient="clipped_ste")
     a = NVFP4Linear(256, 512, device="cuda", dtype=dtype, config=cfg)
@@ -428,7 +433,7 @@ def test_cuda_module_uses_kernel_and_matches_torch_path(dtype, monkeypatch):
         out = layer(xi)
         out.float().square().sum().backward()
         outs.append((out, xi.grad, layer.weight.grad))
-    assert len(calls) == 2  # weight and input of layer a
+    assert sorted(calls) == ["w", "x"]  # layer a: the weight kernel and the input kernel (act_quant)
     for u, v in zip(*outs, strict=True):
         assert_bits_equal(u, v)
 

@@ -195,7 +195,9 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
         torch._foreach_copy_(targets, [*values, *extra])
     codes = out.task_codes(tasks) if out.codes is not None else None
     row_codes = _gather_rows(layers, rows, world, dict(zip(mine, codes, strict=True)) if codes else None)
-    _broadcast_owned_scales(layers, where, rank, world)
+    received = _broadcast_owned_scales(
+        layers, where, rank, world, dict(zip(mine, codes, strict=True)) if codes else None
+    )
 
     # The one host sync: what happened, and the sweeps' device times.
     seconds = out.seconds
@@ -216,7 +218,7 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
             for t, i, c in zip(tasks, mine, codes, strict=True)
             if t.rows is None and live_host[i]
         ]
-        pairs += [(layers[i][1], c) for i, c in row_codes.items() if live_host[i]]
+        pairs += [(layers[i][1], c) for i, c in (*row_codes.items(), *received.items()) if live_host[i]]
         install_kernel_states(pairs)
 
     # stats[i] = the six LayerStats fields and the seconds: each rank writes what it knows and
@@ -305,20 +307,39 @@ def _all_gather_padded(
     return out
 
 
-def _broadcast_owned_scales(layers: Layers, where: list[int | str], rank: int, world: int) -> None:
-    """Each rank broadcasts ``[global_amax, block_amax...]`` of the layers it owns, in one buffer."""
+def _broadcast_owned_scales(
+    layers: Layers, where: list[int | str], rank: int, world: int, codes: dict[int, torch.Tensor] | None
+) -> dict[int, torch.Tensor]:
+    """Each rank broadcasts ``[global_amax, block_amax...]`` of the layers it owns, in one buffer;
+    with ``codes`` (the owner's new FP8 bytes per layer, fused path) the bytes too, in a second
+    (uint8) one, and the received bytes are returned per layer: installed in the layers' kernel
+    caches, they spare every rank the preparation of the scales it did not sweep (at the next
+    forward, and at the next recalibration's statistics pass)."""
+    received: dict[int, torch.Tensor] = {}
     for src in range(world):
-        mods = [m for i, (_, m) in enumerate(layers) if where[i] == src]
-        if not mods:
+        owned = [i for i in range(len(layers)) if where[i] == src]
+        if not owned:
             continue
+        mods = [layers[i][1] for i in owned]
         sizes = [1 + m.block_amax.numel() for m in mods]
+        device = mods[0].block_amax.device
         if src == rank:
-            parts = [t for m in mods for t in (m.global_amax.reshape(1), m.block_amax.reshape(-1))]
-            flat = torch.cat(parts)
+            flat = torch.cat([t for m in mods for t in (m.global_amax.reshape(1), m.block_amax.reshape(-1))])
         else:
-            flat = torch.empty(sum(sizes), dtype=torch.float32, device=mods[0].block_amax.device)
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
         dist.broadcast(flat, src=src)
         if src != rank:
             parts = flat.split(sizes)
             torch._foreach_copy_([m.global_amax.reshape(1) for m in mods], [p[:1] for p in parts])
             torch._foreach_copy_([m.block_amax.view(-1) for m in mods], [p[1:] for p in parts])
+        if codes is None:
+            continue
+        n_blocks = [m.block_amax.numel() for m in mods]
+        if src == rank:
+            flat = torch.cat([codes[i] for i in owned])
+        else:
+            flat = torch.empty(sum(n_blocks), dtype=torch.uint8, device=device)
+        dist.broadcast(flat, src=src)
+        if src != rank:
+            received.update(zip(owned, flat.split(n_blocks), strict=True))
+    return received
