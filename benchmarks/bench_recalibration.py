@@ -3,7 +3,7 @@
 The model holds the 224 linear weights of Llama-3-8B (32 decoder layers of q 4096x4096, k/v
 1024x4096, o 4096x4096, gate/up 14336x4096, down 4096x14336; bf16), allocated on the device layer by
 layer and prepared with ``quantize_model`` (max init). Timed, each as the median of ``--repeats``
-runs after one warm-up (kernel compilation and autotuning), with the device synchronized around
+runs after one warm-up (kernel compilation or loading), with the device synchronized around
 each run:
 
 * the sweep kernels alone: ``launch_sweep(w, g)`` over the 224 weights, ``g`` precomputed, no

@@ -8,10 +8,11 @@ applied per block in ``configure_model``. It reports:
 1. after every recalibration: the scale buffers are identical on all ranks (rank 0's are broadcast
    and compared with ``torch.equal``), and equal a single-process sweep of the full weight
    (``full_weight()`` gathers FSDP2 shards, then ``nvfp4_scale_sweep``; ``torch.equal``);
-2. recalibration wall time (slowest rank) on 1 device vs N devices, for plain ``recalibrate`` on
-   every rank (replicated work; FSDP2 weights gathered) and for
-   ``nvfp4_qat.recalibrate`` (each rank sweeps a share: what the callback
-   runs under DDP and FSDP2), plus the times seen inside training;
+2. recalibration wall time (slowest rank) on 1 device vs N devices, for
+   ``recalibrate(model, distributed=False)`` on every rank (replicated work; FSDP2 weights gathered)
+   and for ``recalibrate_distributed`` (= ``recalibrate`` under a process group: each rank sweeps a
+   share, what the callback runs under DDP and FSDP2), plus the times seen inside training, and the
+   reliability checks (a NaN weight on one rank, diverged replicas: every rank raises);
 3. training throughput (tokens/s) without QAT, with QAT (callback calibrates at fit start only),
    and with QAT and a recalibration every ``--recal-every`` steps;
 4. resume: a run restored from its mid-run checkpoint (end of epoch 0) ends with the same scales,
@@ -148,7 +149,7 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
     out: dict = {"reps": args.reps}
     for layout in ("ddp", "fsdp2"):
         model = timing_model(args, device, layout == "fsdp2")
-        recalibrate(model, distributed=False)  # warm-up: kernel compilation and autotuning
+        recalibrate(model, distributed=False)  # warm-up: kernel compilation
         execution = recalibrate_distributed(model).execution  # e.g. distributed-fused
         replicated = _timed(lambda m=model: recalibrate(m, distributed=False), device, args.reps)
         expected = _scales(model)
@@ -261,7 +262,7 @@ def table(results: dict) -> tuple[list[tuple[str, str, str]], bool]:
             for layout in ("ddp", "fsdp2"):
                 x = r[layout]
                 add(
-                    f"{layout} layout, {n} devices: replicated (plain recalibrate on every rank)",
+                    f"{layout} layout, {n} devices: replicated (recalibrate(distributed=False) on every rank)",
                     _fmt_s(x["replicated_s"]),
                 )
                 add(

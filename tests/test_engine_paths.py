@@ -9,6 +9,8 @@ same fp32 block losses in different orders).
 
 import math
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -17,7 +19,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from nvfp4_qat import NVFP4Linear, QATConfig, quantize_model, recalibrate
-from nvfp4_qat.recalibration import LayerRecalibration, LayerStats, RecalibrationReport, resolve_plan
+from nvfp4_qat.recalibration import (
+    LayerRecalibration,
+    LayerStats,
+    RecalibrationReport,
+    _distributed,
+    layer_owners,
+    resolve_plan,
+)
 
 EXACT = ("name", "numel", "changed_fraction", "global_amax_before", "global_amax_after", "skipped")
 SUMS = ("sse_before", "sse_after", "energy", "mse_before", "mse_after")
@@ -112,16 +121,29 @@ def test_record_fields_name_the_measurements():
     )
 
 
-def _rank(rank: int, world: int, store_path: str, out_path: str, fused: bool) -> None:
+def _rank(rank: int, world: int, store_path: str, out_path: str, fused: bool, single: bool) -> None:
     if fused:
         os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", rank=rank, world_size=world, store=store)
+    # a rank left waiting in a collective fails after this instead of hanging the test
+    dist.init_process_group("gloo", rank=rank, world_size=world, store=store, timeout=timedelta(seconds=90))
+    backend = "triton" if fused else "reference"
     try:
-        model = build("triton" if fused else "reference")
-        report = recalibrate(model, backend="triton" if fused else "reference")
-        result = {"report": report, "scales": scales(model)}
+        if single:  # one layer for two ranks: rank 1 sweeps nothing but takes part in every exchange
+            model = build(backend)[2:]
+            result = {"report": recalibrate(model, backend=backend), "scales": scales(model)}
+            torch.save(result, f"{out_path}.{rank}")
+            return
+        swept = []
+        real = _distributed.sweep
+        _distributed.sweep = lambda tasks, *a: (
+            swept.append([tuple(t.weight.shape) for t in tasks]) or real(tasks, *a)
+        )
+        model = build(backend)
+        report = recalibrate(model, backend=backend)
+        _distributed.sweep = real
+        result = {"report": report, "scales": scales(model), "swept": swept[0]}
         if fused:  # every rank holds the kernel state of the new scales, installed (owner's bytes), not stale
             from nvfp4_qat.kernels.fake_quant import prepare
 
@@ -130,22 +152,27 @@ def _rank(rank: int, world: int, store_path: str, out_path: str, fused: bool) ->
                 m._kernel_state_key is not None
                 and m._kernel_state_key[2] == (m.block_amax._version, m.global_amax._version)
                 and all(
-                    torch.equal(a, b) for a, b in zip(m._kernel_state, prepare(m.block_amax, m.global_amax))
+                    torch.equal(a, b)
+                    for a, b in zip(m._kernel_state, prepare(m.block_amax, m.global_amax), strict=True)
                 )
                 for m in layers
             ]
-        # the checks: a weight changed on rank 1 only (diverged replicas), then a NaN on rank 1 only
-        for case, spoil in (
-            ("diverged", lambda w: w.mul_(1.0 + 2.0**-6)),
-            ("nan", lambda w: w.fill_(float("nan"))),
+        # The checks, on rank 1 only: layer 0 is swept by rank 0, layer 2 by rank 1 (layer_owners).
+        # "diverged": rank 1's weights and scales of layer 0 differ (a checkpoint loaded on one rank);
+        # every rank must raise and keep its own scales. "nan": a NaN in a replica rank 1 does not
+        # sweep, and in one it does.
+        for case, layer, spoil in (
+            ("diverged", 0, lambda m: (m.weight[0, :16].mul_(1.0 + 2.0**-6), m.block_amax.mul_(2.0))),
+            ("nan", 0, lambda m: m.weight[0, :16].fill_(float("nan"))),
+            ("nan_owned", 2, lambda m: m.weight[0, :16].fill_(float("nan"))),
         ):
-            spoilt, before = build("triton" if fused else "reference"), None
-            before = scales(spoilt)
+            spoilt = build(backend)
             if rank == 1:
                 with torch.no_grad():
-                    spoil(spoilt[2].weight[0, :16])  # a layer rank 0 sweeps or rank 1 sweeps alike
+                    spoil(spoilt[layer])
+            before = scales(spoilt)
             try:
-                recalibrate(spoilt, backend="triton" if fused else "reference")
+                recalibrate(spoilt, backend=backend)
                 result[case] = "returned"
             except (ValueError, RuntimeError) as err:
                 result[case] = type(err).__name__
@@ -155,25 +182,55 @@ def _rank(rank: int, world: int, store_path: str, out_path: str, fused: bool) ->
         dist.destroy_process_group()
 
 
+def _spawn(tmp_path, fused: bool, single: bool) -> list[dict]:
+    out = str(tmp_path / "result")
+    ctx = mp.spawn(_rank, args=(2, str(tmp_path / "store"), out, fused, single), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the 2 ranks did not finish: a collective hangs")
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
 def test_two_gloo_ranks_agree_with_one_process(fused, tmp_path, monkeypatch):
     """The sweep split across 2 processes (each layer swept by one rank, its scales broadcast) gives
-    every rank the one-process scales, bit for bit, and the same report."""
+    every rank the one-process scales, bit for bit, and the same report; the checks raise on every
+    rank and change nothing."""
     ref, ref_scales = run_path("generic-reference", monkeypatch)
-    out = str(tmp_path / "result")
-    mp.spawn(_rank, args=(2, str(tmp_path / "store"), out, fused), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(f"{out}.{rank}", weights_only=False)
+    results = _spawn(tmp_path, fused, single=False)
+    owners = layer_owners([48 * 80, 80 * 32, 32 * 16], 2)
+    assert owners == [0, 1, 1]
+    shapes = [(80, 48), (32, 80), (16, 32)]
+    for rank, got in enumerate(results):
         assert got["report"].execution == ("distributed-fused" if fused else "distributed-generic")
+        assert got["swept"] == [s for s, o in zip(shapes, owners, strict=True) if o == rank], (
+            rank
+        )  # the split
         for k, v in ref_scales.items():
             assert torch.equal(got["scales"][k], v), (rank, k)
         assert_same(got["report"], ref)
-        assert (got["diverged"], got["nan"]) == ("RuntimeError", "ValueError"), rank
-        assert got.get("states", [True]) and all(got.get("states", [True])), (rank, got.get("states"))
-        assert got["diverged_unchanged"] and got["nan_unchanged"], rank
-    # the split is real: each rank swept a share (the seconds come from the owner)
-    assert all(r.seconds > 0 for r in got["report"].layers)
+        assert (got["diverged"], got["nan"], got["nan_owned"]) == ("RuntimeError", "ValueError", "ValueError")
+        assert got["diverged_unchanged"] and got["nan_unchanged"] and got["nan_owned_unchanged"], rank
+        if fused:
+            assert got["states"] == [True, True, True], rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
+def test_a_rank_with_nothing_to_sweep_still_exchanges(fused, tmp_path, monkeypatch):
+    """One layer, two ranks: the rank that owns nothing joins every collective (no hang) and ends
+    with the owner's scales."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ref_model = build("reference")[2:]
+    ref = recalibrate(ref_model, backend="reference")
+    for got in _spawn(tmp_path, fused, single=True):
+        for k, v in scales(ref_model).items():
+            assert torch.equal(got["scales"][k], v), k
+        assert_same(got["report"], ref)
 
 
 def test_nvfp4_layer_config_carries_the_fake_quant_backend():

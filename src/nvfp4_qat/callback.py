@@ -496,7 +496,8 @@ class NVFP4Recalibration(Callback):
     def _metrics(self, report: RecalibrationReport, seconds: float) -> dict[str, float]:
         # The report's totals are the same on every rank (the distributed recalibration reduced
         # them): no cross-rank reduction here.
-        mse_before, mse_after = report.mse_before, report.mse_after
+        # 0, not NaN, when every layer was skipped (what the torchmetrics metrics give for no elements)
+        mse_before, mse_after = (report.mse_before, report.mse_after) if report.numel else (0.0, 0.0)
         return {
             "mse_before": mse_before,
             "mse_after": mse_after,

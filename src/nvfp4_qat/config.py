@@ -67,7 +67,8 @@ class QATConfig:
             ``"reference"``).
         method: sweep method (``"pruned"`` or ``"exhaustive"``; same result, different speed).
         fake_quant_backend: the forward's fake-quant, same vocabulary as ``backend``: ``"auto"``
-            (the fused Triton kernel where Triton runs, i.e. on CUDA, else PyTorch), ``"triton"``
+            (the fused Triton kernel where Triton runs: on CUDA, and on the CPU when ``TRITON_INTERPRET=1``
+            asks for Triton's slow interpreter; else PyTorch), ``"triton"``
             or ``"reference"`` (PyTorch). Every choice gives the same bits; it decides speed, and
             whether :func:`~nvfp4_qat.recalibrate` can take its fused GPU path (the report's
             ``execution`` says which ran).

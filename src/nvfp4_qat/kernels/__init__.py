@@ -7,3 +7,14 @@ each module loads when its backend is first used.
   ``nvfp4_scale_sweep(backend="triton")`` and recalibration;
 * :mod:`._interpret`: interpreted copies of the kernels for CPU tensors under ``TRITON_INTERPRET=1``.
 """
+
+__all__ = ["sweep_triton"]
+
+
+def __getattr__(name: str):
+    # ``nvfp4_qat.kernels.sweep_triton`` keeps working without importing Triton with the package.
+    if name == "sweep_triton":
+        from nvfp4_qat.kernels.sweep import sweep_triton
+
+        return sweep_triton
+    raise AttributeError(f"module 'nvfp4_qat.kernels' has no attribute {name!r}")

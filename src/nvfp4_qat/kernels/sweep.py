@@ -1,7 +1,7 @@
 """Launcher of the Triton NVFP4 scale-sweep kernels (see ``_sweep_kernels`` for the math).
 
-``sweep_triton`` is what :func:`nvfp4_qat.nvfp4_scale_sweep` calls for ``backend="triton"``, after
-its shared validation; recalibration calls :func:`launch_sweep` with its statistics and buffers. The
+``sweep_triton`` is the validated launcher for direct use; :func:`nvfp4_qat.nvfp4_scale_sweep` (after
+its own validation) and recalibration (with its statistics and buffers) call :func:`launch_sweep`. The
 result is bit-identical to the reference sweep for both methods.
 """
 

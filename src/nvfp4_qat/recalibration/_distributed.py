@@ -75,6 +75,8 @@ def _row_sharded(w: torch.Tensor, world: int) -> bool:
         and w.device_mesh.ndim == 1
         and w.device_mesh.size() == world
         and tuple(w.placements) == (Shard(0),)
+        # the rows are exchanged over the default group: mesh position i must be global rank i
+        and w.device_mesh.mesh.flatten().tolist() == list(range(world))
     )
 
 
@@ -109,7 +111,8 @@ def _bit_sum(w: torch.Tensor) -> torch.Tensor:
 def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], list[float]]:
     """The plain sweep of ``plan.layers`` split across the ranks; every rank ends with every scale.
 
-    Everything is queued without a host sync until the scales are exchanged: the checks decide on
+    On the fused path everything is queued without a host sync until the scales are exchanged (the
+    generic path reads the live flags before its per-layer sweeps): the checks decide on
     the device (a global amax of NaN makes the sweep kernels skip a layer, and any stop makes them
     skip all), and the host reads the outcome once, at the end. A sync after the checks left the
     GPUs idle while the host launched the sweeps.
@@ -193,11 +196,11 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
     extra = [torch.where(live[i], g_rows[i], g_old[i]) for i in rows if i not in mine]
     if targets:
         torch._foreach_copy_(targets, [*values, *extra])
-    codes = out.task_codes(tasks) if out.codes is not None else None
-    row_codes = _gather_rows(layers, rows, world, dict(zip(mine, codes, strict=True)) if codes else None)
-    received = _broadcast_owned_scales(
-        layers, where, rank, world, dict(zip(mine, codes, strict=True)) if codes else None
-    )
+    # Whether the bytes travel is the plan's decision, the same on every rank (a rank with nothing
+    # to sweep has no bytes, but must still take part in the collectives).
+    codes = dict(zip(mine, out.task_codes(tasks), strict=True)) if fused else None
+    row_codes = _gather_rows(layers, rows, world, live, codes)
+    received = _broadcast_owned_scales(layers, where, rank, world, live, codes)
 
     # The one host sync: what happened, and the sweeps' device times.
     seconds = out.seconds
@@ -214,9 +217,7 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
         )
     if codes is not None:  # the fake-quant kernel's state of the new scales, where this rank has the bytes
         pairs = [
-            (t.layer, c)
-            for t, i, c in zip(tasks, mine, codes, strict=True)
-            if t.rows is None and live_host[i]
+            (t.layer, codes[i]) for t, i in zip(tasks, mine, strict=True) if t.rows is None and live_host[i]
         ]
         pairs += [(layers[i][1], c) for i, c in (*row_codes.items(), *received.items()) if live_host[i]]
         install_kernel_states(pairs)
@@ -249,20 +250,22 @@ def _fingerprints(layers: Layers, replicated: list[int], stats: torch.Tensor, fu
     replicas' bits do: a rank whose weights drifted would otherwise silently get scales computed from
     another rank's weights (each replicated layer is swept by one rank and its scales copied).
 
-    Fused path: the stale statistics ``[sse, max |w|, sum w^2]`` (float64), which every rank has
-    just computed with the same kernel in the same order (bit-reproducible); no extra pass. Generic
-    path: the int64 sum of the weight's bit patterns (exact and order-independent: PyTorch's sums
-    of floats may group differently per process)."""
+    Fused path: the bit patterns of ``max |w|`` and ``sum w^2`` from the stale statistics, which
+    every rank has just computed with the same kernel in the same order (bit-reproducible); no extra
+    pass. Only weight values count (not the error at the current scales, which a NaN scale would
+    make NaN on every rank), and a pure sign flip of weights goes unseen. Generic path: the int64
+    sum of the weight's bit patterns (exact and order-independent: PyTorch's sums of floats may
+    group differently per process)."""
     device = stats.device
     if not replicated:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    if fused:
-        return stats.to(torch.float64).reshape(-1)
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    if fused:  # (k, 2) fp32 -> their int32 bits, widened for the reduction
+        return stats[:, 1:3].contiguous().view(torch.int32).to(torch.int64).reshape(-1)
     return torch.stack([_bit_sum(layers[i][1].weight).to(device) for i in replicated])
 
 
 def _gather_rows(
-    layers: Layers, rows: list[int], world: int, codes: dict[int, torch.Tensor] | None
+    layers: Layers, rows: list[int], world: int, live: torch.Tensor, codes: dict[int, torch.Tensor] | None
 ) -> dict[int, torch.Tensor]:
     """Every rank gets all block-scale rows of the row-sharded layers (each swept its own), in one
     all-gather: each rank's rows of every layer, padded to the layer's chunk (``torch.chunk``).
@@ -277,8 +280,9 @@ def _gather_rows(
     parts = [m.block_amax[rank * c : (rank + 1) * c].reshape(-1) for m, c in zip(mods, chunks, strict=True)]
     device = mods[0].block_amax.device
     full = _all_gather_padded(parts, sizes, world, device)
-    for m, c, f in zip(mods, chunks, full, strict=True):
-        m.block_amax.copy_(f.reshape(world * c, -1)[: m.block_amax.shape[0]])
+    for i, m, c, f in zip(rows, mods, chunks, full, strict=True):
+        gathered = f.reshape(world * c, -1)[: m.block_amax.shape[0]]
+        m.block_amax.copy_(torch.where(live[i], gathered, m.block_amax))  # a stopped layer keeps its own
     if codes is None:
         return {}
     empty = torch.zeros(0, dtype=torch.uint8, device=device)
@@ -308,7 +312,12 @@ def _all_gather_padded(
 
 
 def _broadcast_owned_scales(
-    layers: Layers, where: list[int | str], rank: int, world: int, codes: dict[int, torch.Tensor] | None
+    layers: Layers,
+    where: list[int | str],
+    rank: int,
+    world: int,
+    live: torch.Tensor,
+    codes: dict[int, torch.Tensor] | None,
 ) -> dict[int, torch.Tensor]:
     """Each rank broadcasts ``[global_amax, block_amax...]`` of the layers it owns, in one buffer;
     with ``codes`` (the owner's new FP8 bytes per layer, fused path) the bytes too, in a second
@@ -330,8 +339,23 @@ def _broadcast_owned_scales(
         dist.broadcast(flat, src=src)
         if src != rank:
             parts = flat.split(sizes)
-            torch._foreach_copy_([m.global_amax.reshape(1) for m in mods], [p[:1] for p in parts])
-            torch._foreach_copy_([m.block_amax.view(-1) for m in mods], [p[1:] for p in parts])
+            # A layer that was not written (skipped, or everything stopped) keeps its own scales:
+            # "no scale was changed" must hold on every rank, whatever the owner holds.
+            ok = live.index_select(0, on_device(owned, torch.int64, device)).unbind()
+            torch._foreach_copy_(
+                [m.global_amax.reshape(1) for m in mods],
+                [
+                    torch.where(k, p[:1], m.global_amax.reshape(1))
+                    for k, p, m in zip(ok, parts, mods, strict=True)
+                ],
+            )
+            torch._foreach_copy_(
+                [m.block_amax.view(-1) for m in mods],
+                [
+                    torch.where(k, p[1:], m.block_amax.view(-1))
+                    for k, p, m in zip(ok, parts, mods, strict=True)
+                ],
+            )
         if codes is None:
             continue
         n_blocks = [m.block_amax.numel() for m in mods]
