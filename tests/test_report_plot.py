@@ -54,3 +54,25 @@ def test_single_qat_run_keeps_two_panels():
     result.stages = [result.stages[0], result.stages[-1]]
     result.comparison = []
     assert len(build_figure(result).axes) == 2
+
+
+def test_summary_names_a_slow_first_recalibration():
+    """Issue 17 item 4: a first recalibration that compiled the kernels is said in the summary."""
+    from nvfp4_qat.lm.report import format_summary
+
+    def run(seconds, device):
+        qat = _stage("qat", [1.9, 1.88])
+        qat.device = device
+        qat.recalibrations = [
+            {"step": 10 * i, "seconds": t, "mse_before": 2e-5, "mse_after": 1e-5, "changed_fraction": 0.1}
+            for i, t in enumerate(seconds)
+        ]
+        return format_summary(RunResult(stages=[qat], model="GPT"))
+
+    text = run([9.2, 0.04, 0.05, 0.04], "cuda:0")
+    line = next(ln for ln in text.splitlines() if "first one" in ln)
+    assert "9.20 s (the others 0.04 s each, median)" in line and "Triton kernels" in line
+    assert "first one" not in run([0.8, 0.04], "cuda:0")  # under a second: nothing to say
+    assert "first one" not in run([1.5, 1.2, 1.1], "cpu")  # not slower than the others
+    cpu = next(ln for ln in run([3.0], "cpu").splitlines() if "first one" in ln)
+    assert "3.00 s" in cpu and "Triton" not in cpu

@@ -66,6 +66,27 @@ def output_files(out_dir: Path, export_path: str | None = None) -> list[tuple[st
     return rows
 
 
+#: A first recalibration slower than this (and than twice the later ones) is worth a line: on a GPU
+#: it compiled or loaded the Triton kernels (BENCHMARKS.md, session 5: under 1 s from a warm cache).
+FIRST_CALL_NOTE_S = 1.0
+
+
+def _first_recalibration(recal: list[dict], device: str) -> str | None:
+    """A line when the first recalibration took noticeably longer than the others, else ``None``."""
+    first = recal[0]["seconds"]
+    rest = sorted(r["seconds"] for r in recal[1:])
+    typical = rest[len(rest) // 2] if rest else None
+    if first <= FIRST_CALL_NOTE_S or (typical is not None and first <= 2 * typical):
+        return None
+    line = f"{first:.2f} s" + (f" (the others {typical:.2f} s each, median)" if typical is not None else "")
+    if device.startswith("cuda"):
+        line += (
+            "; it compiled or loaded the Triton kernels (first use in this process: under 1 s "
+            "from a warm Triton cache, several seconds when they compile)"
+        )
+    return line
+
+
 def format_summary(
     result: RunResult, plot_path: Path | None = None, files: list[tuple[str, str]] | None = None
 ) -> str:
@@ -90,6 +111,9 @@ def format_summary(
                 f"{100 * last['changed_fraction']:.1f}% of block scales moved",
             )
         )
+        first_row = _first_recalibration(recal, qat.device)
+        if first_row:
+            rows.append(("first one", first_row))
         spent = sum(r["seconds"] for r in recal)
         share = 100 * spent / qat.seconds if qat.seconds > 0 else float("nan")
         rows.append(
