@@ -56,7 +56,6 @@ __all__ = [
     "fake_quant_prepared",
     "fake_quant_stats_triton",
     "fake_quant_triton",
-    "on_device",
     "prepare",
     "segment_totals",
     "stats_partials",

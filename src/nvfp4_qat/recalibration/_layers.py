@@ -96,12 +96,6 @@ class LayerClock:
         self._marks: list = []
         self.mark()
 
-    @classmethod
-    def for_layers(cls, layers: Layers) -> LayerClock:
-        """A clock on the GPU that holds every layer's scales; else on the CPU (wall time)."""
-        devices = {m.block_amax.device for _, m in layers}
-        return cls(devices.pop() if len(devices) == 1 else torch.device("cpu"))
-
     def mark(self) -> None:
         if self._device is None:
             self._marks.append(time.perf_counter())
