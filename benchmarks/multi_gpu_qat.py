@@ -167,11 +167,15 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
             "split_equals_replicated": bool(flag),
             "execution": execution,
         }
+        if args.profile:
+            _profile(args.profile, f"{layout}_split", lambda m=model: recalibrate_distributed(m), device)
         out[layout]["reliability"] = _reliability(model)
         if layout == "ddp":  # the same full model, swept by rank 0 alone: the 1-device time
             out["one_device_s"] = _timed(
                 lambda m=model: recalibrate(m, distributed=False), device, args.reps, ranks="zero"
             )
+            if args.profile and dist.get_rank() == 0:
+                _profile(args.profile, "one_device", lambda m=model: recalibrate(m, distributed=False), device)
         del model
         gc.collect()
     out["n_weights_swept"] = sum(
@@ -179,6 +183,28 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
         if isinstance(m, nvfp4_qat.NVFP4Linear)
     )  # fmt: skip
     return out
+
+
+def _profile(directory: str, name: str, fn, device: torch.device) -> None:
+    """One call of ``fn`` under ``torch.profiler``; rank 0 writes the op table (by self CPU time and
+    by device time) to ``directory/profile_<name>.txt``: where a recalibration's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = time.perf_counter() - start
+    if dist.get_rank() == 0:
+        table = prof.key_averages()
+        text = [f"{name}: wall {wall * 1e3:.3f} ms (under the profiler)"]
+        text.append(table.table(sort_by="self_cpu_time_total", row_limit=30))
+        if device.type == "cuda":
+            text.append(table.table(sort_by="self_device_time_total", row_limit=20))
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / f"profile_{name}.txt").write_text("\n".join(text))
 
 
 def _reliability(model: torch.nn.Module) -> dict:
@@ -309,6 +335,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--profile", metavar="DIR",
+                   help="timing part: also profile one 1-device and one split recalibration (torch.profiler, "
+                   "rank 0) and write the op tables to DIR")  # fmt: skip
     args = p.parse_args(argv)
     args.accelerator = args.accelerator or ("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("tiny" if args.tiny else "1b")
