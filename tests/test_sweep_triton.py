@@ -272,6 +272,7 @@ def check_stats_outputs(x, g, method, **kw) -> None:
     out, _, (codes, part) = launch_sweep(x, g, method, stats=True, buffers={"old": old}, **kw)
     assert_same_blocks(out, sweep_reference(x, g))
     assert torch.equal(codes, block_code_bytes(out, global_scale(g)))
+    assert torch.equal(part[2].max(), x.abs().max().float())  # max |x|, what the public call checks
     old[: n // 2] = codes[: n // 2]  # half the blocks unchanged
     out, _, (codes, part) = launch_sweep(x, g, method, stats=True, buffers={"old": old}, **kw)
     assert int(part[1].sum()) == int((codes != old).sum()) > 0
@@ -388,12 +389,56 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
         sweep_triton(x, amax(x))
 
 
+@pytest.mark.parametrize("method", ["pruned", "exhaustive"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_interpreter_partials_flag_non_finite_x(interpret, method, bad):
+    """Row 2 of the partials is +inf in the tiles that hold NaN/Inf (and max |x| elsewhere), with a
+    tile larger than the smallest (columns past the programs stay 0); the public call raises."""
+    x = random_weight((64, 64), torch.float32, 3)
+    x[37, 5] = bad
+    cfg = K.PRUNED_CONFIGS[-1] if method == "pruned" else K.EXHAUSTIVE_CONFIGS[-1]
+    _, _, (_, part) = launch_sweep(x, torch.ones(1), method, config=cfg)
+    tiles = -(-x.numel() // 16 // cfg.kwargs["BLOCK_B"])
+    want = x.reshape(-1, cfg.kwargs["BLOCK_B"] * 16).abs().nan_to_num(nan=float("inf"), posinf=float("inf")).amax(dim=1)
+    assert torch.equal(part[2, :tiles], want)
+    assert torch.equal(part[2, tiles:], torch.zeros(part.shape[1] - tiles))
+    with pytest.raises(ValueError, match="x must be finite, but 1 of 4096"):
+        nvfp4_scale_sweep(x, 1.0, backend="triton", method=method)
+
+
+@pytest.mark.parametrize("g", [float("nan"), -1.0, 0.0, 1e12])
+def test_interpreter_public_call_refuses_bad_global_amax(interpret, g):
+    """The checks that follow the launch: a NaN, negative, zero or far too large global amax."""
+    x = random_weight((8, 64), torch.float32, 4)
+    match = "finite and >= 0" if g != g or g < 0 else "every block would quantize to 0"
+    with pytest.raises(ValueError, match=match):
+        nvfp4_scale_sweep(x, torch.tensor(g), backend="triton")
+    # Near the bound (u = max|x| / s2 at 2**-11, decided in fp32 on the host after the launch) the
+    # Triton path decides as the reference path does (on the device, before its sweep).
+    def refused(backend: str, g: float) -> bool:
+        try:
+            nvfp4_scale_sweep(x, g, backend=backend)
+        except ValueError as e:
+            assert "every block would quantize to 0" in str(e)
+            return True
+        return False
+
+    edge = float(x.abs().max()) * 2688 * 2**11
+    decisions = []
+    for factor in (0.99, 1 - 2e-7, 1 - 6e-8, 1.0, 1 + 6e-8, 1 + 2e-7, 1.01):
+        decisions.append(refused("triton", edge * factor))
+        assert decisions[-1] == refused("reference", edge * factor), factor
+    assert decisions[0] is False and decisions[-1] is True
+
+
 def test_auto_dispatch(monkeypatch):
     calls = []
 
     def fake(x, g, method):
         calls.append(method)
-        return sweep_reference(x, g), None, None
+        part = torch.zeros(3, 1)
+        part[2] = x.abs().max()  # the row the public call validates x from
+        return sweep_reference(x, g), None, (None, part)
 
     monkeypatch.setattr("nvfp4_qat.kernels.sweep.launch_sweep", fake)
     x = random_weight((4, 16), torch.float32, 0)

@@ -197,7 +197,7 @@ def _sweep_exhaustive_kernel(
     out_ptr,  # [n_blocks] fp32, block amax
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
     old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
-    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts
+    part_ptr,  # [3, part_stride] fp32, per-program loss sums, changed counts and max |x|
     part_stride,
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
@@ -209,6 +209,7 @@ def _sweep_exhaustive_kernel(
     best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False)
+    _store_amax(part_ptr, part_stride, tl.program_id(0), absw)
 
 
 @triton.jit
@@ -220,7 +221,7 @@ def _sweep_pruned_kernel(
     out_ptr,  # [n_blocks] fp32, block amax (flagged blocks are left to the second pass)
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
     old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
-    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts
+    part_ptr,  # [3, part_stride] fp32, per-program loss sums, changed counts and max |x|
     part_stride,
     work_ptr,  # [n_blocks] int32, indices of flagged blocks
     count_ptr,  # [1] int32, number of flagged blocks (zeroed by the caller)
@@ -285,6 +286,7 @@ def _sweep_pruned_kernel(
     tl.store(out_ptr + rows, amax, mask=mask & ~flag)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows,
                      tl.reshape(best_idx, [BLOCK_B]), tl.reshape(best_loss, [BLOCK_B]), mask & ~flag, False)  # fmt: skip
+    _store_amax(part_ptr, part_stride, tl.program_id(0), absw)
     # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
     slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag)
     tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag & (slot < n_blocks))
@@ -312,6 +314,15 @@ def _store_stats(
 
 
 @triton.jit
+def _store_amax(part_ptr, part_stride, slot, absw):
+    # Row 2 of the partials: the tile's max |x|, +inf if it holds NaN or Inf (masked rows were
+    # loaded as 0). The public sweep validates its input from these, after the launch: no pass
+    # over x, and nothing read back, before it.
+    clean = tl.where(absw < float("inf"), absw, float("inf"))  # NaN -> inf (a max would drop it)
+    tl.store(part_ptr + 2 * part_stride + slot, tl.reduce(tl.reduce(clean, 1, _MAX), 0, _MAX))
+
+
+@triton.jit
 def _sweep_listed(
     x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, old_ptr, part_ptr, part_stride, acc_slot,
     work_ptr, tile, count, NUM_CANDIDATES, BLOCK_B, LANES
@@ -335,7 +346,7 @@ def _sweep_worklist_kernel(
     out_ptr,  # [n_blocks] fp32, block amax
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
     old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
-    part_ptr,  # [2, part_stride] fp32, per-program loss sums and changed counts
+    part_ptr,  # [3, part_stride] fp32, per-program sums (rows 0 and 1 here)
     part_stride,
     acc_slot,  # slot of part_ptr that the listed blocks' sums are added to
     work_ptr,  # [n_blocks] int32, block indices to sweep exhaustively

@@ -25,6 +25,8 @@ N_BELOW = 3
 #: of that weight's blocks is left to the second pass (18,011 without); both passes 0.46 -> 0.40 ms.
 N_EXTRA = 2
 _INT32_MAX = 2**31 - 1
+#: Rows of the partials buffer: loss sums, changed-byte counts, max |x| (see ``launch_sweep``).
+STATS_ROWS = 3
 #: Tile of the first pass under Triton's CPU interpreter (see ``_launch``).
 INTERPRETER_CONFIG = triton.Config({"BLOCK_B": 1024}, num_warps=4)
 
@@ -123,7 +125,7 @@ def launch_sweep(
     n_extra: int = N_EXTRA,
     stats: bool = False,
     buffers: dict[str, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
     """Launch the kernels on validated input; also return the pruned pass's flagged-block count.
 
     Args:
@@ -136,19 +138,21 @@ def launch_sweep(
         config: pin a tile config (default: ``DEFAULT_CONFIGS``; tests cover every tile size).
         n_below, n_extra: the pruned window's depth below ``k0`` (tests shrink it to force the
             bound and the second pass; any value gives the same result).
-        stats: also return each block's FP8 byte (uint8) and partial sums from which the total
-            loss (the reference's scores of the winning codes) and the number of blocks whose byte
-            differs from ``buffers["old"]`` (required) are one ``sum`` each.
+        stats: count changed bytes against ``buffers["old"]`` (required; without it the row of
+            counts is meaningless).
         buffers: preallocated inputs, outputs and scratch on x's device: ``old`` (uint8
             ``[n_blocks]``, the previous scales' bytes), any of ``out`` (fp32 ``[n_blocks]``, e.g. a
-            layer's ``block_amax`` viewed flat), ``codes``, ``partials`` (fp32 ``[2, >=
+            layer's ``block_amax`` viewed flat), ``codes``, ``partials`` (fp32 ``[3, >=
             stats_slots(n_blocks)]``, zeroed), ``count`` (int32 ``[1]``, zeroed) and ``work`` (int32,
             ``>= n_blocks``; may be shared by launches on one stream).
 
     Returns:
         ``(block_amax [n_blocks] fp32, n_flagged [1] int32 or None for "exhaustive",
-        (codes, partials) or None)``: ``partials[0].sum()`` is the loss, ``partials[1].sum()`` the
-        number of changed bytes.
+        (codes, partials))``: each block's FP8 byte (uint8), and per-program partial rows:
+        ``partials[0].sum()`` is the loss (the reference's scores of the winning codes),
+        ``partials[1].sum()`` the number of bytes that differ from ``old`` (with ``stats``), and
+        ``partials[2].max()`` is ``max |x|``, or +inf if ``x`` holds NaN or Inf (the public
+        sweep's input check; 0 when the global amax is NaN or Inf, for which nothing is read).
     """
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
     n_blocks = flat.numel() // BLOCK_SIZE
@@ -157,25 +161,18 @@ def launch_sweep(
     buf = buffers or {}
     out = buf.get("out")
     out = torch.empty(n_blocks, dtype=torch.float32, device=x.device) if out is None else out
-    if stats:
-        codes = buf.get("codes")
-        codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device) if codes is None else codes
-        old = buf["old"]
-        part = buf.get("partials")
-        part = (
-            torch.zeros(2, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
-            if part is None
-            else part
-        )
-    else:
-        # The kernels always write the statistics (one compiled kernel serves both callers: a second
-        # variant cost ~15 s of compiling and autotuning in a recipe run); here they go to scratch.
-        codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device)
-        old = codes
-        part = torch.empty(2, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
+    # The kernels always write the statistics (one compiled kernel serves every caller: a second
+    # variant cost ~15 s of compiling and autotuning in a recipe run).
+    codes = buf.get("codes")
+    codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device) if codes is None else codes
+    old = buf["old"] if stats else codes  # read after the code is stored: 0 changed
+    part = buf.get("partials")
+    if part is None:  # zeroed: the work list adds to the last column, and a tile larger than the
+        # smallest leaves the columns past its programs unwritten
+        part = torch.zeros(STATS_ROWS, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
     stride, acc_slot = part.stride(0), part.shape[1] - 1
     tables = (flat, values, cands, g, out, codes, old, part, stride)  # the arguments every kernel starts with
-    extra = (codes, part) if stats else None
+    extra = (codes, part)
     n_cand = values.numel()
     on_cuda = x.device.type == "cuda"
     with torch.cuda.device(x.device) if on_cuda else contextlib.nullcontext():

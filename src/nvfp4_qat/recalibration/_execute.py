@@ -182,13 +182,13 @@ def _sweep_one(
 
 def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepOutput:
     from nvfp4_qat.kernels import fake_quant as fq
-    from nvfp4_qat.kernels.sweep import launch_sweep, stats_slots
+    from nvfp4_qat.kernels.sweep import STATS_ROWS, launch_sweep, stats_slots
 
     device = g.device
     n_blocks = [t.n_blocks for t in tasks]
     codes = torch.empty(sum(n_blocks), dtype=torch.uint8, device=device)  # kept by the layers' caches
     slots = [stats_slots(n) for n in n_blocks]
-    partials = torch.zeros(2, sum(slots), dtype=torch.float32, device=device)
+    partials = torch.zeros(STATS_ROWS, sum(slots), dtype=torch.float32, device=device)
     work = torch.empty(max(n_blocks), dtype=torch.int32, device=device)  # scratch, one stream
     counts = torch.zeros(len(tasks), dtype=torch.int32, device=device)
     clock = LayerClock(device)
@@ -206,7 +206,7 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
         torch.autograd.graph.increment_version(task.layer.block_amax)  # written by a kernel, not by PyTorch
         start, col = start + n, col + k
         clock.mark()
-    sse_after, changed = fq.segment_totals(partials, slots).unbind(1)
+    sse_after, changed = fq.segment_totals(partials[:2], slots).unbind(1)  # row 2 (max |x|): unused
     return SweepOutput(sse_after, changed, clock, codes)
 
 
