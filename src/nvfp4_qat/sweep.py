@@ -2,8 +2,8 @@
 
 The backend is resolved by :func:`nvfp4_qat._backend.resolve_backend` (the one Triton/CUDA rule).
 On the Triton path the value checks ride on the launch instead of preceding it: the kernels
-record each program's ``max |x|`` (+inf where ``x`` holds NaN or Inf), and one host read after the
-launch (that maximum and the global amax) decides whether to raise. Checks before the launch held
+record ``max |x|`` (+inf where ``x`` holds NaN or Inf), and one host read after the launch (that
+maximum and the global amax) decides whether to raise. Checks before the launch held
 the GPU idle while the host launched them: a ``max |x|`` pass, then ~25 small launches to combine
 the flags, cost the public call 0.78 ms against the kernel's 0.41 on an H200.
 """
@@ -72,8 +72,8 @@ def nvfp4_scale_sweep(
         )
 
     g = check_global_amax(global_amax, x, check_value=False)
-    out, _, (_, part) = launch_sweep(x, g, method)  # part[2]: each program's max |x| (inf: NaN/Inf)
-    amax, g_value = torch.stack([part[2].max(), g]).tolist()  # the one host sync, after the launch
+    out, _, (_, part) = launch_sweep(x, g, method)  # part[2, 0]: max |x| (inf: NaN/Inf)
+    amax, g_value = torch.stack([part[2, 0], g]).tolist()  # the one host sync, after the launch
     _raise_if_invalid(x, amax, g_value, _u(amax, g_value))
     return out
 

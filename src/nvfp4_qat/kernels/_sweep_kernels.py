@@ -101,18 +101,24 @@ def _block_loss(
     B: tl.constexpr,
 ):
     # Squared error of each block at code v, summed as the reference does. -> [B] fp32
-    # The 7 midpoint steps, written out (a nested jit call per step is slow in the interpreter):
+    # The 7 midpoint decisions, written out (a nested jit call per step is slow in the interpreter):
     # passing MID * v (exact in fp32) lifts the magnitude to Q; at a tie it stays down when the
-    # format's flag T says so. Later steps overwrite earlier ones (u passes them in order).
+    # format's flag T says so.
     sv = v * s2
-    dq = tl.full([B, 16], 0.0, tl.float32)
-    dq = tl.where((u > _M1 * v) if _T1 else (u >= _M1 * v), _Q1 * sv, dq)
-    dq = tl.where((u > _M2 * v) if _T2 else (u >= _M2 * v), _Q2 * sv, dq)
-    dq = tl.where((u > _M3 * v) if _T3 else (u >= _M3 * v), _Q3 * sv, dq)
-    dq = tl.where((u > _M4 * v) if _T4 else (u >= _M4 * v), _Q4 * sv, dq)
-    dq = tl.where((u > _M5 * v) if _T5 else (u >= _M5 * v), _Q5 * sv, dq)
-    dq = tl.where((u > _M6 * v) if _T6 else (u >= _M6 * v), _Q6 * sv, dq)
-    dq = tl.where((u > _M7 * v) if _T7 else (u >= _M7 * v), _Q7 * sv, dq)
+    # The decisions are monotone in the midpoint (u passing one passes every lower one), so the
+    # magnitude is picked by a 3-level tree of selects on the 7 decisions rather than a chain of 7
+    # (fewer selects, and no 7-deep dependency: 0.42 -> 0.38 ms pruned, 3.96 -> 3.49 exhaustive on
+    # an 8192x4096 bf16 weight, H200). NaN u fails every decision and gives 0 either way.
+    c1 = (u > _M1 * v) if _T1 else (u >= _M1 * v)
+    c2 = (u > _M2 * v) if _T2 else (u >= _M2 * v)
+    c3 = (u > _M3 * v) if _T3 else (u >= _M3 * v)
+    c4 = (u > _M4 * v) if _T4 else (u >= _M4 * v)
+    c5 = (u > _M5 * v) if _T5 else (u >= _M5 * v)
+    c6 = (u > _M6 * v) if _T6 else (u >= _M6 * v)
+    c7 = (u > _M7 * v) if _T7 else (u >= _M7 * v)
+    low = tl.where(c2, tl.where(c3, _Q3 * sv, _Q2 * sv), tl.where(c1, _Q1 * sv, 0.0))
+    high = tl.where(c6, tl.where(c7, _Q7 * sv, _Q6 * sv), tl.where(c5, _Q5 * sv, _Q4 * sv))
+    dq = tl.where(c4, high, low)
     d = absw - dq
     sq = d * d
     # Pairwise tree over adjacent pairs (16 -> 8 -> 4 -> 2 -> 1), as the reference sums: element
@@ -197,7 +203,7 @@ def _sweep_exhaustive_kernel(
     out_ptr,  # [n_blocks] fp32, block amax
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
     old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
-    part_ptr,  # [3, part_stride] fp32, per-program loss sums, changed counts and max |x|
+    part_ptr,  # [3, part_stride] fp32, per-program loss sums and changed counts; max |x| at [2, 0]
     part_stride,
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
@@ -209,7 +215,7 @@ def _sweep_exhaustive_kernel(
     best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False)
-    _store_amax(part_ptr, part_stride, tl.program_id(0), absw)
+    _store_amax(part_ptr, part_stride, absw)
 
 
 @triton.jit
@@ -221,7 +227,7 @@ def _sweep_pruned_kernel(
     out_ptr,  # [n_blocks] fp32, block amax (flagged blocks are left to the second pass)
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
     old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
-    part_ptr,  # [3, part_stride] fp32, per-program loss sums, changed counts and max |x|
+    part_ptr,  # [3, part_stride] fp32, per-program loss sums and changed counts; max |x| at [2, 0]
     part_stride,
     work_ptr,  # [n_blocks] int32, indices of flagged blocks
     count_ptr,  # [1] int32, number of flagged blocks (zeroed by the caller)
@@ -286,7 +292,7 @@ def _sweep_pruned_kernel(
     tl.store(out_ptr + rows, amax, mask=mask & ~flag)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows,
                      tl.reshape(best_idx, [BLOCK_B]), tl.reshape(best_loss, [BLOCK_B]), mask & ~flag, False)  # fmt: skip
-    _store_amax(part_ptr, part_stride, tl.program_id(0), absw)
+    _store_amax(part_ptr, part_stride, absw)
     # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
     slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag)
     tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag & (slot < n_blocks))
@@ -314,12 +320,12 @@ def _store_stats(
 
 
 @triton.jit
-def _store_amax(part_ptr, part_stride, slot, absw):
-    # Row 2 of the partials: the tile's max |x|, +inf if it holds NaN or Inf (masked rows were
-    # loaded as 0). The public sweep validates its input from these, after the launch: no pass
-    # over x, and nothing read back, before it.
+def _store_amax(part_ptr, part_stride, absw):
+    # Row 2, column 0 of the partials: max |x| over the tensor, +inf if it holds NaN or Inf (an
+    # atomic max per tile, which nothing waits for; masked rows were loaded as 0). The public sweep
+    # validates its input from it after the launch: no pass over x, and no read, before it.
     clean = tl.where(absw < float("inf"), absw, float("inf"))  # NaN -> inf (a max would drop it)
-    tl.store(part_ptr + 2 * part_stride + slot, tl.reduce(tl.reduce(clean, 1, _MAX), 0, _MAX))
+    tl.atomic_max(part_ptr + 2 * part_stride, tl.reduce(tl.reduce(clean, 1, _MAX), 0, _MAX))
 
 
 @triton.jit

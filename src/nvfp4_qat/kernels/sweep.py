@@ -151,8 +151,8 @@ def launch_sweep(
         (codes, partials))``: each block's FP8 byte (uint8), and per-program partial rows:
         ``partials[0].sum()`` is the loss (the reference's scores of the winning codes),
         ``partials[1].sum()`` the number of bytes that differ from ``old`` (with ``stats``), and
-        ``partials[2].max()`` is ``max |x|``, or +inf if ``x`` holds NaN or Inf (the public
-        sweep's input check; 0 when the global amax is NaN or Inf, for which nothing is read).
+        ``partials[2, 0]`` is ``max |x|``, or +inf if ``x`` holds NaN or Inf (the public sweep's
+        input check; 0 when the global amax is NaN or Inf, for which nothing is read).
     """
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
     n_blocks = flat.numel() // BLOCK_SIZE
@@ -167,8 +167,8 @@ def launch_sweep(
     codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device) if codes is None else codes
     old = buf["old"] if stats else codes  # read after the code is stored: 0 changed
     part = buf.get("partials")
-    if part is None:  # zeroed: the work list adds to the last column, and a tile larger than the
-        # smallest leaves the columns past its programs unwritten
+    if part is None:  # zeroed: added to (the work list's column, max |x|) or left unwritten
+        # (columns past the programs of a tile larger than the smallest)
         part = torch.zeros(STATS_ROWS, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
     stride, acc_slot = part.stride(0), part.shape[1] - 1
     tables = (flat, values, cands, g, out, codes, old, part, stride)  # the arguments every kernel starts with
