@@ -175,7 +175,10 @@ def launch_sweep(
     extra = (codes, part)
     n_cand = values.numel()
     on_cuda = x.device.type == "cuda"
-    with torch.cuda.device(x.device) if on_cuda else contextlib.nullcontext():
+    # Triton launches on the current device: switch only when x is elsewhere (entering the guard on
+    # every call costs host time that the public call's GPU waits through).
+    other = on_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if other else contextlib.nullcontext():
         if method == "exhaustive":
             _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), *tables, n_blocks,
                     NUM_CANDIDATES=n_cand, config=config)  # fmt: skip
