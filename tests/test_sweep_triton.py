@@ -22,7 +22,14 @@ from nvfp4_qat.format import (
     global_scale,
 )
 from nvfp4_qat.kernels import _sweep_kernels as K
-from nvfp4_qat.kernels.sweep import FIRST_DOUBLING, N_BELOW, launch_sweep, sweep_triton
+from nvfp4_qat.kernels.sweep import (
+    AMAX_SLOTS,
+    FIRST_DOUBLING,
+    N_BELOW,
+    launch_sweep,
+    read_checks,
+    sweep_triton,
+)
 
 METHODS = ["pruned", "exhaustive"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -272,7 +279,7 @@ def check_stats_outputs(x, g, method, **kw) -> None:
     out, _, (codes, part) = launch_sweep(x, g, method, stats=True, buffers={"old": old}, **kw)
     assert_same_blocks(out, sweep_reference(x, g))
     assert torch.equal(codes, block_code_bytes(out, global_scale(g)))
-    assert torch.equal(part[2, 0], x.abs().max().float())  # max |x|, what the public call checks
+    assert read_checks(part) == (float(x.abs().max()), float(g))  # what the public call checks
     old[: n // 2] = codes[: n // 2]  # half the blocks unchanged
     out, _, (codes, part) = launch_sweep(x, g, method, stats=True, buffers={"old": old}, **kw)
     assert int(part[1].sum()) == int((codes != old).sum()) > 0
@@ -392,16 +399,26 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
 @pytest.mark.parametrize("method", ["pruned", "exhaustive"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_interpreter_partials_max_abs_x(interpret, method, bad):
-    """partials[2, 0] is +inf when x holds NaN/Inf (a tile larger than the smallest: its own
-    columns are not written), max |x| once the bad element is gone; the public call raises."""
-    x = random_weight((64, 64), torch.float32, 3)
-    cfg = K.PRUNED_CONFIGS[-1] if method == "pruned" else K.EXHAUSTIVE_CONFIGS[-1]
-    _, _, (_, part) = launch_sweep(x, torch.ones(1), method, config=cfg)
-    assert torch.equal(part[2, 0], x.abs().max())
-    assert torch.equal(part[2, 1:], torch.zeros(part.shape[1] - 1))
-    x[37, 5] = bad
-    _, _, (_, part) = launch_sweep(x, torch.ones(1), method, config=cfg)
-    assert part[2, 0] == float("inf")
+    """Row 2 of the partials: each tile's max |x| spread over AMAX_SLOTS columns by atomic max (+inf
+    for a tile with NaN/Inf), the global amax after them, and nothing else written; the public call
+    raises."""
+    x = random_weight((32, 128), torch.float32, 3)
+    cfg = K.PRUNED_CONFIGS[0] if method == "pruned" else K.EXHAUSTIVE_CONFIGS[0]
+    tile = cfg.kwargs["BLOCK_B"] * 16
+    x[1, 5] = bad  # tile 0
+
+    def row2(x):
+        _, _, (_, part) = launch_sweep(x, torch.tensor([2.5]), method, config=cfg)
+        return part[2]
+
+    tiles = x.reshape(-1, tile).abs().nan_to_num(nan=float("inf"), posinf=float("inf")).amax(dim=1)
+    got = row2(x)
+    want = torch.zeros(got.numel())
+    want[: len(tiles)] = tiles  # fewer tiles than AMAX_SLOTS here: one column each
+    want[AMAX_SLOTS] = 2.5
+    assert len(tiles) < AMAX_SLOTS and torch.equal(got, want)
+    assert read_checks(got.expand(3, -1)) == (float("inf"), 2.5)
+    assert read_checks(row2(x[:, 16:]).expand(3, -1)) == (float(x[:, 16:].abs().max()), 2.5)
     with pytest.raises(ValueError, match="x must be finite, but 1 of 4096"):
         nvfp4_scale_sweep(x, 1.0, backend="triton", method=method)
 
@@ -436,8 +453,8 @@ def test_auto_dispatch(monkeypatch):
 
     def fake(x, g, method):
         calls.append(method)
-        part = torch.zeros(3, 1)
-        part[2, 0] = x.abs().max()  # what the public call validates x from
+        part = torch.zeros(3, AMAX_SLOTS + 1)
+        part[2, 0], part[2, -1] = x.abs().max(), g  # what the public call validates x from
         return sweep_reference(x, g), None, (None, part)
 
     monkeypatch.setattr("nvfp4_qat.kernels.sweep.launch_sweep", fake)

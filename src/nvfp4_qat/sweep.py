@@ -64,7 +64,7 @@ def nvfp4_scale_sweep(
         g = check_global_amax(global_amax, x)
         _raise_if_invalid(x, *torch.stack(_values(x, g)).tolist())
         return sweep_reference(x, g, block_size)
-    from nvfp4_qat.kernels.sweep import launch_sweep  # validated here: the unchecked launcher
+    from nvfp4_qat.kernels.sweep import launch_sweep, read_checks  # validated here: the unchecked launcher
 
     if x.numel() // block_size > 2**31 - 1:  # the kernels index blocks with int32
         raise ValueError(
@@ -72,8 +72,8 @@ def nvfp4_scale_sweep(
         )
 
     g = check_global_amax(global_amax, x, check_value=False)
-    out, _, (_, part) = launch_sweep(x, g, method)  # part[2, 0]: max |x| (inf: NaN/Inf)
-    amax, g_value = torch.stack([part[2, 0], g]).tolist()  # the one host sync, after the launch
+    out, _, (_, part) = launch_sweep(x, g, method)
+    amax, g_value = read_checks(part)  # the one host sync, after the launch
     _raise_if_invalid(x, amax, g_value, _u(amax, g_value))
     return out
 

@@ -90,6 +90,8 @@ PRUNED_CONFIGS = [
 #: Tile of the second (work-list) pass: BLOCK_B blocks x LANES slices of the codes (B16 L8 0.464 ms
 #: in total above, B32 L4 0.472, B32 L1 0.549). Not autotuned: its length is only known on the device.
 WORKLIST_CONFIG = triton.Config({"BLOCK_B": 16, "LANES": 8}, num_warps=4)
+#: Columns of the partials' row 2 that the tiles' max |x| is spread over (see ``_store_amax``).
+AMAX_SLOTS = tl.constexpr(32)
 
 
 @triton.jit
@@ -203,7 +205,7 @@ def _sweep_exhaustive_kernel(
     out_ptr,  # [n_blocks] fp32, block amax
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
     old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
-    part_ptr,  # [3, part_stride] fp32, per-program loss sums and changed counts; max |x| at [2, 0]
+    part_ptr,  # [3, part_stride] fp32, per-program loss sums and changed counts; row 2: see _store_amax
     part_stride,
     n_blocks,
     NUM_CANDIDATES: tl.constexpr,
@@ -215,7 +217,7 @@ def _sweep_exhaustive_kernel(
     best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False)
-    _store_amax(part_ptr, part_stride, absw)
+    _store_amax(part_ptr, part_stride, absw, g)
 
 
 @triton.jit
@@ -227,7 +229,7 @@ def _sweep_pruned_kernel(
     out_ptr,  # [n_blocks] fp32, block amax (flagged blocks are left to the second pass)
     code_ptr,  # [n_blocks] uint8, FP8 byte of the winning code
     old_ptr,  # [n_blocks] uint8, FP8 byte of the block's previous scale
-    part_ptr,  # [3, part_stride] fp32, per-program loss sums and changed counts; max |x| at [2, 0]
+    part_ptr,  # [3, part_stride] fp32, per-program loss sums and changed counts; row 2: see _store_amax
     part_stride,
     work_ptr,  # [n_blocks] int32, indices of flagged blocks
     count_ptr,  # [1] int32, number of flagged blocks (zeroed by the caller)
@@ -292,7 +294,7 @@ def _sweep_pruned_kernel(
     tl.store(out_ptr + rows, amax, mask=mask & ~flag)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows,
                      tl.reshape(best_idx, [BLOCK_B]), tl.reshape(best_loss, [BLOCK_B]), mask & ~flag, False)  # fmt: skip
-    _store_amax(part_ptr, part_stride, absw)
+    _store_amax(part_ptr, part_stride, absw, g)
     # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
     slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag)
     tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag & (slot < n_blocks))
@@ -320,12 +322,18 @@ def _store_stats(
 
 
 @triton.jit
-def _store_amax(part_ptr, part_stride, absw):
-    # Row 2, column 0 of the partials: max |x| over the tensor, +inf if it holds NaN or Inf (an
-    # atomic max per tile, which nothing waits for; masked rows were loaded as 0). The public sweep
-    # validates its input from it after the launch: no pass over x, and no read, before it.
+def _store_amax(part_ptr, part_stride, absw, g):
+    # Row 2 of the partials: max |x| over the tensor, +inf if it holds NaN or Inf, as an atomic max
+    # of each tile's into column pid % AMAX_SLOTS (nothing waits for it; one column for all tiles
+    # cost the pruned pass 4% in contention), and the global amax in column AMAX_SLOTS. The public
+    # sweep reads these AMAX_SLOTS + 1 values once, after the launch, to validate its input: no pass
+    # over x, and no launch, before or after the kernels. Masked rows were loaded as 0.
     clean = tl.where(absw < float("inf"), absw, float("inf"))  # NaN -> inf (a max would drop it)
-    tl.atomic_max(part_ptr + 2 * part_stride, tl.reduce(tl.reduce(clean, 1, _MAX), 0, _MAX))
+    pid = tl.program_id(0)
+    row = part_ptr + 2 * part_stride
+    tl.atomic_max(row + pid % AMAX_SLOTS, tl.reduce(tl.reduce(clean, 1, _MAX), 0, _MAX))
+    if pid == 0:
+        tl.store(row + AMAX_SLOTS, g)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ N_EXTRA = 2
 _INT32_MAX = 2**31 - 1
 #: Rows of the partials buffer: loss sums, changed-byte counts, max |x| (see ``launch_sweep``).
 STATS_ROWS = 3
+AMAX_SLOTS = _k.AMAX_SLOTS.value
 #: Tile of the first pass under Triton's CPU interpreter (see ``_launch``).
 INTERPRETER_CONFIG = triton.Config({"BLOCK_B": 1024}, num_warps=4)
 
@@ -74,11 +75,18 @@ def _check_inputs(x: object, global_amax: object, method: object) -> None:
 
 def stats_slots(n_blocks: int) -> int:
     """Columns of the partial-sum buffer for ``n_blocks``: one per program of the smallest tile,
-    plus the work list's shared slot (the last)."""
+    plus the work list's shared slot (the last), and at least ``AMAX_SLOTS + 2`` (row 2)."""
     smallest = min(
         c.kwargs["BLOCK_B"] for c in (*_k.EXHAUSTIVE_CONFIGS, *_k.PRUNED_CONFIGS, INTERPRETER_CONFIG)
     )
-    return triton.cdiv(n_blocks, smallest) + 1
+    return max(triton.cdiv(n_blocks, smallest), AMAX_SLOTS + 1) + 1
+
+
+def read_checks(partials: torch.Tensor) -> tuple[float, float]:
+    """``(max |x|, global amax)`` from a launch's partials (one host read of ``AMAX_SLOTS + 1``
+    values): max |x| is +inf where ``x`` holds NaN or Inf, 0 when the global amax is NaN or Inf."""
+    values = partials[2, : AMAX_SLOTS + 1].tolist()
+    return max(values[:AMAX_SLOTS]), values[AMAX_SLOTS]
 
 
 def _grid(n_blocks: int):
@@ -151,8 +159,8 @@ def launch_sweep(
         (codes, partials))``: each block's FP8 byte (uint8), and per-program partial rows:
         ``partials[0].sum()`` is the loss (the reference's scores of the winning codes),
         ``partials[1].sum()`` the number of bytes that differ from ``old`` (with ``stats``), and
-        ``partials[2, 0]`` is ``max |x|``, or +inf if ``x`` holds NaN or Inf (the public sweep's
-        input check; 0 when the global amax is NaN or Inf, for which nothing is read).
+        :func:`read_checks` gives ``max |x|`` (+inf if ``x`` holds NaN or Inf) and the global
+        amax from row 2: the public sweep's input check.
     """
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
     n_blocks = flat.numel() // BLOCK_SIZE
