@@ -296,7 +296,7 @@ def _sweep_pruned_kernel(
                      tl.reshape(best_idx, [BLOCK_B]), tl.reshape(best_loss, [BLOCK_B]), mask & ~flag, False)  # fmt: skip
     _store_amax(part_ptr, part_stride, absw, g)
     # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
-    slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag)
+    slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag, sem="relaxed")
     tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag & (slot < n_blocks))
 
 
@@ -314,8 +314,8 @@ def _store_stats(
     loss_sum = tl.reduce(tl.where(mask, loss, 0.0), 0, _SUM)
     changed = tl.reduce(tl.where(mask & (code != old), 1.0, 0.0), 0, _SUM)  # exact: < 2**24
     if ATOMIC:
-        tl.atomic_add(part_ptr + slot, loss_sum)
-        tl.atomic_add(part_ptr + part_stride + slot, changed)
+        tl.atomic_add(part_ptr + slot, loss_sum, sem="relaxed")  # read after the kernel: no fence
+        tl.atomic_add(part_ptr + part_stride + slot, changed, sem="relaxed")
     else:
         tl.store(part_ptr + slot, loss_sum)
         tl.store(part_ptr + part_stride + slot, changed)
@@ -329,9 +329,13 @@ def _store_amax(part_ptr, part_stride, absw, g):
     # sweep reads these AMAX_SLOTS + 1 values once, after the launch, to validate its input: no pass
     # over x, and no launch, before or after the kernels. Masked rows were loaded as 0.
     clean = tl.where(absw < float("inf"), absw, float("inf"))  # NaN -> inf (a max would drop it)
+    tile_max = tl.reduce(tl.reduce(clean, 1, _MAX), 0, _MAX)
     pid = tl.program_id(0)
     row = part_ptr + 2 * part_stride
-    tl.atomic_max(row + pid % AMAX_SLOTS, tl.reduce(tl.reduce(clean, 1, _MAX), 0, _MAX))
+    # As int32 bits (non-negative floats order as their bits), relaxed: one atomic and no fence; a
+    # float atomic max is two integer atomics, and the default acq_rel ordering adds fences.
+    bits = (row + pid % AMAX_SLOTS).to(tl.pointer_type(tl.int32), bitcast=True)
+    tl.atomic_max(bits, tile_max.to(tl.int32, bitcast=True), sem="relaxed")
     if pid == 0:
         tl.store(row + AMAX_SLOTS, g)
 
