@@ -82,8 +82,8 @@ def _u(amax: float, g: float) -> float:
     """``max |x| / s2`` in fp32, as the device computes it, where it decides the check (near 2**-11)."""
     if not (amax > 0 and g > 0 and math.isfinite(amax) and math.isfinite(g)):
         return math.nan
-    if g < amax * (GLOBAL_SCALE_DIVISOR * 2.0**10):  # u >= about 2**-10: far from the bound
-        return 1.0
+    if g < amax * (GLOBAL_SCALE_DIVISOR * 2.0**10):  # u > about 2**-10: far from the bound, and
+        return 1.0  # any value above 2**-11 decides the same
     f32 = torch.float32
     return float(torch.tensor(amax, dtype=f32) / global_scale(torch.tensor(g, dtype=f32)))  # CPU: correctly rounded
 
