@@ -73,13 +73,13 @@ def nvfp4_scale_sweep(
 
     g = check_global_amax(global_amax, x, check_value=False)
     out, _, (_, part) = launch_sweep(x, g, method)
-    amax, g_value = read_checks(part)  # the one host sync, after the launch
-    _raise_if_invalid(x, amax, g_value, _u(amax, g_value))
+    _raise_if_invalid(x, *read_checks(part))  # the one host sync, after the launch
     return out
 
 
 def _u(amax: float, g: float) -> float:
-    """``max |x| / s2`` in fp32, as the device computes it, where it decides the check (near 2**-11)."""
+    """``max |x| / s2`` in fp32 (CPU and CUDA divide tensors correctly rounded, so the device would
+    give the same), where it decides the check (near 2**-11); NaN where it is not defined."""
     if not (amax > 0 and g > 0 and math.isfinite(amax) and math.isfinite(g)):
         return math.nan
     if g < amax * (GLOBAL_SCALE_DIVISOR * 2.0**10):  # u > about 2**-10: far from the bound, and
@@ -88,17 +88,16 @@ def _u(amax: float, g: float) -> float:
     return float(torch.tensor(amax, dtype=f32) / global_scale(torch.tensor(g, dtype=f32)))  # CPU: correctly rounded
 
 
-def _values(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(max |x|, global_amax, max |x| / s2)``, fp32 0-dim, from one pass over ``x``, no host sync.
+def _values(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max |x|, global_amax)``, fp32 0-dim, from one pass over ``x``, no host sync.
 
     ``max |x|`` is NaN or Inf exactly when ``x`` holds NaN or Inf (the max propagates NaN)."""
-    amax = torch.linalg.vector_norm(x, float("inf")).to(torch.float32)
-    g = g.reshape(())
-    return amax, g, amax / global_scale(g)
+    return torch.linalg.vector_norm(x, float("inf")).to(torch.float32), g.reshape(())
 
 
-def _raise_if_invalid(x: torch.Tensor, amax: float, g: float, u: float) -> None:
-    """Refuse non-finite ``x`` and a ``global_amax`` that is negative, non-finite, or would zero every block."""
+def _raise_if_invalid(x: torch.Tensor, amax: float, g: float) -> None:
+    """Refuse non-finite ``x`` and a ``global_amax`` that is negative, non-finite, or would zero
+    every block; both backends decide here, from the same two host values."""
     if not (g >= 0.0 and math.isfinite(g)):
         raise ValueError(f"global_amax must be finite and >= 0, got {g}")
     if not math.isfinite(amax):
@@ -106,7 +105,7 @@ def _raise_if_invalid(x: torch.Tensor, amax: float, g: float, u: float) -> None:
     # A global_amax of 0 for non-zero data, or so far above it that u = max|x| / s2 is at most
     # 0.25 times the smallest FP8 code (2^-9), makes every candidate quantize everything to 0:
     # refuse that rather than return all-zero scales. global_amax is normally max |x|.
-    if amax > 0 and (g == 0 or u <= 2.0**-11):
+    if amax > 0 and (g == 0 or _u(amax, g) <= 2.0**-11):
         raise ValueError(
             f"global_amax must be > 0 and below about {amax * 2688 * 2**11:.6g} for x whose "
             f"max |x| is {amax:.6g} (normally global_amax = max |x|), got {g:.6g}: every "
