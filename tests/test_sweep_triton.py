@@ -318,7 +318,7 @@ def test_interpreter_non_finite_global_amax_writes_nothing(interpret, method, ba
         "out": sentinel.clone(),
         "codes": torch.full((n,), 7, dtype=torch.uint8),
         "old": torch.zeros(n, dtype=torch.uint8),
-        "partials": torch.full((2, 40), -1.0),
+        "partials": torch.full((3, 40), -1.0),
         "count": torch.zeros(1, dtype=torch.int32),
     }
     out, count, _ = launch_sweep(
@@ -328,7 +328,7 @@ def test_interpreter_non_finite_global_amax_writes_nothing(interpret, method, ba
     assert torch.equal(buffers["codes"], torch.full((n,), 7, dtype=torch.uint8))
     assert count is None or int(count) == 0  # nothing flagged for the work list
     # one program under the interpreter (1024-block tile): it wrote zero loss and zero changes
-    assert torch.equal(buffers["partials"][:, 0], torch.zeros(2))
+    assert torch.equal(buffers["partials"][:2, 0], torch.zeros(2))
     # the same buffers with the finite amax: now written (the sweep's result)
     out, _, _ = launch_sweep(x, amax(x), method, stats=True, buffers=buffers)
     assert_same_blocks(out, sweep_reference(x, amax(x)))
@@ -421,6 +421,20 @@ def test_interpreter_partials_max_abs_x(interpret, method, bad):
     assert read_checks(row2(x[:, 16:]).expand(3, -1)) == (float(x[:, 16:].abs().max()), 2.5)
     with pytest.raises(ValueError, match="x must be finite, but 1 of 4096"):
         nvfp4_scale_sweep(x, 1.0, backend="triton", method=method)
+
+
+@pytest.mark.parametrize(
+    "partials",
+    [torch.zeros(2, 40), torch.zeros(3, 33), torch.zeros(3, 40, dtype=torch.float64), torch.zeros(120)],
+    ids=["two-rows", "too-few-columns", "float64", "1-d"],
+)
+def test_launch_sweep_refuses_a_partials_buffer_it_would_overrun(interpret, partials):
+    """The kernels write all three rows of the partials (row 2: max |x| and the global amax); a
+    buffer of the old two-row shape, or too narrow, is refused before anything is launched."""
+    x = random_weight((8, 64), torch.float32, 5)
+    with pytest.raises(ValueError, match=r"buffers\['partials'\] must be fp32 \[3, >= 34\]"):
+        launch_sweep(x, amax(x), "pruned", stats=True, buffers={"old": torch.zeros(32, dtype=torch.uint8),
+                                                                 "partials": partials})  # fmt: skip
 
 
 @pytest.mark.parametrize("g", [float("nan"), -1.0, 0.0, 1e12])

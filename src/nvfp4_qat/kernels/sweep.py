@@ -182,6 +182,17 @@ def launch_sweep(
     codes = torch.empty(n_blocks, dtype=torch.uint8, device=x.device) if codes is None else codes
     old = buf["old"] if stats else codes  # read after the code is stored: 0 changed
     part = buf.get("partials")
+    if part is not None and (
+        part.dtype != torch.float32
+        or part.device != x.device
+        or part.dim() != 2
+        or part.shape[0] != STATS_ROWS
+        or part.shape[1] < stats_slots(n_blocks)
+    ):  # the kernels write every row (row 2 too), unchecked: a smaller buffer would be overrun
+        raise ValueError(
+            f"buffers['partials'] must be fp32 [{STATS_ROWS}, >= {stats_slots(n_blocks)}] on {x.device}, "
+            f"got {part.dtype} {list(part.shape)} on {part.device}"
+        )
     if part is None:  # zeroed: added to (the work list's column, max |x|) or left unwritten
         # (columns past the programs of a tile larger than the smallest)
         part = torch.zeros(STATS_ROWS, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
