@@ -3,6 +3,8 @@
 The variants are built at run time from the library's kernel source (``_sweep_kernels.py``), so the
 comparison is against exactly what ships:
 
+* ``fp32``: the E2M1 decisions on ``u`` in fp32 (the kernel until session 7) instead of the library's
+  fp16 round-to-odd copy (same decisions, two per compare instruction);
 * ``chain``: the E2M1 magnitude picked by a chain of 7 dependent selects (the kernel until session 6)
   instead of the 3-level tree the library uses now;
 * ``thread``: one thread per 16-element block: each block's elements as 16 separate ``[B]`` vectors
@@ -38,16 +40,16 @@ from nvfp4_qat.kernels import _sweep_kernels as K
 from nvfp4_qat.kernels import sweep as ks
 
 SOURCE = Path(K.__file__).read_text()
-TREE_START = "    c1 = (u > _M1 * v) if _T1 else (u >= _M1 * v)\n"
+TREE_START = "    c1 = (uh > t1) if _T1 else (uh >= t1)\n"
 TREE_END = "    dq = tl.where(c4, high, low)\n"
 CHAIN = """    dq = tl.full([B, 16], 0.0, tl.float32)
-    dq = tl.where((u > _M1 * v) if _T1 else (u >= _M1 * v), _Q1 * sv, dq)
-    dq = tl.where((u > _M2 * v) if _T2 else (u >= _M2 * v), _Q2 * sv, dq)
-    dq = tl.where((u > _M3 * v) if _T3 else (u >= _M3 * v), _Q3 * sv, dq)
-    dq = tl.where((u > _M4 * v) if _T4 else (u >= _M4 * v), _Q4 * sv, dq)
-    dq = tl.where((u > _M5 * v) if _T5 else (u >= _M5 * v), _Q5 * sv, dq)
-    dq = tl.where((u > _M6 * v) if _T6 else (u >= _M6 * v), _Q6 * sv, dq)
-    dq = tl.where((u > _M7 * v) if _T7 else (u >= _M7 * v), _Q7 * sv, dq)
+    dq = tl.where((uh > t1) if _T1 else (uh >= t1), _Q1 * sv, dq)
+    dq = tl.where((uh > t2) if _T2 else (uh >= t2), _Q2 * sv, dq)
+    dq = tl.where((uh > t3) if _T3 else (uh >= t3), _Q3 * sv, dq)
+    dq = tl.where((uh > t4) if _T4 else (uh >= t4), _Q4 * sv, dq)
+    dq = tl.where((uh > t5) if _T5 else (uh >= t5), _Q5 * sv, dq)
+    dq = tl.where((uh > t6) if _T6 else (uh >= t6), _Q6 * sv, dq)
+    dq = tl.where((uh > t7) if _T7 else (uh >= t7), _Q7 * sv, dq)
 """
 # The one-thread-per-block pruned kernel (the library's pruned pass with [B] vectors; it does not
 # record max |x|, which the library's kernel does with one relaxed atomic per tile).
@@ -71,13 +73,13 @@ def _err(a, u, t1, t2, t3, t4, t5, t6, t7, d1, d2, d3, d4, d5, d6, d7):
 @triton.jit
 def _loss16(a, u, v, s2):
     sv = v * s2
-    t1 = _M1 * v
-    t2 = _M2 * v
-    t3 = _M3 * v
-    t4 = _M4 * v
-    t5 = _M5 * v
-    t6 = _M6 * v
-    t7 = _M7 * v
+    t1 = (v * _M1).to(tl.float16)
+    t2 = (v * _M2).to(tl.float16)
+    t3 = (v * _M3).to(tl.float16)
+    t4 = (v * _M4).to(tl.float16)
+    t5 = (v * _M5).to(tl.float16)
+    t6 = (v * _M6).to(tl.float16)
+    t7 = (v * _M7).to(tl.float16)
     d1 = _Q1 * sv
     d2 = _Q2 * sv
     d3 = _Q3 * sv
@@ -109,7 +111,7 @@ def _loss16(a, u, v, s2):
 @triton.jit
 def _el(x_ptr, base, j: tl.constexpr, mask, s2):
     a = tl.abs(tl.load(x_ptr + base + j, mask=mask, other=0.0).to(tl.float32))
-    return a, tl.math.div_rn(a, s2)
+    return a, _odd_f16(tl.math.div_rn(a, s2))  # the library's fp16 decision copy
 
 
 @triton.jit
@@ -192,8 +194,14 @@ def _sweep_pruned1_kernel(
 
 
 def variant(name: str):
-    """The variant module ``name`` ("chain" or "thread"), written to a temporary file and imported."""
-    if name == "chain":
+    """The variant module ``name`` ("fp32", "chain" or "thread"), written to a temporary file and imported."""
+    if name == "fp32":
+        text = SOURCE.replace("return absw, u, _odd_f16(u), s2, g", "return absw, u, u, s2, g")
+        for k in range(1, 8):
+            text = text.replace(f"t{k} = (v * _M{k}).to(tl.float16)", f"t{k} = v * _M{k}")
+        if "u, _odd_f16(u), s2" in text or ".to(tl.float16)" in text:
+            raise RuntimeError("the library's decision code changed: update the fp32 variant")
+    elif name == "chain":
         i, j = SOURCE.index(TREE_START), SOURCE.index(TREE_END) + len(TREE_END)
         text = SOURCE[:i] + CHAIN + SOURCE[j:]
     else:
@@ -241,6 +249,7 @@ def sass_counts(fn, block_b: int, num_warps: int) -> collections.Counter:
 def run_sass() -> None:
     codes = ks.N_BELOW + 8 + ks.N_EXTRA  # unrolled: the window and both extra codes
     rows = [("library (tree, [B, 16] tile)", K._sweep_pruned_kernel, 32, 2, 8),
+            ("fp32 decisions", variant("fp32")._sweep_pruned_kernel, 32, 2, 8),
             ("chain", variant("chain")._sweep_pruned_kernel, 32, 2, 8),
             ("thread (tree, [B] x 16)", variant("thread")._sweep_pruned1_kernel, 128, 4, 16)]  # fmt: skip
     print(f"triton {triton.__version__}, sm_90 SASS of the pruned pass; {codes} codes unrolled")
@@ -264,12 +273,13 @@ def run_gpu() -> None:
     want = {m: ks.launch_sweep(x, g, m)[0].clone() for m in ("pruned", "exhaustive")}
     for m in ("pruned", "exhaustive"):
         print(f"library {m}: {bench(lambda m=m: ks.launch_sweep(x, g, m)):.4f} ms")
-        ks._k = variant("chain")  # the launcher reads its kernels from this module
-        try:
-            same = torch.equal(ks.launch_sweep(x, g, m)[0], want[m])
-            print(f"chain {m}: {bench(lambda m=m: ks.launch_sweep(x, g, m)):.4f} ms, equal: {same}")
-        finally:
-            ks._k = K
+        for name in ("fp32", "chain"):
+            ks._k = variant(name)  # the launcher reads its kernels from this module
+            try:
+                same = torch.equal(ks.launch_sweep(x, g, m)[0], want[m])
+                print(f"{name} {m}: {bench(lambda m=m: ks.launch_sweep(x, g, m)):.4f} ms, equal: {same}")
+            finally:
+                ks._k = K
     thread = variant("thread")
     n, flat = x.numel() // 16, x.reshape(-1)
     values, cands = ks._candidate_tables(dev)

@@ -8,8 +8,13 @@ CUDA at larger sizes. Every comparison is ``torch.equal``; failure messages coun
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from nvfp4_qat import fake_quantize_nvfp4, nvfp4_scale_sweep
 from nvfp4_qat._sweep_reference import block_losses, sweep_reference
@@ -21,7 +26,9 @@ from nvfp4_qat.format import (
     fp8_code_values,
     global_scale,
 )
+from nvfp4_qat.kernels import _interpret
 from nvfp4_qat.kernels import _sweep_kernels as K
+from nvfp4_qat.kernels._sweep_kernels import _odd_f16
 from nvfp4_qat.kernels.sweep import (
     AMAX_SLOTS,
     FIRST_DOUBLING,
@@ -197,6 +204,58 @@ def test_no_element_near_a_midpoint_breaks_the_doubling_order():
     violations, checked = doubling_violations(s2)
     assert checked > 900_000
     assert violations == 0
+
+
+def _odd_copy_fn(u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, _odd_f16(tl.load(u_ptr + i, mask=i < n, other=0.0)), mask=i < n)
+
+
+def odd_copy(u: torch.Tensor) -> torch.Tensor:
+    """The kernels' fp16 decision copy of ``u`` (``_odd_f16``), compiled on CUDA, else interpreted."""
+    if u.is_cuda:
+        kernel = triton.jit(_odd_copy_fn)
+    else:  # resolve _odd_f16 to its interpreted copy, as the launcher does for the kernels
+        ns = dict(_interpret._namespace(K.__name__))
+        kernel = InterpretedFunction(types.FunctionType(_odd_copy_fn.__code__, ns, "_odd_copy_fn"))
+    out = torch.empty(u.shape, dtype=torch.float16, device=u.device)
+    kernel[(triton.cdiv(u.numel(), 1024),)](u, out, u.numel(), BLOCK=1024)
+    return out
+
+
+def decision_probe_values() -> tuple[torch.Tensor, torch.Tensor]:
+    """(every decision threshold midpoint * v, fp32 ascending; u values that probe them, fp32)."""
+    t = torch.sort((torch.tensor([m for m, _ in E2M1_MIDPOINTS])[:, None] * VALUES).reshape(-1)).values
+    bits = t.view(torch.int32)
+    near = bits[:, None] + torch.arange(-40, 41, dtype=torch.int32)  # every fp32 within 40 ulps
+    # the fp16 grid points around each threshold (where truncation lands), +-3 fp32 ulps of each
+    grid = t.half()[:, None].float() * (1 + torch.tensor([-3, -2, -1, 1, 2, 3]) * 2.0**-10)
+    around = grid.reshape(-1, 1).view(torch.int32) + torch.arange(-3, 4, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.exp2(torch.rand(200_000, generator=gen, dtype=torch.float64) * 60 - 35).float()
+    edges = torch.tensor([2.0**-14, 2.0**-11, 2240.0, 32768.0, 65504.0, 65520.0]).view(torch.int32)
+    edges = (edges[:, None] + torch.arange(-2, 3, dtype=torch.int32)).view(torch.float32)
+    specials = torch.tensor([0.0, 2.0**-149, 2.0**-24, 1e30, float("inf")])
+    u = torch.cat([near.view(torch.float32).reshape(-1), around.view(torch.float32).reshape(-1), spread,
+                   edges.reshape(-1), specials])  # fmt: skip
+    return t, u
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp16_decision_copy_decides_every_threshold_like_fp32(device):
+    # The kernels compare an fp16 "round to odd" copy of u with the thresholds midpoint * v. For
+    # every threshold of every code and u at and around each (and across the whole range), the
+    # number of thresholds below u, and at or below u, is the same for the copy as for u: so every
+    # decision of both tie rules agrees.
+    t, u = decision_probe_values()
+    assert torch.equal(t.half().float(), t)  # every threshold is an fp16 number
+    assert t.min() == 2.0**-11 and t.max() == 2240.0
+    uh = odd_copy(u.to(device)).cpu().float()
+    assert not uh.isnan().any()
+    for side in ("left", "right"):  # count of t < u, count of t <= u
+        want = torch.searchsorted(t, u, side=side)
+        got = torch.searchsorted(t, uh, side=side)
+        assert torch.equal(got, want), f"{int((got != want).sum())} of {u.numel()} values decide differently"
 
 
 # --- kernels under the interpreter (CPU) ------------------------------------------------------
