@@ -287,6 +287,7 @@ def run_gpu() -> None:
     part = torch.zeros(ks.STATS_ROWS, ks.stats_slots(n), device=dev)
     work, count = torch.empty(n, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev)
     for block_b, warps in [(128, 4), (256, 8), (256, 4)]:
+
         def run(block_b=block_b, warps=warps):
             count.zero_()
             thread._sweep_pruned1_kernel[(triton.cdiv(n, block_b),)](

@@ -503,6 +503,7 @@ def test_interpreter_public_call_refuses_bad_global_amax(interpret, g):
     match = "finite and >= 0" if g != g or g < 0 else "every block would quantize to 0"
     with pytest.raises(ValueError, match=match):
         nvfp4_scale_sweep(x, torch.tensor(g), backend="triton")
+
     # Near the bound (u = max|x| / s2 at 2**-11, decided in fp32 on the host after the launch) the
     # Triton path decides as the reference path does (on the device, before its sweep).
     def refused(backend: str, g: float) -> bool:

@@ -1,0 +1,109 @@
+"""Where the public ``nvfp4_scale_sweep`` call spends its time beyond the kernels (issue 17, item 1).
+
+On one 8192x4096 bf16 weight (pruned method), on a GPU machine, from the repository root::
+
+    python benchmarks/bench_public_call.py
+
+Prints two tables:
+
+* device time, ``triton.testing.do_bench`` medians (an L2 flush before each call, events around it):
+  ``launch_sweep`` alone (what bench_sweep.py calls the kernel), the launch followed by a stream sync,
+  the launch followed by ``read_checks`` (the one read of the public call), and the public call;
+* host time, ``time.perf_counter`` medians over 300 calls, each started on an idle GPU: the public
+  call's validation before the launch, the enqueue of ``launch_sweep`` (allocations and two Triton
+  launches, no wait), one ``torch.zeros`` and one Triton launch alone, ``read_checks`` on an idle GPU
+  (the copy and sync latency), and the whole public call (host, kernel and read, back to back).
+
+The run stops unless the public call equals the reference sweep.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import triton
+import triton.testing
+
+from nvfp4_qat import nvfp4_scale_sweep
+from nvfp4_qat._backend import resolve_backend
+from nvfp4_qat._sweep_reference import sweep_reference
+from nvfp4_qat._validation import METHODS, check_choice, check_global_amax, check_x
+from nvfp4_qat.kernels import sweep as ks
+
+
+def host_median(fn, n: int = 300) -> float:
+    """Median host seconds of ``fn()``, each call started with the GPU idle."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8192, 4096, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+    g = x.float().abs().amax()
+    if not torch.equal(nvfp4_scale_sweep(x, g), sweep_reference(x, g)):
+        raise SystemExit("the public call differs from the reference")
+
+    def launch():
+        return ks.launch_sweep(x, g, "pruned")
+
+    def launch_sync():
+        launch()
+        torch.cuda.current_stream().synchronize()
+
+    def launch_read():
+        ks.read_checks(launch()[2][1])
+
+    def public():
+        nvfp4_scale_sweep(x, g)
+
+    print("\ndevice time (do_bench median, ms)")
+    kernel_ms = None
+    for name, fn in [("launch_sweep (kernel)", launch), ("launch + stream sync", launch_sync),
+                     ("launch + read_checks", launch_read), ("nvfp4_scale_sweep", public)]:  # fmt: skip
+        ms = triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median")
+        kernel_ms = kernel_ms or ms
+        print(f"  {name:<28} {ms:.4f}  ({(ms / kernel_ms - 1) * 100:+.1f} %)", flush=True)
+
+    def validate():
+        check_x(x, 16)
+        check_choice("pruned", METHODS, "method")
+        resolve_backend("auto", x.device, 16)
+        check_global_amax(g, x.detach(), check_value=False)
+
+    n = x.numel() // 16
+    flat, (values, cands) = x.reshape(-1), ks._candidate_tables(x.device)
+    out, codes = torch.empty(n, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    part = torch.zeros(ks.STATS_ROWS, ks.stats_slots(n), device="cuda")
+    work, count = (
+        torch.empty(n, dtype=torch.int32, device="cuda"),
+        torch.zeros(1, dtype=torch.int32, device="cuda"),
+    )
+    g1 = g.reshape(1)
+
+    def one_launch():
+        ks._launch("_sweep_pruned_kernel", x.device, ks._grid(n), flat, values, cands, g1, out, codes, codes,
+                   part, part.stride(0), work, count, n, NUM_CANDIDATES=126, FIRST_DOUBLING=ks.FIRST_DOUBLING,
+                   N_BELOW=ks.N_BELOW, N_EXTRA=ks.N_EXTRA)  # fmt: skip
+
+    print("\nhost time (perf_counter median of 300, GPU idle at each start, us)")
+    for name, fn in [("validation before the launch", validate), ("launch_sweep enqueue", launch),
+                     ("one torch.zeros", lambda: torch.zeros(3, 4096, device="cuda")),
+                     ("one Triton launch (pruned)", one_launch), ("read_checks, GPU idle", lambda: ks.read_checks(part)),
+                     ("nvfp4_scale_sweep, whole", public)]:  # fmt: skip
+        print(f"  {name:<30} {host_median(fn) * 1e6:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
