@@ -11,7 +11,8 @@ Prints two tables:
   the launch followed by ``read_checks`` (the one read of the public call), and the public call;
 * host time, ``time.perf_counter`` medians over 300 calls, each started on an idle GPU: the public
   call's validation before the launch, the enqueue of ``launch_sweep`` (allocations and two Triton
-  launches, no wait), one ``torch.zeros`` and one Triton launch alone, ``read_checks`` on an idle GPU
+  launches, no wait), one ``torch.zeros``, one launch of the pruned kernel by Triton's own path
+  (``kernel[grid]``) and by the package's (``kernels._launch.launch``), ``read_checks`` on an idle GPU
   (the copy and sync latency), and the whole public call (host, kernel and read, back to back).
 
 The run stops unless the public call equals the reference sweep.
@@ -30,6 +31,7 @@ from nvfp4_qat import nvfp4_scale_sweep
 from nvfp4_qat._backend import resolve_backend
 from nvfp4_qat._sweep_reference import sweep_reference
 from nvfp4_qat._validation import METHODS, check_choice, check_global_amax, check_x
+from nvfp4_qat.kernels import _launch
 from nvfp4_qat.kernels import sweep as ks
 
 
@@ -92,15 +94,17 @@ def main() -> None:
     )
     g1 = g.reshape(1)
 
-    def one_launch():
-        ks._launch("_sweep_pruned_kernel", x.device, ks._grid(n), flat, values, cands, g1, out, codes, codes,
-                   part, part.stride(0), work, count, n, NUM_CANDIDATES=126, FIRST_DOUBLING=ks.FIRST_DOUBLING,
-                   N_BELOW=ks.N_BELOW, N_EXTRA=ks.N_EXTRA)  # fmt: skip
+    args = (flat, values, cands, g1, out, codes, codes, part, part.stride(0), work, count, n)
+    kw = dict(NUM_CANDIDATES=126, FIRST_DOUBLING=ks.FIRST_DOUBLING, N_BELOW=ks.N_BELOW, N_EXTRA=ks.N_EXTRA,
+              BLOCK_B=32, num_warps=2, num_stages=3, enable_fp_fusion=False)  # fmt: skip
+    kernel, grid = ks._k._sweep_pruned_kernel, (triton.cdiv(n, 32),)
 
     print("\nhost time (perf_counter median of 300, GPU idle at each start, us)")
     for name, fn in [("validation before the launch", validate), ("launch_sweep enqueue", launch),
                      ("one torch.zeros", lambda: torch.zeros(3, 4096, device="cuda")),
-                     ("one Triton launch (pruned)", one_launch), ("read_checks, GPU idle", lambda: ks.read_checks(part)),
+                     ("pruned kernel, kernel[grid]", lambda: kernel[grid](*args, **kw)),
+                     ("pruned kernel, _launch.launch", lambda: _launch.launch(kernel, grid, *args, **kw)),
+                     ("read_checks, GPU idle", lambda: ks.read_checks(part)),
                      ("nvfp4_scale_sweep, whole", public)]:  # fmt: skip
         print(f"  {name:<30} {host_median(fn) * 1e6:8.1f}", flush=True)
 

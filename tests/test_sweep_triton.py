@@ -655,3 +655,26 @@ def test_cuda_doubling_order_holds_for_every_s2_mantissa():
         assert violations == 0, f"{violations} violations for s2 mantissas from {start}"
         total += checked
     assert total == 2**23 * 8 * 7 * 33
+
+
+@pytest.mark.gpu
+def test_cuda_direct_launch_is_cached_per_specialization():
+    # After the first launch of a specialization, launches bypass JITFunction.run (see
+    # kernels._launch). A pointer that is not 16-byte aligned and a block count that is
+    # not a multiple of 16 specialize the kernel differently: they must get their own compiled
+    # kernel, never the aligned one, and every result must still equal the reference.
+    from nvfp4_qat.kernels import _launch
+
+    flat = random_weight((1, 64 * 1000 + 16), torch.bfloat16, 21, device="cuda").reshape(-1)
+    cases = [flat[: 64 * 1000].reshape(64, 1000), flat[1 : 1 + 16 * 999].reshape(9, 1776)]
+    assert cases[0].data_ptr() % 16 == 0 and cases[1].data_ptr() % 16 != 0
+    seen = []
+    for x in cases:
+        g = amax(x)
+        want = sweep_reference(x, g)
+        for _ in range(3):  # the first compiles or loads, the next two take the direct path
+            assert_same_blocks(launch_sweep(x, g, "pruned")[0], want)
+            assert_same_blocks(nvfp4_scale_sweep(x, g), want)
+        assert _launch._compiled is not None, "the direct launch path was disabled"
+        seen.append({k for k in _launch._compiled if k[0] is K._sweep_pruned_kernel})
+    assert seen[0] < seen[1], "the misaligned weight reused the aligned weight's compiled kernel"

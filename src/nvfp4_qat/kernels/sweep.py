@@ -17,6 +17,7 @@ from nvfp4_qat._backend import require_triton
 from nvfp4_qat._validation import METHODS, check_choice, check_x
 from nvfp4_qat.format import BLOCK_SIZE, fp8_code_values, fp8_scale_candidates
 from nvfp4_qat.kernels import _sweep_kernels as _k
+from nvfp4_qat.kernels._launch import launch
 
 #: Codes scored below ``k0`` by the pruned kernel (with the 8 from ``k0`` up: 11 of 126). On a
 #: random bf16 8192x4096 weight the saturation bound then fails for 0.9% of the blocks (16% with 2).
@@ -119,7 +120,7 @@ def _launch(name: str, device: torch.device, grid, *args, config: triton.Config 
     else:
         config = config or DEFAULT_CONFIGS[name]
     meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    kernel[grid](*args, **kwargs, **meta, enable_fp_fusion=False)
+    launch(kernel, grid, *args, **kwargs, **meta, enable_fp_fusion=False)
 
 
 def _worklist_programs(x: torch.Tensor, n_blocks: int) -> int:
@@ -193,9 +194,13 @@ def launch_sweep(
             f"buffers['partials'] must be fp32 [{STATS_ROWS}, >= {stats_slots(n_blocks)}] on {x.device}, "
             f"got {part.dtype} {list(part.shape)} on {part.device}"
         )
+    spare = None
     if part is None:  # zeroed: added to (the work list's column, max |x|) or left unwritten
-        # (columns past the programs of a tile larger than the smallest)
-        part = torch.zeros(STATS_ROWS, stats_slots(n_blocks), dtype=torch.float32, device=x.device)
+        # (columns past the programs of a tile larger than the smallest). One more zeroed word is
+        # the work list's count (0.0 has the bits of int32 0): one fill launch, not two.
+        slots = stats_slots(n_blocks)
+        scratch = torch.zeros(STATS_ROWS * slots + 1, dtype=torch.float32, device=x.device)
+        part, spare = scratch[:-1].view(STATS_ROWS, slots), scratch[-1:].view(torch.int32)
     stride, acc_slot = part.stride(0), part.shape[1] - 1
     tables = (flat, values, cands, g, out, codes, old, part, stride)  # the arguments every kernel starts with
     extra = (codes, part)
@@ -210,7 +215,8 @@ def launch_sweep(
                     NUM_CANDIDATES=n_cand, config=config)  # fmt: skip
             return out, None, extra
         count = buf.get("count")
-        count = torch.zeros(1, dtype=torch.int32, device=x.device) if count is None else count
+        if count is None:
+            count = spare if spare is not None else torch.zeros(1, dtype=torch.int32, device=x.device)
         work = buf.get("work")
         work = torch.empty(n_blocks, dtype=torch.int32, device=x.device) if work is None else work
         _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks,
