@@ -107,6 +107,8 @@ def main() -> None:
                      ("read_checks, GPU idle", lambda: ks.read_checks(part)),
                      ("nvfp4_scale_sweep, whole", public)]:  # fmt: skip
         print(f"  {name:<30} {host_median(fn) * 1e6:8.1f}", flush=True)
+    state = "off" if _launch._compiled is None else f"on, {len(_launch._compiled)} compiled kernels cached"
+    print(f"direct launch path (kernels._launch): {state}")
 
 
 if __name__ == "__main__":

@@ -665,8 +665,8 @@ def test_cuda_direct_launch_is_cached_per_specialization():
     # kernel, never the aligned one, and every result must still equal the reference.
     from nvfp4_qat.kernels import _launch
 
-    flat = random_weight((1, 64 * 1000 + 16), torch.bfloat16, 21, device="cuda").reshape(-1)
-    cases = [flat[: 64 * 1000].reshape(64, 1000), flat[1 : 1 + 16 * 999].reshape(9, 1776)]
+    flat = random_weight((1, 64 * 1024 + 16), torch.bfloat16, 21, device="cuda").reshape(-1)
+    cases = [flat[: 64 * 1024].reshape(64, 1024), flat[1 : 1 + 16 * 999].reshape(999, 16)]
     assert cases[0].data_ptr() % 16 == 0 and cases[1].data_ptr() % 16 != 0
     seen = []
     for x in cases:

@@ -63,20 +63,17 @@ _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 
-# (BLOCK_B, num_warps) of each kernel: fixed, not autotuned. Medians on an H100 (8192x4096 bf16):
-# exhaustive 3.91-3.95 ms for every config below (B32w1 3.91), 3.99 with 16 rows per warp; pruned
-# (both passes, before N_EXTRA, which took the best to 0.404 ms) B32w2 0.462, B64w4 0.464, B128w8
-# 0.467, B128w4 0.470, B64w2 0.472 ms, B128w2 / B256w4 0.56 ms. Within 1% of each other, while
-# autotuning them cost every process ~3 s of trial runs per weight shape with a warm Triton cache
-# (and ~4 s of compiling per unrolled pruned config when cold). B32 is also the tile that scores the
-# fewest codes: a tile scores an extra code below the window when any one of its blocks needs it
-# (11.17 codes per block at B32, 11.31 at B64, 11.52 at B128 on a normal 512x4096 weight, counted
-# exactly on CPU by benchmarks/count_sweep_candidates.py), and it gives small weights the most
-# programs. `benchmarks/bench_sweep.py --configs` times every config of the lists below; with the
-# select tree on an H200: pruned B32w2 0.401, B64w4 0.405, B128w8 0.427 ms; exhaustive B32w1 3.498,
-# B64w2 3.416, B128w4 3.422, B256w8 3.456 ms.
+# (BLOCK_B, num_warps) of each kernel: fixed, not autotuned. Autotuning cost every process ~3 s of
+# trial runs per weight shape with a warm Triton cache (and ~4 s of compiling per unrolled pruned
+# config when cold), for configs within a few % of each other. Exhaustive, medians on an H200
+# (8192x4096 bf16, `benchmarks/bench_sweep.py --configs`): B32w1 3.498, B64w2 3.416, B128w4 3.422,
+# B256w8 3.456 ms. Pruned: one block per thread (BLOCK_B = 32 * num_warps; two per thread, B256w4,
+# took 0.594 ms against 0.306 for B256w8 and 0.313 for B128w4, H200). Smaller tiles score fewer
+# codes: a tile scores an extra code below the window when any one of its blocks needs it (11.17
+# codes per block at B32, 11.31 at B64, 11.52 at B128 on a normal 512x4096 weight, counted exactly
+# on CPU by benchmarks/count_sweep_candidates.py).
 EXHAUSTIVE_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1)
-PRUNED_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=2)
+PRUNED_CONFIG = triton.Config({"BLOCK_B": 256}, num_warps=8)
 #: Alternatives with the same results (tests pin each one; the benchmark times them).
 EXHAUSTIVE_CONFIGS = [
     EXHAUSTIVE_CONFIG,
@@ -86,8 +83,9 @@ EXHAUSTIVE_CONFIGS = [
 ]
 PRUNED_CONFIGS = [
     PRUNED_CONFIG,
-    triton.Config({"BLOCK_B": 64}, num_warps=4),
-    triton.Config({"BLOCK_B": 128}, num_warps=8),
+    triton.Config({"BLOCK_B": 128}, num_warps=4),
+    triton.Config({"BLOCK_B": 64}, num_warps=2),
+    triton.Config({"BLOCK_B": 32}, num_warps=1),
 ]
 #: Tile of the second (work-list) pass: BLOCK_B blocks x LANES slices of the codes (B16 L8 0.464 ms
 #: in total above, B32 L4 0.472, B32 L1 0.549). Not autotuned: its length is only known on the device.
@@ -115,18 +113,9 @@ def _odd_f16(u):
 
 
 @triton.jit
-def _block_loss(
-    absw,  # [B, 16] fp32, |w|
-    u,  # [B, 16]: u = |w| / s2 (fp32, correctly rounded), or its fp16 copy _odd_f16(u) with F16
-    v,  # [B, 1] or scalar fp32, FP8 code value
-    s2,  # scalar fp32
-    B: tl.constexpr,
-    F16: tl.constexpr,  # decide on the fp16 copy: same decisions, two elements per compare
-):
-    # Squared error of each block at code v, summed as the reference does. -> [B] fp32
-    # The 7 midpoint decisions, written out (a nested jit call per step is slow in the interpreter):
-    # passing MID * v (exact in fp32 and in fp16) lifts the magnitude to Q; at a tie it stays down
-    # when the format's flag T says so.
+def _code_consts(v, s2, F16: tl.constexpr):
+    # The 7 decision thresholds MID * v (exact in fp32, and in fp16 with F16) and the 7 dequantized
+    # magnitudes fl(Q * fl(v * s2)) of code v: computed once per code (and block), used per element.
     sv = v * s2
     t1 = v * _M1
     t2 = v * _M2
@@ -144,30 +133,77 @@ def _block_loss(
         t5 = t5.to(tl.float16)
         t6 = t6.to(tl.float16)
         t7 = t7.to(tl.float16)
-    # The decisions are monotone in the midpoint (u passing one passes every lower one), so the
-    # magnitude is picked by a 3-level tree of selects on the 7 decisions rather than a chain of 7
-    # (fewer selects, and no 7-deep dependency: 0.42 -> 0.38 ms pruned, 3.96 -> 3.49 exhaustive on
-    # an 8192x4096 bf16 weight, H200).
-    c1 = (u > t1) if _T1 else (u >= t1)
-    c2 = (u > t2) if _T2 else (u >= t2)
-    c3 = (u > t3) if _T3 else (u >= t3)
-    c4 = (u > t4) if _T4 else (u >= t4)
-    c5 = (u > t5) if _T5 else (u >= t5)
-    c6 = (u > t6) if _T6 else (u >= t6)
-    c7 = (u > t7) if _T7 else (u >= t7)
-    low = tl.where(c2, tl.where(c3, _Q3 * sv, _Q2 * sv), tl.where(c1, _Q1 * sv, 0.0))
-    high = tl.where(c6, tl.where(c7, _Q7 * sv, _Q6 * sv), tl.where(c5, _Q5 * sv, _Q4 * sv))
-    dq = tl.where(c4, high, low)
-    d = absw - dq
-    sq = d * d
+    return (t1, t2, t3, t4, t5, t6, t7), (_Q1 * sv, _Q2 * sv, _Q3 * sv, _Q4 * sv, _Q5 * sv, _Q6 * sv, _Q7 * sv)
+
+
+@triton.jit
+def _sq_err(a, u, t, d):
+    # Squared error of elements |w| = a at one code: the one per-element rule of every kernel.
+    # u: |w| / s2 (fp32, correctly rounded), or its fp16 copy _odd_f16(u) when t is fp16 (same
+    # decisions); t, d: _code_consts. Passing threshold t[k] lifts the magnitude to d[k]; at a tie
+    # it stays down when the format's flag T says so. The decisions are monotone (u passing one
+    # passes every lower one), so the magnitude is picked by a 3-level tree of selects rather than a
+    # chain of 7 (fewer selects, and no 7-deep dependency: 0.42 -> 0.38 ms pruned, 3.96 -> 3.49
+    # exhaustive on an 8192x4096 bf16 weight, H200). Written out: a jit call per decision is slow
+    # in the interpreter.
+    c1 = (u > t[0]) if _T1 else (u >= t[0])
+    c2 = (u > t[1]) if _T2 else (u >= t[1])
+    c3 = (u > t[2]) if _T3 else (u >= t[2])
+    c4 = (u > t[3]) if _T4 else (u >= t[3])
+    c5 = (u > t[4]) if _T5 else (u >= t[4])
+    c6 = (u > t[5]) if _T6 else (u >= t[5])
+    c7 = (u > t[6]) if _T7 else (u >= t[6])
+    low = tl.where(c2, tl.where(c3, d[2], d[1]), tl.where(c1, d[0], 0.0))
+    high = tl.where(c6, tl.where(c7, d[6], d[5]), tl.where(c5, d[4], d[3]))
+    e = a - tl.where(c4, high, low)
+    return e * e
+
+
+@triton.jit
+def _block_loss(
+    absw,  # [B, 16] fp32, |w|
+    u,  # [B, 16]: u = |w| / s2 (fp32), or _odd_f16(u) with F16
+    v,  # [B, 1] or scalar fp32, FP8 code value
+    s2,  # scalar fp32
+    B: tl.constexpr,
+    F16: tl.constexpr,
+):
+    # Squared error of each block at code v, summed as the reference does. -> [B] fp32
+    t, d = _code_consts(v, s2, F16)
+    sq = _sq_err(absw, u, t, d)
     # Pairwise tree over adjacent pairs (16 -> 8 -> 4 -> 2 -> 1), as the reference sums: element
     # 8a+4b+2c+d, summed over d, then c, b, a. Each step adds exactly two numbers, so the result
     # does not depend on how a reduction is laid out over threads (the last one uses shuffles).
-    t = tl.reshape(sq, [B, 2, 2, 2, 2])
-    t = tl.reduce(t, 4, _SUM)
-    t = tl.reduce(t, 3, _SUM)
-    t = tl.reduce(t, 2, _SUM)
-    return tl.reduce(t, 1, _SUM)
+    r = tl.reshape(sq, [B, 2, 2, 2, 2])
+    r = tl.reduce(r, 4, _SUM)
+    r = tl.reduce(r, 3, _SUM)
+    r = tl.reduce(r, 2, _SUM)
+    return tl.reduce(r, 1, _SUM)
+
+
+@triton.jit
+def _block_loss16(a, u, v, s2):
+    # _block_loss for blocks held as 16 [B] vectors (one thread per block, the pruned pass): a, u
+    # are tuples of the 16 elements' |w| and fp16 decision copies; the same pairwise tree. -> [B]
+    t, d = _code_consts(v, s2, True)
+    e0 = _sq_err(a[0], u[0], t, d)
+    e1 = _sq_err(a[1], u[1], t, d)
+    e2 = _sq_err(a[2], u[2], t, d)
+    e3 = _sq_err(a[3], u[3], t, d)
+    e4 = _sq_err(a[4], u[4], t, d)
+    e5 = _sq_err(a[5], u[5], t, d)
+    e6 = _sq_err(a[6], u[6], t, d)
+    e7 = _sq_err(a[7], u[7], t, d)
+    e8 = _sq_err(a[8], u[8], t, d)
+    e9 = _sq_err(a[9], u[9], t, d)
+    e10 = _sq_err(a[10], u[10], t, d)
+    e11 = _sq_err(a[11], u[11], t, d)
+    e12 = _sq_err(a[12], u[12], t, d)
+    e13 = _sq_err(a[13], u[13], t, d)
+    e14 = _sq_err(a[14], u[14], t, d)
+    e15 = _sq_err(a[15], u[15], t, d)
+    low = ((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7))
+    return low + (((e8 + e9) + (e10 + e11)) + ((e12 + e13) + (e14 + e15)))
 
 
 @triton.jit
@@ -255,7 +291,17 @@ def _sweep_exhaustive_kernel(
     best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False)
-    _store_amax(part_ptr, part_stride, absw, g)
+    clean = tl.where(absw < float("inf"), absw, float("inf"))  # NaN -> inf
+    _store_amax(part_ptr, part_stride, tl.reduce(clean, 1, _MAX), g)
+
+
+@triton.jit
+def _element(x_ptr, rows, j: tl.constexpr, mask, s2):
+    # Element j of each block (one thread per block): |w| (fp32), with NaN as +inf so that maxima
+    # keep it, and the fp16 decision copy of u = |w| / s2 (correctly rounded). -> ([B], [B])
+    a = tl.abs(tl.load(x_ptr + rows * 16 + j, mask=mask, other=0.0).to(tl.float32))
+    a = tl.where(a < float("inf"), a, float("inf"))
+    return a, _odd_f16(tl.math.div_rn(a, s2))
 
 
 @triton.jit
@@ -278,18 +324,43 @@ def _sweep_pruned_kernel(
     N_EXTRA: tl.constexpr,  # further codes below, scored by a tile only where its bound fails
     BLOCK_B: tl.constexpr,
 ):
-    # Per-block values are kept as [B, 1] columns of the [B, 16] tile so that they share its
-    # layout (1-D vectors would be shuffled through shared memory at every code).
+    # One thread per block: its 16 elements are 16 [B] vectors, so the per-code values (thresholds,
+    # magnitudes) are made once per block and the 16-element sum needs no shuffles. Against the
+    # [B, 16] tile (2 threads per block) of _block_loss: 21.3 -> 17.1 SASS instructions per
+    # element-code (sm_90) and 0.337 -> 0.306 ms on an 8192x4096 bf16 weight (H200), same result.
     N_WINDOW: tl.constexpr = N_BELOW + 8
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (rows < n_blocks) & _live(g_ptr, BLOCK_B)  # all False: nothing read, written or flagged
-    absw, u, uh, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
-    m = tl.reduce(absw, 1, _MAX, keep_dims=True)  # [B, 1]
-    u_max = tl.reduce(u, 1, _MAX, keep_dims=True)  # = fl(m / s2): rounding is monotone
+    g = tl.load(g_ptr)
+    s2 = tl.math.div_rn(g, tl.full([], _DIVISOR, tl.float32))
+    s2v = tl.full([BLOCK_B], 0.0, tl.float32) + s2
+    a0, u0 = _element(x_ptr, rows, 0, mask, s2v)
+    a1, u1 = _element(x_ptr, rows, 1, mask, s2v)
+    a2, u2 = _element(x_ptr, rows, 2, mask, s2v)
+    a3, u3 = _element(x_ptr, rows, 3, mask, s2v)
+    a4, u4 = _element(x_ptr, rows, 4, mask, s2v)
+    a5, u5 = _element(x_ptr, rows, 5, mask, s2v)
+    a6, u6 = _element(x_ptr, rows, 6, mask, s2v)
+    a7, u7 = _element(x_ptr, rows, 7, mask, s2v)
+    a8, u8 = _element(x_ptr, rows, 8, mask, s2v)
+    a9, u9 = _element(x_ptr, rows, 9, mask, s2v)
+    a10, u10 = _element(x_ptr, rows, 10, mask, s2v)
+    a11, u11 = _element(x_ptr, rows, 11, mask, s2v)
+    a12, u12 = _element(x_ptr, rows, 12, mask, s2v)
+    a13, u13 = _element(x_ptr, rows, 13, mask, s2v)
+    a14, u14 = _element(x_ptr, rows, 14, mask, s2v)
+    a15, u15 = _element(x_ptr, rows, 15, mask, s2v)
+    a = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+    u = (u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15)
+    m = tl.maximum(
+        tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7))),
+        tl.maximum(tl.maximum(tl.maximum(a8, a9), tl.maximum(a10, a11)), tl.maximum(tl.maximum(a12, a13), tl.maximum(a14, a15))),
+    )  # fmt: skip
+    u_max = tl.math.div_rn(m, s2v)  # the largest u: rounding is monotone
 
     # k0 = first code with 6 * v >= u_max (126 if none): binary search over the table.
-    lo = tl.full([BLOCK_B, 1], 0, tl.int32)
-    hi = tl.full([BLOCK_B, 1], NUM_CANDIDATES, tl.int32)
+    lo = tl.full([BLOCK_B], 0, tl.int32)
+    hi = tl.full([BLOCK_B], NUM_CANDIDATES, tl.int32)
     for _ in tl.static_range(7):  # 2**7 > 126
         mid = (lo + hi) // 2
         ok = _QMAX * tl.load(values_ptr + tl.minimum(mid, NUM_CANDIDATES - 1)) >= u_max
@@ -300,10 +371,10 @@ def _sweep_pruned_kernel(
 
     # Score the window [start, start + N_WINDOW), which always covers [k0 - N_BELOW, k0 + 7].
     start = tl.minimum(tl.maximum(k0 - N_BELOW, 0), NUM_CANDIDATES - N_WINDOW)
-    best_loss = tl.full([BLOCK_B, 1], float("inf"), tl.float32)
+    best_loss = tl.full([BLOCK_B], float("inf"), tl.float32)
     best_idx = start
     for i in tl.static_range(N_WINDOW):
-        loss = _block_loss(absw, uh, tl.load(values_ptr + start + i), s2, BLOCK_B, True)[:, None]
+        loss = _block_loss16(a, u, tl.load(values_ptr + start + i), s2)
         better = loss < best_loss
         best_loss = tl.where(better, loss, best_loss)
         best_idx = tl.where(better, start + i, best_idx)
@@ -317,7 +388,7 @@ def _sweep_pruned_kernel(
     for _ in tl.static_range(N_EXTRA):
         if tl.reduce(bound_fails.to(tl.int32), None, _MAX) > 0:
             start = tl.maximum(start - 1, 0)
-            loss = _block_loss(absw, uh, tl.load(values_ptr + start), s2, BLOCK_B, True)[:, None]
+            loss = _block_loss16(a, u, tl.load(values_ptr + start), s2)
             better = bound_fails & (loss <= best_loss)
             best_loss = tl.where(better, loss, best_loss)
             best_idx = tl.where(better, start, best_idx)
@@ -325,14 +396,13 @@ def _sweep_pruned_kernel(
             bound_fails = (start > 0) & ~(gap * gap > best_loss)
     # Above: the doubling argument needs a normal v[k0] (zero blocks score 0 at every code).
     subnormal = (k0 < FIRST_DOUBLING) & (m > 0)
-    tiny = tl.full([BLOCK_B, 1], 0.0, tl.float32) + s2 < _TINY_S2  # a property of the whole tensor
-    flag = tl.reshape(bound_fails | subnormal | tiny, [BLOCK_B]) & mask
+    tiny = s2v < _TINY_S2  # a property of the whole tensor
+    flag = (bound_fails | subnormal | tiny) & mask
 
-    amax = tl.reshape(tl.load(cands_ptr + best_idx) * g, [BLOCK_B])
-    tl.store(out_ptr + rows, amax, mask=mask & ~flag)
-    _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows,
-                     tl.reshape(best_idx, [BLOCK_B]), tl.reshape(best_loss, [BLOCK_B]), mask & ~flag, False)  # fmt: skip
-    _store_amax(part_ptr, part_stride, absw, g)
+    tl.store(out_ptr + rows, tl.load(cands_ptr + best_idx) * g, mask=mask & ~flag)
+    _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best_idx, best_loss,
+                 mask & ~flag, False)  # fmt: skip
+    _store_amax(part_ptr, part_stride, m, g)
     # One atomic per flagged block (about 1 in 100): each gets its own slot in the list.
     slot = tl.atomic_add(count_ptr + tl.full([BLOCK_B], 0, tl.int32), 1, mask=flag, sem="relaxed")
     tl.store(work_ptr + slot, rows.to(tl.int32), mask=flag & (slot < n_blocks))
@@ -360,14 +430,13 @@ def _store_stats(
 
 
 @triton.jit
-def _store_amax(part_ptr, part_stride, absw, g):
+def _store_amax(part_ptr, part_stride, block_max, g):
     # Row 2 of the partials: max |x| over the tensor, +inf if it holds NaN or Inf, as an atomic max
     # of each tile's into column pid % AMAX_SLOTS (fewer tiles per address), and the global amax in
     # column AMAX_SLOTS. The public sweep reads these AMAX_SLOTS + 1 values once, after the launch,
-    # to validate its input: no pass over x, and no launch, before or after the kernels. Masked rows
-    # were loaded as 0.
-    clean = tl.where(absw < float("inf"), absw, float("inf"))  # NaN -> inf (a max would drop it)
-    tile_max = tl.reduce(tl.reduce(clean, 1, _MAX), 0, _MAX)
+    # to validate its input: no pass over x, and no launch, before or after the kernels.
+    # block_max: [B] per-block max |x| with NaN as +inf (a max would drop NaN); masked rows are 0.
+    tile_max = tl.reduce(block_max, 0, _MAX)
     pid = tl.program_id(0)
     row = part_ptr + 2 * part_stride
     # As int32 bits (non-negative floats order as their bits), relaxed: one atomic and no fence. A
