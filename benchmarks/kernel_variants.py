@@ -40,16 +40,16 @@ from nvfp4_qat.kernels import _sweep_kernels as K
 from nvfp4_qat.kernels import sweep as ks
 
 SOURCE = Path(K.__file__).read_text()
-TREE_START = "    c1 = (u > t[0]) if _T1 else (u >= t[0])\n"
+TREE_START = "    c1 = (u > t1) if _T1 else (u >= t1)\n"
 TREE_END = "    e = a - tl.where(c4, high, low)\n"
 CHAIN = """    dq = tl.zeros_like(a)
-    dq = tl.where((u > t[0]) if _T1 else (u >= t[0]), d[0], dq)
-    dq = tl.where((u > t[1]) if _T2 else (u >= t[1]), d[1], dq)
-    dq = tl.where((u > t[2]) if _T3 else (u >= t[2]), d[2], dq)
-    dq = tl.where((u > t[3]) if _T4 else (u >= t[3]), d[3], dq)
-    dq = tl.where((u > t[4]) if _T5 else (u >= t[4]), d[4], dq)
-    dq = tl.where((u > t[5]) if _T6 else (u >= t[5]), d[5], dq)
-    dq = tl.where((u > t[6]) if _T7 else (u >= t[6]), d[6], dq)
+    dq = tl.where((u > t1) if _T1 else (u >= t1), _Q1 * sv, dq)
+    dq = tl.where((u > t2) if _T2 else (u >= t2), _Q2 * sv, dq)
+    dq = tl.where((u > t3) if _T3 else (u >= t3), _Q3 * sv, dq)
+    dq = tl.where((u > t4) if _T4 else (u >= t4), _Q4 * sv, dq)
+    dq = tl.where((u > t5) if _T5 else (u >= t5), _Q5 * sv, dq)
+    dq = tl.where((u > t6) if _T6 else (u >= t6), _Q6 * sv, dq)
+    dq = tl.where((u > t7) if _T7 else (u >= t7), _Q7 * sv, dq)
     e = a - dq
 """
 # Session 7's [B, 16]-tile pruned pass (commit fbedddb), renamed; it records max |x| of its tile

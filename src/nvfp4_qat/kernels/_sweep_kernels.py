@@ -114,9 +114,8 @@ def _odd_f16(u):
 
 @triton.jit
 def _code_consts(v, s2, F16: tl.constexpr):
-    # The 7 decision thresholds MID * v (exact in fp32, and in fp16 with F16) and the 7 dequantized
-    # magnitudes fl(Q * fl(v * s2)) of code v: computed once per code (and block), used per element.
-    sv = v * s2
+    # The 7 decision thresholds MID * v of code v (exact in fp32, and in fp16 with F16) and its
+    # scale fl(v * s2): computed once per code (and block), used per element.
     t1 = v * _M1
     t2 = v * _M2
     t3 = v * _M3
@@ -133,28 +132,30 @@ def _code_consts(v, s2, F16: tl.constexpr):
         t5 = t5.to(tl.float16)
         t6 = t6.to(tl.float16)
         t7 = t7.to(tl.float16)
-    return (t1, t2, t3, t4, t5, t6, t7), (_Q1 * sv, _Q2 * sv, _Q3 * sv, _Q4 * sv, _Q5 * sv, _Q6 * sv, _Q7 * sv)
+    return t1, t2, t3, t4, t5, t6, t7, v * s2
 
 
 @triton.jit
-def _sq_err(a, u, t, d):
+def _sq_err(a, u, t1, t2, t3, t4, t5, t6, t7, sv):
     # Squared error of elements |w| = a at one code: the one per-element rule of every kernel.
     # u: |w| / s2 (fp32, correctly rounded), or its fp16 copy _odd_f16(u) when t is fp16 (same
-    # decisions); t, d: _code_consts. Passing threshold t[k] lifts the magnitude to d[k]; at a tie
-    # it stays down when the format's flag T says so. The decisions are monotone (u passing one
+    # decisions); t1..t7, sv: _code_consts. Passing threshold tk lifts the magnitude to fl(Qk * sv);
+    # at a tie it stays down when the format's flag T says so. (The products are made here, not
+    # passed in: Triton 3.6 fails to compile the work-list kernel's loop when they are, "operand
+    # does not dominate this use"; the compiler makes them once per code either way.) The decisions are monotone (u passing one
     # passes every lower one), so the magnitude is picked by a 3-level tree of selects rather than a
     # chain of 7 (fewer selects, and no 7-deep dependency: 0.42 -> 0.38 ms pruned, 3.96 -> 3.49
     # exhaustive on an 8192x4096 bf16 weight, H200). Written out: a jit call per decision is slow
     # in the interpreter.
-    c1 = (u > t[0]) if _T1 else (u >= t[0])
-    c2 = (u > t[1]) if _T2 else (u >= t[1])
-    c3 = (u > t[2]) if _T3 else (u >= t[2])
-    c4 = (u > t[3]) if _T4 else (u >= t[3])
-    c5 = (u > t[4]) if _T5 else (u >= t[4])
-    c6 = (u > t[5]) if _T6 else (u >= t[5])
-    c7 = (u > t[6]) if _T7 else (u >= t[6])
-    low = tl.where(c2, tl.where(c3, d[2], d[1]), tl.where(c1, d[0], 0.0))
-    high = tl.where(c6, tl.where(c7, d[6], d[5]), tl.where(c5, d[4], d[3]))
+    c1 = (u > t1) if _T1 else (u >= t1)
+    c2 = (u > t2) if _T2 else (u >= t2)
+    c3 = (u > t3) if _T3 else (u >= t3)
+    c4 = (u > t4) if _T4 else (u >= t4)
+    c5 = (u > t5) if _T5 else (u >= t5)
+    c6 = (u > t6) if _T6 else (u >= t6)
+    c7 = (u > t7) if _T7 else (u >= t7)
+    low = tl.where(c2, tl.where(c3, _Q3 * sv, _Q2 * sv), tl.where(c1, _Q1 * sv, 0.0))
+    high = tl.where(c6, tl.where(c7, _Q7 * sv, _Q6 * sv), tl.where(c5, _Q5 * sv, _Q4 * sv))
     e = a - tl.where(c4, high, low)
     return e * e
 
@@ -169,8 +170,8 @@ def _block_loss(
     F16: tl.constexpr,
 ):
     # Squared error of each block at code v, summed as the reference does. -> [B] fp32
-    t, d = _code_consts(v, s2, F16)
-    sq = _sq_err(absw, u, t, d)
+    t1, t2, t3, t4, t5, t6, t7, sv = _code_consts(v, s2, F16)
+    sq = _sq_err(absw, u, t1, t2, t3, t4, t5, t6, t7, sv)
     # Pairwise tree over adjacent pairs (16 -> 8 -> 4 -> 2 -> 1), as the reference sums: element
     # 8a+4b+2c+d, summed over d, then c, b, a. Each step adds exactly two numbers, so the result
     # does not depend on how a reduction is laid out over threads (the last one uses shuffles).
@@ -185,23 +186,23 @@ def _block_loss(
 def _block_loss16(a, u, v, s2):
     # _block_loss for blocks held as 16 [B] vectors (one thread per block, the pruned pass): a, u
     # are tuples of the 16 elements' |w| and fp16 decision copies; the same pairwise tree. -> [B]
-    t, d = _code_consts(v, s2, True)
-    e0 = _sq_err(a[0], u[0], t, d)
-    e1 = _sq_err(a[1], u[1], t, d)
-    e2 = _sq_err(a[2], u[2], t, d)
-    e3 = _sq_err(a[3], u[3], t, d)
-    e4 = _sq_err(a[4], u[4], t, d)
-    e5 = _sq_err(a[5], u[5], t, d)
-    e6 = _sq_err(a[6], u[6], t, d)
-    e7 = _sq_err(a[7], u[7], t, d)
-    e8 = _sq_err(a[8], u[8], t, d)
-    e9 = _sq_err(a[9], u[9], t, d)
-    e10 = _sq_err(a[10], u[10], t, d)
-    e11 = _sq_err(a[11], u[11], t, d)
-    e12 = _sq_err(a[12], u[12], t, d)
-    e13 = _sq_err(a[13], u[13], t, d)
-    e14 = _sq_err(a[14], u[14], t, d)
-    e15 = _sq_err(a[15], u[15], t, d)
+    t1, t2, t3, t4, t5, t6, t7, sv = _code_consts(v, s2, True)
+    e0 = _sq_err(a[0], u[0], t1, t2, t3, t4, t5, t6, t7, sv)
+    e1 = _sq_err(a[1], u[1], t1, t2, t3, t4, t5, t6, t7, sv)
+    e2 = _sq_err(a[2], u[2], t1, t2, t3, t4, t5, t6, t7, sv)
+    e3 = _sq_err(a[3], u[3], t1, t2, t3, t4, t5, t6, t7, sv)
+    e4 = _sq_err(a[4], u[4], t1, t2, t3, t4, t5, t6, t7, sv)
+    e5 = _sq_err(a[5], u[5], t1, t2, t3, t4, t5, t6, t7, sv)
+    e6 = _sq_err(a[6], u[6], t1, t2, t3, t4, t5, t6, t7, sv)
+    e7 = _sq_err(a[7], u[7], t1, t2, t3, t4, t5, t6, t7, sv)
+    e8 = _sq_err(a[8], u[8], t1, t2, t3, t4, t5, t6, t7, sv)
+    e9 = _sq_err(a[9], u[9], t1, t2, t3, t4, t5, t6, t7, sv)
+    e10 = _sq_err(a[10], u[10], t1, t2, t3, t4, t5, t6, t7, sv)
+    e11 = _sq_err(a[11], u[11], t1, t2, t3, t4, t5, t6, t7, sv)
+    e12 = _sq_err(a[12], u[12], t1, t2, t3, t4, t5, t6, t7, sv)
+    e13 = _sq_err(a[13], u[13], t1, t2, t3, t4, t5, t6, t7, sv)
+    e14 = _sq_err(a[14], u[14], t1, t2, t3, t4, t5, t6, t7, sv)
+    e15 = _sq_err(a[15], u[15], t1, t2, t3, t4, t5, t6, t7, sv)
     low = ((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7))
     return low + (((e8 + e9) + (e10 + e11)) + ((e12 + e13) + (e14 + e15)))
 
