@@ -34,7 +34,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
     compiled = key = None
     try:
-        if triton.knobs.runtime.launch_enter_hook is None:
+        if not _hooked(triton.knobs.runtime.launch_enter_hook):
             device = driver.active.get_current_device()
             binder = kernel.device_caches[device][4]
             bound, specialization, options = binder(*args, **kwargs)
@@ -51,3 +51,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     stream = driver.active.get_current_stream(device)
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
                  *bound.values())  # fmt: skip
+
+
+def _hooked(hook) -> bool:
+    # Whether a launch hook is set: Triton 3.6+ holds a HookChain that is never None (empty when no
+    # profiler registered one); older versions hold None or a callable.
+    return hook is not None and bool(getattr(hook, "calls", True))
