@@ -678,3 +678,16 @@ def test_cuda_direct_launch_is_cached_per_specialization():
         assert _launch._compiled is not None, "the direct launch path was disabled"
         seen.append({k for k in _launch._compiled if k[0] is K._sweep_pruned_kernel})
     assert seen[0] < seen[1], "the misaligned weight reused the aligned weight's compiled kernel"
+
+
+def test_direct_launch_yields_to_launch_hooks():
+    # kernels._launch launches directly only while no Triton launch hook is set: Triton 3.6+ holds
+    # an (empty) HookChain, older versions None or a callable.
+    from triton.knobs import HookChain
+
+    from nvfp4_qat.kernels._launch import _hooked
+
+    chain = HookChain()
+    assert not _hooked(None) and not _hooked(chain)
+    chain.add(print)
+    assert _hooked(chain) and _hooked(lambda *a, **k: None)

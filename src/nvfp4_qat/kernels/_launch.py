@@ -1,17 +1,21 @@
-"""One way to launch this package's Triton kernels: ``launch(kernel, grid, *args, **kwargs)``.
+"""How the scale-sweep kernels are launched: ``launch(kernel, grid, *args, **kwargs)``.
 
-It does what ``kernel[grid](*args, **kwargs)`` does, at a third of the host time after the first
-call of each specialization. Triton's ``JITFunction.run`` spends about half of its ~70 us per
-launch (H200 host, triton 3.6, the pruned sweep kernel) comparing every module-level constexpr the
-kernel reads (23 there) with its value at compile time, which ours never change; the public sweep
-waits on its launches with the GPU idle, and recalibration queues hundreds.
+It does what ``kernel[grid](*args, **kwargs)`` does, with less host time after the first call of
+each specialization. Triton's ``JITFunction.run`` spent about half of its ~70 us per launch (H200
+host, triton 3.6, the pruned sweep kernel) comparing every module-level constexpr the kernel reads
+(23 there) with its value at compile time, which ours never change; the public sweep waits on its
+launches with the GPU idle, and recalibration queues hundreds.
 
 So a CUDA launch here runs Triton's own binder (the specialization of the arguments: dtypes, 16-byte
 alignment, divisibility, which decides the compiled kernel that applies), looks the compiled kernel
 up in :data:`_compiled` under that specialization and the options, and launches it as ``run`` would:
-about 22 us. The first launch of each specialization goes through ``kernel[grid]`` (which compiles
-or loads it), and so does every launch while a Triton launch hook is set (profilers), every
-interpreted kernel, and every launch after these internals turned out missing (another Triton).
+24.0 us against 43.1 through ``kernel[grid]`` (H200 host, medians, ``benchmarks/bench_public_call.py``).
+The first launch of each specialization goes through ``kernel[grid]`` (which compiles or loads it),
+and so does every launch while a Triton launch hook is set (profilers), every interpreted kernel,
+and every launch after these internals turned out missing (another Triton).
+
+Only the sweep kernels use it: their GPU tests ran with it. The fake-quant and activation kernels
+(one launch per layer and step) still take Triton's own path: they were not tested on a GPU with it.
 """
 
 from __future__ import annotations

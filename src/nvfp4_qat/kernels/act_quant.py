@@ -36,7 +36,6 @@ from nvfp4_qat._backend import require_triton
 from nvfp4_qat._validation import check_global_amax, check_x
 from nvfp4_qat.format import BLOCK_SIZE, block_code_bytes, decision_table, fp8_code_values, global_scale
 from nvfp4_qat.kernels import _interpret
-from nvfp4_qat.kernels._launch import launch
 from nvfp4_qat.kernels.fake_quant import (
     DEFAULT_CONFIG,
     _check_config,
@@ -186,9 +185,7 @@ def input_amax(x: torch.Tensor) -> torch.Tensor:
     span = cfg["ROWS"] * cfg["TILES"]
     partials = torch.empty(_programs(n_blocks, cfg), dtype=torch.float32, device=x.device)
     with _on(x.device):
-        launch(
-            _kernel("_amax_kernel", x.device),
-            (partials.numel(),),
+        _kernel("_amax_kernel", x.device)[(partials.numel(),)](
             xf,
             partials,
             n_blocks,
@@ -212,9 +209,7 @@ def act_quant_prepared(
     n_blocks = xf.numel() // 16
     out = torch.empty_like(xf)
     with _on(x.device):
-        launch(
-            _kernel("_act_quant_kernel", x.device),
-            (_programs(n_blocks, cfg),),
+        _kernel("_act_quant_kernel", x.device)[(_programs(n_blocks, cfg),)](
             xf,
             thresholds,
             table,

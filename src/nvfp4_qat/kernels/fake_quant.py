@@ -48,7 +48,6 @@ from nvfp4_qat._backend import on_device, require_triton
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
 from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale
 from nvfp4_qat.kernels import _interpret
-from nvfp4_qat.kernels._launch import launch
 
 __all__ = [
     "CONFIGS",
@@ -311,9 +310,7 @@ def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.
 
 
 def _programs(n_blocks: int, config: dict[str, int]) -> int:
-    return max(
-        1, -(-n_blocks // (config["ROWS"] * config.get("TILES", 1)))
-    )  # not triton.cdiv: jitted, slow from Python
+    return max(1, -(-n_blocks // (config["ROWS"] * config.get("TILES", 1))))  # not triton.cdiv: jitted, slow from Python
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[int]:
@@ -373,9 +370,7 @@ def stats_partials(
     owner = torch.repeat_interleave(ids, meta[5], output_size=total)  # output_size: no host sync
     partials = torch.empty(3, total, dtype=torch.float32, device=device)
     with _on(device):
-        launch(
-            _kernel("_stats_kernel", device),
-            (total,),
+        _kernel("_stats_kernel", device)[(total,)](
             flats[0],
             codes[0],
             tables[0],
@@ -403,9 +398,7 @@ def segment_totals(partials: torch.Tensor, lengths: list[int], max_row: int = -1
     seg = on_device([starts, lengths], torch.int64, device)
     out = torch.empty(len(lengths), partials.shape[0], dtype=torch.float32, device=device)
     with _on(device):
-        launch(
-            _kernel("_segment_kernel", device),
-            (len(lengths),),
+        _kernel("_segment_kernel", device)[(len(lengths),)](
             partials,
             partials.stride(0),
             seg,
@@ -433,9 +426,7 @@ def fake_quant_prepared(
     bf16 = xc.dtype == torch.bfloat16
     x_arg, out_arg = (xc.view(torch.int16), out.view(torch.int16)) if bf16 else (xc, out)
     with _on(xc.device):
-        launch(
-            _kernel("_fake_quant_kernel", xc.device),
-            (_programs(n_blocks, cfg),),
+        _kernel("_fake_quant_kernel", xc.device)[(_programs(n_blocks, cfg),)](
             x_arg,
             codes.reshape(-1),
             table.reshape(-1),
