@@ -6,6 +6,7 @@ each module loads when its backend is first used.
 * :mod:`.sweep`: the launcher of the scale-sweep kernels (:mod:`._sweep_kernels`), behind
   ``nvfp4_scale_sweep(backend="triton")`` and recalibration;
 * :mod:`._interpret`: interpreted copies of the kernels for CPU tensors under ``TRITON_INTERPRET=1``.
+* :mod:`._launch`: the sweep kernels' launch path (Triton's binder, then the compiled kernel directly).
 """
 
 __all__ = ["sweep_triton"]
