@@ -68,10 +68,11 @@ _MIN = tl.standard._elementwise_min
 # config when cold), for configs within a few % of each other. Exhaustive, medians on an H200
 # (8192x4096 bf16, `benchmarks/bench_sweep.py --configs`): B32w1 3.498, B64w2 3.416, B128w4 3.422,
 # B256w8 3.456 ms. Pruned: one block per thread (BLOCK_B = 32 * num_warps; two per thread, B256w4,
-# took 0.594 ms against 0.306 for B256w8 and 0.313 for B128w4, H200). Smaller tiles score fewer
-# codes: a tile scores an extra code below the window when any one of its blocks needs it (11.17
-# codes per block at B32, 11.31 at B64, 11.52 at B128 on a normal 512x4096 weight, counted exactly
-# on CPU by benchmarks/count_sweep_candidates.py).
+# took 0.594 ms against 0.306 for B256w8 and 0.313 for B128w4: bare kernel, window unrolled, H200).
+# Smaller tiles score fewer codes: a tile scores an extra code below the window when any one of its
+# blocks needs it (11.17 codes per block at B32, 11.31 at B64, 11.52 at B128 on a normal 512x4096
+# weight, counted exactly on CPU by benchmarks/count_sweep_candidates.py). The other pruned tiles
+# were not timed in this layout (`bench_sweep.py --configs` times every one).
 EXHAUSTIVE_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1)
 PRUNED_CONFIG = triton.Config({"BLOCK_B": 256}, num_warps=8)
 #: Alternatives with the same results (tests pin each one; the benchmark times them).
@@ -327,8 +328,9 @@ def _sweep_pruned_kernel(
 ):
     # One thread per block: its 16 elements are 16 [B] vectors, so the per-code values (thresholds,
     # magnitudes) are made once per block and the 16-element sum needs no shuffles. Against the
-    # [B, 16] tile (2 threads per block) of _block_loss: 21.3 -> 17.1 SASS instructions per
-    # element-code (sm_90) and 0.337 -> 0.306 ms on an 8192x4096 bf16 weight (H200), same result.
+    # [B, 16] tile (2 threads per block) of _block_loss: 21.3 -> 17.6 SASS instructions per
+    # element-code (sm_90, Triton 3.6, window unrolled) and 0.336 -> 0.323 ms through launch_sweep on an
+    # 8192x4096 bf16 weight (H200, bench_sweep.py), same result.
     N_WINDOW: tl.constexpr = N_BELOW + 8
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (rows < n_blocks) & _live(g_ptr, BLOCK_B)  # all False: nothing read, written or flagged
