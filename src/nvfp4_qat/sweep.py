@@ -85,7 +85,8 @@ def _u(amax: float, g: float) -> float:
     if g < amax * (GLOBAL_SCALE_DIVISOR * 2.0**10):  # u > about 2**-10: far from the bound, and
         return 1.0  # any value above 2**-11 decides the same
     f32 = torch.float32
-    return float(torch.tensor(amax, dtype=f32) / global_scale(torch.tensor(g, dtype=f32)))  # CPU: correctly rounded
+    # On the CPU: correctly rounded.
+    return float(torch.tensor(amax, dtype=f32) / global_scale(torch.tensor(g, dtype=f32)))
 
 
 def _values(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -310,7 +310,8 @@ def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.
 
 
 def _programs(n_blocks: int, config: dict[str, int]) -> int:
-    return max(1, -(-n_blocks // (config["ROWS"] * config.get("TILES", 1))))  # not triton.cdiv: jitted, slow from Python
+    # Not triton.cdiv: a jitted function, slow to call from Python.
+    return max(1, -(-n_blocks // (config["ROWS"] * config.get("TILES", 1))))
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[int]:
