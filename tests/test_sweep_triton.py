@@ -673,7 +673,8 @@ def test_cuda_direct_launch_is_cached_per_specialization():
         g = amax(x)
         want = sweep_reference(x, g)
         for _ in range(3):  # the first compiles or loads, the next two take the direct path
-            assert_same_blocks(launch_sweep(x, g, "pruned")[0], want)
+            out = torch.full((x.numel() // 16,), float("nan"), device="cuda")  # a launch must fill it
+            assert_same_blocks(launch_sweep(x, g, "pruned", buffers={"out": out})[0], want)
             assert_same_blocks(nvfp4_scale_sweep(x, g), want)
         assert _launch._compiled is not None, "the direct launch path was disabled"
         seen.append({k for k in _launch._compiled if k[0] is K._sweep_pruned_kernel})

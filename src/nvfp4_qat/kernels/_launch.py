@@ -12,7 +12,9 @@ up in :data:`_compiled` under that specialization and the options, and launches 
 24.0 us against 43.1 through ``kernel[grid]`` (H200 host, medians, ``benchmarks/bench_public_call.py``).
 The first launch of each specialization goes through ``kernel[grid]`` (which compiles or loads it),
 and so does every launch while a Triton launch hook is set (profilers), every interpreted kernel,
-and every launch after these internals turned out missing (another Triton).
+and every launch after these internals turned out missing (another Triton). What ``run`` does and
+this path does not: the check of the module globals (the sweep module never reassigns its
+constants) and the kernel's pre-run hooks (the sweep kernels have none).
 
 Only the sweep kernels use it: their GPU tests ran with it. The fake-quant and activation kernels
 (one launch per layer and step) still take Triton's own path: they were not tested on a GPU with it.
@@ -38,11 +40,16 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
     compiled = key = None
     try:
-        if not _hooked(triton.knobs.runtime.launch_enter_hook):
+        runtime, compilation = triton.knobs.runtime, triton.knobs.compilation
+        if not (_hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)):
             device = driver.active.get_current_device()
             binder = kernel.device_caches[device][4]
             bound, specialization, options = binder(*args, **kwargs)
-            key = (kernel, device, tuple(specialization), tuple(options.items()))
+            # run() adds these settings to the options it compiles with: a change of any of them
+            # must reach run() again, not reuse the kernel compiled without it.
+            knobs = (kernel.debug, runtime.debug, getattr(compilation, "instrumentation_mode", None),
+                     getattr(compilation, "fpsan_homomorphic_casts", None))  # fmt: skip
+            key = (kernel, device, tuple(specialization), tuple(options.items()), knobs)
             compiled = _compiled.get(key)
     except (AttributeError, IndexError, KeyError, TypeError):  # not the Triton this was written for
         _compiled = key = None

@@ -105,7 +105,8 @@ def _odd_f16(u):
     # decision on this copy is the fp32 decision, bit for bit, and the compiler packs two elements
     # per compare (HSETP2: 23.6 -> 21.3 SASS instructions per element-code). u below 2**-14 (fp16
     # subnormals) fails every threshold and maps to 0; u above every threshold is clamped first
-    # (the fp16 range ends at 65504). NaN u (x NaN or Inf) makes the loss NaN at every code anyway.
+    # (the fp16 range ends at 65504). Where u is NaN (x NaN; the pruned pass maps NaN |x| to inf
+    # first), the loss is NaN at every code whatever the decisions.
     uc = tl.minimum(u, 32768.0)
     bits = uc.to(tl.int32, bitcast=True)
     h = ((bits >> 13) - (112 << 10)) | ((bits & 0x1FFF) != 0).to(tl.int32)  # rebias 127 -> 15
