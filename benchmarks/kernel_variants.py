@@ -146,7 +146,7 @@ def variant(name: str, unrolled: bool = False):
     if name == "library":
         text = SOURCE
     elif name == "fp32":
-        text = SOURCE.replace("return absw, u, _odd_f16(u), s2, g", "return absw, u, u, s2, g")
+        text = SOURCE.replace("_argmin_lanes(absw, _odd_f16(u), s2,", "_argmin_lanes(absw, u, s2,")
         text = text.replace(
             "    return a, _odd_f16(tl.math.div_rn(a, s2))", "    return a, tl.math.div_rn(a, s2)"
         )

@@ -23,6 +23,7 @@ Only the sweep kernels use it: their GPU tests ran with it. The fake-quant and a
 from __future__ import annotations
 
 import triton
+from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 #: Compiled kernels by (kernel, device, Triton's specialization of the arguments, options).
@@ -36,8 +37,6 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if not isinstance(kernel, JITFunction) or _compiled is None:  # interpreted, or no direct path
         kernel[grid](*args, **kwargs)
         return
-    from triton.runtime import driver
-
     compiled = key = None
     try:
         runtime, compilation = triton.knobs.runtime, triton.knobs.compilation

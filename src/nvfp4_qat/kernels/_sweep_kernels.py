@@ -223,14 +223,13 @@ def _live(g_ptr, B: tl.constexpr):
 
 @triton.jit
 def _load_blocks(x_ptr, rows, mask, g_ptr, B: tl.constexpr):
-    # rows: [B] int64 block indices. -> |w| [B, 16] fp32, u [B, 16] fp32, its fp16 decision copy
-    # (_odd_f16), s2, g (fp32 scalars)
+    # rows: [B] int64 block indices. -> |w| [B, 16] fp32, u [B, 16] fp32, s2, g (fp32 scalars)
     offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
     absw = tl.abs(tl.load(x_ptr + offs, mask=mask[:, None], other=0.0).to(tl.float32))
     g = tl.load(g_ptr)
     s2 = tl.math.div_rn(g, tl.full([], _DIVISOR, tl.float32))
     u = tl.math.div_rn(absw, tl.full([B, 16], 0.0, tl.float32) + s2)  # correctly rounded
-    return absw, u, _odd_f16(u), s2, g
+    return absw, u, s2, g
 
 
 @triton.jit
@@ -290,7 +289,7 @@ def _sweep_exhaustive_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (rows < n_blocks) & _live(g_ptr, BLOCK_B)
-    absw, u, uh, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
+    absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
     best, loss = _argmin_all(absw, u, s2, values_ptr, NUM_CANDIDATES, BLOCK_B)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, tl.program_id(0), rows, best, loss, mask, False)
@@ -463,8 +462,8 @@ def _sweep_listed(
     slots = tile * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = slots < count
     rows = tl.load(work_ptr + slots, mask=mask, other=0).to(tl.int64)
-    absw, u, uh, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
-    best, loss = _argmin_lanes(absw, uh, s2, values_ptr, NUM_CANDIDATES, BLOCK_B, LANES)
+    absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
+    best, loss = _argmin_lanes(absw, _odd_f16(u), s2, values_ptr, NUM_CANDIDATES, BLOCK_B, LANES)
     tl.store(out_ptr + rows, tl.load(cands_ptr + best) * g, mask=mask)
     _store_stats(code_ptr, old_ptr, part_ptr, part_stride, acc_slot, rows, best, loss, mask, True)
 
