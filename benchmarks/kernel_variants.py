@@ -3,9 +3,12 @@
 The variants are built at run time from the library's kernel source (``_sweep_kernels.py``), so the
 comparison is against exactly what ships (one thread per block, fp16 decision copy, select tree):
 
-* ``fp32``: the E2M1 decisions on ``u`` in fp32 instead of the fp16 round-to-odd copy (same
-  decisions; fp16 packs two per compare instruction);
-* ``chain``: the E2M1 magnitude picked by a chain of 7 dependent selects (the kernel until
+* ``select``: the decisions and the magnitude by compares and a tree of selects (``_sq_err``, what
+  the interpreter runs, and the CUDA kernel until session 8) instead of the packed ``set.f16x2``
+  arithmetic of ``_PAIR_ASM``;
+* ``fp32``: ``select`` with the E2M1 decisions on ``u`` in fp32 instead of the fp16 round-to-odd
+  copy (same decisions; fp16 packs two per compare instruction);
+* ``chain``: ``select`` with the E2M1 magnitude picked by a chain of 7 dependent selects (the kernel until
   session 6) instead of the 3-level tree;
 * ``tile``: the pruned pass of session 7's first commits: a ``[B, 16]`` tile that gives each block to
   2 threads of 8 elements (``_block_loss``, as the exhaustive and work-list kernels still use),
@@ -75,6 +78,7 @@ def _sweep_pruned_tile_kernel(
     FIRST_DOUBLING: tl.constexpr,  # first k from which v[k + 8] == 2 * v[k] (normal codes)
     N_BELOW: tl.constexpr,  # codes scored below k0 by every block
     N_EXTRA: tl.constexpr,  # further codes below, scored by a tile only where its bound fails
+    PACKED: tl.constexpr,  # unused here (the launcher passes it)
     BLOCK_B: tl.constexpr,
 ):
     # Per-block values are kept as [B, 1] columns of the [B, 16] tile so that they share its
@@ -82,7 +86,8 @@ def _sweep_pruned_tile_kernel(
     N_WINDOW: tl.constexpr = N_BELOW + 8
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (rows < n_blocks) & _live(g_ptr, BLOCK_B)  # all False: nothing read, written or flagged
-    absw, u, uh, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
+    absw, u, s2, g = _load_blocks(x_ptr, rows, mask, g_ptr, BLOCK_B)
+    uh = _odd_f16(u)
     m = tl.reduce(absw, 1, _MAX, keep_dims=True)  # [B, 1]
     u_max = tl.reduce(u, 1, _MAX, keep_dims=True)  # = fl(m / s2): rounding is monotone
 
@@ -141,21 +146,25 @@ def _sweep_pruned_tile_kernel(
 
 
 def variant(name: str, unrolled: bool = False):
-    """The variant module ``name`` ("library", "fp32", "chain" or "tile"), written to a temporary file
-    and imported; ``unrolled``: with the pruned window unrolled (the SASS counts compare that form)."""
+    """The variant module ``name`` ("library", "select", "fp32", "chain" or "tile"), written to a
+    temporary file and imported; ``unrolled``: with the pruned window unrolled (the SASS counts
+    compare that form)."""
     if name == "library":
         text = SOURCE
+    elif name == "select":
+        text = unpacked(SOURCE)
     elif name == "fp32":
-        text = SOURCE.replace("_argmin_lanes(absw, _odd_f16(u), s2,", "_argmin_lanes(absw, u, s2,")
+        text = unpacked(SOURCE).replace("_argmin_lanes(absw, _odd_f16(u), s2,", "_argmin_lanes(absw, u, s2,")
         text = text.replace(
-            "    return a, _odd_f16(tl.math.div_rn(a, s2))", "    return a, tl.math.div_rn(a, s2)"
+            "    return a, _odd_f16_bits(tl.math.div_rn(a, s2))", "    return a, tl.math.div_rn(a, s2)"
         )
+        text = text.replace("    return h.to(tl.int16).to(tl.float16, bitcast=True)", "    return h")  # _f16
         text = text.replace("    if F16:", "    if False:")
-        if text.count("    if False:") != 1 or "_odd_f16(u)," in text or "_odd_f16(tl.math" in text:
+        if text.count("    if False:") != 3 or "_odd_f16(u)," in text or "_odd_f16_bits(tl.math" in text:
             raise RuntimeError("the library's decision code changed: update the fp32 variant")
     elif name == "chain":
         i, j = SOURCE.index(TREE_START), SOURCE.index(TREE_END) + len(TREE_END)
-        text = SOURCE[:i] + CHAIN + SOURCE[j:]
+        text = unpacked(SOURCE[:i] + CHAIN + SOURCE[j:])
     else:
         i = SOURCE.index("\ndef interpreted(")
         text = SOURCE[:i] + TILE + SOURCE[i:]
@@ -173,6 +182,15 @@ def variant(name: str, unrolled: bool = False):
     return module
 
 
+def unpacked(text: str) -> str:
+    """``text`` with the pruned pass's packed path switched off (the interpreter's path on CUDA)."""
+    for old in ("    if PACKED:  # the decision copies", "    if PACKED:\n        t = _thresholds_f16x2"):
+        if text.count(old) != 1:
+            raise RuntimeError("the library's packed path changed: update kernel_variants.py")
+        text = text.replace(old, old.replace("if PACKED:", "if False:"))
+    return text
+
+
 def pruned(module):
     return (
         module._sweep_pruned_tile_kernel
@@ -184,7 +202,7 @@ def pruned(module):
 SIGNATURE = {"x_ptr": "*bf16", "values_ptr": "*fp32", "cands_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
              "code_ptr": "*u8", "old_ptr": "*u8", "part_ptr": "*fp32", "part_stride": "i32", "work_ptr": "*i32",
              "count_ptr": "*i32", "n_blocks": "i32", "NUM_CANDIDATES": "constexpr", "FIRST_DOUBLING": "constexpr",
-             "N_BELOW": "constexpr", "N_EXTRA": "constexpr", "BLOCK_B": "constexpr"}  # fmt: skip
+             "N_BELOW": "constexpr", "N_EXTRA": "constexpr", "PACKED": "constexpr", "BLOCK_B": "constexpr"}  # fmt: skip
 
 
 def sass_counts(fn, block_b: int, num_warps: int) -> collections.Counter:
@@ -193,7 +211,7 @@ def sass_counts(fn, block_b: int, num_warps: int) -> collections.Counter:
     from triton.compiler import ASTSource
 
     constexprs = {"NUM_CANDIDATES": 126, "FIRST_DOUBLING": ks.FIRST_DOUBLING, "N_BELOW": ks.N_BELOW,
-                  "N_EXTRA": ks.N_EXTRA, "BLOCK_B": block_b}  # fmt: skip
+                  "N_EXTRA": ks.N_EXTRA, "PACKED": True, "BLOCK_B": block_b}  # fmt: skip
     aligned = [(i,) for i, (n, t) in enumerate(SIGNATURE.items()) if t.startswith("*") or n == "n_blocks"]
     src = ASTSource(fn, SIGNATURE, constexprs, {k: [["tt.divisibility", 16]] for k in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -213,17 +231,18 @@ def sass_counts(fn, block_b: int, num_warps: int) -> collections.Counter:
 
 def run_sass() -> None:
     codes = ks.N_BELOW + 8 + ks.N_EXTRA  # unrolled: the window and both extra codes
-    rows = [("library (thread per block)", pruned(variant("library", True)), 256, 8, 16),
+    rows = [("library (packed, thread per block)", pruned(variant("library", True)), 256, 8, 16),
+            ("select tree", pruned(variant("select", True)), 256, 8, 16),
             ("fp32 decisions", pruned(variant("fp32", True)), 256, 8, 16),
             ("chain", pruned(variant("chain", True)), 256, 8, 16),
             ("tile ([B, 16], B32 w2)", pruned(variant("tile", True)), 32, 2, 8)]  # fmt: skip
     print(f"triton {triton.__version__}, sm_90 SASS of the pruned pass; {codes} codes unrolled")
-    print(f"{'kernel':<30} {'instructions':>12} {'per element-code':>17}  top opcodes")
+    print(f"{'kernel':<34} {'instructions':>12} {'per element-code':>17}  top opcodes")
     for name, fn, block_b, warps, per_thread in rows:
         ops = sass_counts(fn, block_b, warps)
         total = sum(ops.values())
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(4))
-        print(f"{name:<30} {total:>12} {total / (codes * per_thread):>17.1f}  {top}")
+        print(f"{name:<34} {total:>12} {total / (codes * per_thread):>17.1f}  {top}")
 
 
 def run_gpu() -> None:
@@ -240,7 +259,7 @@ def run_gpu() -> None:
     print(f"library pruned (B256 w8): {bench(lambda: ks.launch_sweep(x, g, 'pruned')):.4f} ms, "
           f"{int(count)} blocks to the second pass")  # fmt: skip
     tile = triton.Config({"BLOCK_B": 32}, num_warps=2)
-    for name, config in [("fp32", None), ("chain", None), ("tile", tile)]:
+    for name, config in [("select", None), ("fp32", None), ("chain", None), ("tile", tile)]:
         module = variant(name)
         if name == "tile":
             module._sweep_pruned_kernel = module._sweep_pruned_tile_kernel  # what the launcher calls

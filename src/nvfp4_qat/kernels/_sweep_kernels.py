@@ -40,6 +40,8 @@ an interpreted kernel cannot call one when triton was imported without ``TRITON_
 
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
@@ -95,8 +97,45 @@ WORKLIST_CONFIG = triton.Config({"BLOCK_B": 16, "LANES": 8}, num_warps=4)
 AMAX_SLOTS = tl.constexpr(32)
 
 
+def _f16x2(x: float) -> str:
+    """``x`` (exact in fp16) in both halves of a 32-bit word, as a PTX immediate."""
+    bits = struct.unpack("<H", struct.pack("<e", x))[0]
+    return f"0x{bits << 16 | bits:08x}"
+
+
+# The packed pruned pass (CUDA): two elements per instruction for the E2M1 decision and the
+# magnitude, all on the FP arithmetic pipe. The select tree of _sq_err costs ~5 selects and 3.5
+# packed compares per element-code, and selects and compares issue at half the rate of FP
+# arithmetic on sm_80/90; here `set.f16x2` gives 1.0/0.0 per half, and their weighted sum is the
+# magnitude in halves (2 * E2M1 value: integers 0..12, exact in fp16). Then, in fp32 per element,
+# fl(q2 * fl(sv / 2)) is fl(Q * sv) bit for bit (the same real number, rounded once; sv / 2 is exact
+# while sv is normal, which the tiny-s2 flag guarantees), and the error and its square as in _sq_err.
+#: Per code: the 7 thresholds MID * v in fp16 (exact: <= 7 significant bits, in fp16's normal range),
+#: each in both halves of a word. $0..$6 out, $7: v (fp32).
+_THRESHOLDS_ASM = tl.constexpr(
+    "{ .reg .b16 h; .reg .b32 v2, m; cvt.rn.f16.f32 h, $7; mov.b32 v2, {h, h}; "
+    + "".join(f"mov.b32 m, {_f16x2(mid)}; mul.rn.f16x2 ${k}, v2, m; " for k, (mid, _) in enumerate(E2M1_MIDPOINTS))
+    + "}"
+)
+#: Per pair of elements and code: $0, $1 out, the squared errors (fp32); $2, $3: |w| (fp32); $4: the
+#: pair's fp16 decision copies (_odd_f16_bits, element 2i in the low half); $5..$11: thresholds;
+#: $12: fl(sv / 2). A midpoint that ties down compares with > (u must pass it), else >=.
+_STEPS = [round(2 * (hi - lo)) for lo, hi in zip(E2M1_VALUES, E2M1_VALUES[1:])]  # 1,1,1,1,2,2,4
+_PAIR_ASM = tl.constexpr(
+    "{ .reg .b32 q, c, w; .reg .b16 lo, hi; .reg .f32 m0, m1, e0, e1; mov.b32 q, 0; "
+    + "".join(
+        f"set.{'gt' if down else 'ge'}.f16x2.f16x2 c, $4, ${5 + k}; "
+        + ("add.rn.f16x2 q, q, c; " if step == 1 else f"mov.b32 w, {_f16x2(step)}; fma.rn.f16x2 q, c, w, q; ")
+        for k, ((_, down), step) in enumerate(zip(E2M1_MIDPOINTS, _STEPS))
+    )
+    + "mov.b32 {lo, hi}, q; cvt.f32.f16 m0, lo; cvt.f32.f16 m1, hi; "
+    "mul.rn.f32 m0, m0, $12; mul.rn.f32 m1, m1, $12; sub.rn.f32 e0, $2, m0; sub.rn.f32 e1, $3, m1; "
+    "mul.rn.f32 $0, e0, e0; mul.rn.f32 $1, e1, e1; }"
+)
+
+
 @triton.jit
-def _odd_f16(u):
+def _odd_f16_bits(u):
     # u (fp32, >= 0) as fp16, truncated with a sticky last bit ("round to odd"). A round-to-odd
     # value compares with every number of fewer significant bits exactly as the original does
     # (equal only if u was exact; otherwise it lies strictly between the same two such numbers).
@@ -111,7 +150,18 @@ def _odd_f16(u):
     bits = uc.to(tl.int32, bitcast=True)
     h = ((bits >> 13) - (112 << 10)) | ((bits & 0x1FFF) != 0).to(tl.int32)  # rebias 127 -> 15
     h = tl.where(uc < 0.00006103515625, 0, h)  # 2**-14
+    return h  # int32, the fp16 bits (< 0x8000)
+
+
+@triton.jit
+def _f16(h):
+    # fp16 bits (int32, < 0x8000) as fp16 values.
     return h.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _odd_f16(u):
+    return _f16(_odd_f16_bits(u))
 
 
 @triton.jit
@@ -185,26 +235,56 @@ def _block_loss(
 
 
 @triton.jit
-def _block_loss16(a, u, v, s2):
-    # _block_loss for blocks held as 16 [B] vectors (one thread per block, the pruned pass): a, u
-    # are tuples of the 16 elements' |w| and fp16 decision copies; the same pairwise tree. -> [B]
-    t1, t2, t3, t4, t5, t6, t7, sv = _code_consts(v, s2, True)
-    e0 = _sq_err(a[0], u[0], t1, t2, t3, t4, t5, t6, t7, sv)
-    e1 = _sq_err(a[1], u[1], t1, t2, t3, t4, t5, t6, t7, sv)
-    e2 = _sq_err(a[2], u[2], t1, t2, t3, t4, t5, t6, t7, sv)
-    e3 = _sq_err(a[3], u[3], t1, t2, t3, t4, t5, t6, t7, sv)
-    e4 = _sq_err(a[4], u[4], t1, t2, t3, t4, t5, t6, t7, sv)
-    e5 = _sq_err(a[5], u[5], t1, t2, t3, t4, t5, t6, t7, sv)
-    e6 = _sq_err(a[6], u[6], t1, t2, t3, t4, t5, t6, t7, sv)
-    e7 = _sq_err(a[7], u[7], t1, t2, t3, t4, t5, t6, t7, sv)
-    e8 = _sq_err(a[8], u[8], t1, t2, t3, t4, t5, t6, t7, sv)
-    e9 = _sq_err(a[9], u[9], t1, t2, t3, t4, t5, t6, t7, sv)
-    e10 = _sq_err(a[10], u[10], t1, t2, t3, t4, t5, t6, t7, sv)
-    e11 = _sq_err(a[11], u[11], t1, t2, t3, t4, t5, t6, t7, sv)
-    e12 = _sq_err(a[12], u[12], t1, t2, t3, t4, t5, t6, t7, sv)
-    e13 = _sq_err(a[13], u[13], t1, t2, t3, t4, t5, t6, t7, sv)
-    e14 = _sq_err(a[14], u[14], t1, t2, t3, t4, t5, t6, t7, sv)
-    e15 = _sq_err(a[15], u[15], t1, t2, t3, t4, t5, t6, t7, sv)
+def _thresholds_f16x2(v):
+    # The 7 thresholds of code v ([B] fp32) for _PAIR_ASM. -> 7 [B] int32
+    return tl.inline_asm_elementwise(_THRESHOLDS_ASM, "=r,=r,=r,=r,=r,=r,=r,f", [v], dtype=(tl.int32,) * 7,
+                                     is_pure=True, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _sq_err_pair(a0, a1, h, t, hsv):
+    # Squared errors of two elements at one code (_PAIR_ASM). -> ([B] fp32, [B] fp32)
+    return tl.inline_asm_elementwise(
+        _PAIR_ASM, "=f,=f,f,f,r,r,r,r,r,r,r,r,f", [a0, a1, h, t[0], t[1], t[2], t[3], t[4], t[5], t[6], hsv],
+        dtype=(tl.float32, tl.float32), is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _block_loss16(a, h, v, s2, PACKED: tl.constexpr):
+    # _block_loss for blocks held as 16 [B] vectors (one thread per block, the pruned pass): a is the
+    # tuple of the 16 elements' |w|; h holds their fp16 decision copies, with PACKED as 8 [B] int32
+    # pairs (_PAIR_ASM: CUDA), else as 16 fp16 vectors (_sq_err: the interpreter, which cannot run
+    # inline assembly). The same decisions, magnitudes and pairwise tree either way. -> [B]
+    if PACKED:
+        t = _thresholds_f16x2(v)
+        hsv = (v * s2) * 0.5
+        e0, e1 = _sq_err_pair(a[0], a[1], h[0], t, hsv)
+        e2, e3 = _sq_err_pair(a[2], a[3], h[1], t, hsv)
+        e4, e5 = _sq_err_pair(a[4], a[5], h[2], t, hsv)
+        e6, e7 = _sq_err_pair(a[6], a[7], h[3], t, hsv)
+        e8, e9 = _sq_err_pair(a[8], a[9], h[4], t, hsv)
+        e10, e11 = _sq_err_pair(a[10], a[11], h[5], t, hsv)
+        e12, e13 = _sq_err_pair(a[12], a[13], h[6], t, hsv)
+        e14, e15 = _sq_err_pair(a[14], a[15], h[7], t, hsv)
+    else:
+        t1, t2, t3, t4, t5, t6, t7, sv = _code_consts(v, s2, True)
+        e0 = _sq_err(a[0], h[0], t1, t2, t3, t4, t5, t6, t7, sv)
+        e1 = _sq_err(a[1], h[1], t1, t2, t3, t4, t5, t6, t7, sv)
+        e2 = _sq_err(a[2], h[2], t1, t2, t3, t4, t5, t6, t7, sv)
+        e3 = _sq_err(a[3], h[3], t1, t2, t3, t4, t5, t6, t7, sv)
+        e4 = _sq_err(a[4], h[4], t1, t2, t3, t4, t5, t6, t7, sv)
+        e5 = _sq_err(a[5], h[5], t1, t2, t3, t4, t5, t6, t7, sv)
+        e6 = _sq_err(a[6], h[6], t1, t2, t3, t4, t5, t6, t7, sv)
+        e7 = _sq_err(a[7], h[7], t1, t2, t3, t4, t5, t6, t7, sv)
+        e8 = _sq_err(a[8], h[8], t1, t2, t3, t4, t5, t6, t7, sv)
+        e9 = _sq_err(a[9], h[9], t1, t2, t3, t4, t5, t6, t7, sv)
+        e10 = _sq_err(a[10], h[10], t1, t2, t3, t4, t5, t6, t7, sv)
+        e11 = _sq_err(a[11], h[11], t1, t2, t3, t4, t5, t6, t7, sv)
+        e12 = _sq_err(a[12], h[12], t1, t2, t3, t4, t5, t6, t7, sv)
+        e13 = _sq_err(a[13], h[13], t1, t2, t3, t4, t5, t6, t7, sv)
+        e14 = _sq_err(a[14], h[14], t1, t2, t3, t4, t5, t6, t7, sv)
+        e15 = _sq_err(a[15], h[15], t1, t2, t3, t4, t5, t6, t7, sv)
     low = ((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7))
     return low + (((e8 + e9) + (e10 + e11)) + ((e12 + e13) + (e14 + e15)))
 
@@ -300,10 +380,11 @@ def _sweep_exhaustive_kernel(
 @triton.jit
 def _element(x_ptr, rows, j: tl.constexpr, mask, s2):
     # Element j of each block (one thread per block): |w| (fp32), with NaN as +inf so that maxima
-    # keep it, and the fp16 decision copy of u = |w| / s2 (correctly rounded). -> ([B], [B])
+    # keep it, and the bits of the fp16 decision copy of u = |w| / s2 (correctly rounded).
+    # -> ([B] fp32, [B] int32)
     a = tl.abs(tl.load(x_ptr + rows * 16 + j, mask=mask, other=0.0).to(tl.float32))
     a = tl.where(a < float("inf"), a, float("inf"))
-    return a, _odd_f16(tl.math.div_rn(a, s2))
+    return a, _odd_f16_bits(tl.math.div_rn(a, s2))
 
 
 @triton.jit
@@ -324,6 +405,7 @@ def _sweep_pruned_kernel(
     FIRST_DOUBLING: tl.constexpr,  # first k from which v[k + 8] == 2 * v[k] (normal codes)
     N_BELOW: tl.constexpr,  # codes scored below k0 by every block
     N_EXTRA: tl.constexpr,  # further codes below, scored by a tile only where its bound fails
+    PACKED: tl.constexpr,  # _PAIR_ASM (CUDA) or _sq_err (the interpreter): the same result
     BLOCK_B: tl.constexpr,
 ):
     # One thread per block: its 16 elements are 16 [B] vectors, so the per-code values (thresholds,
@@ -354,7 +436,12 @@ def _sweep_pruned_kernel(
     a14, u14 = _element(x_ptr, rows, 14, mask, s2v)
     a15, u15 = _element(x_ptr, rows, 15, mask, s2v)
     a = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
-    u = (u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15)
+    if PACKED:  # the decision copies two per word, element 2i in the low half
+        u = (u0 | (u1 << 16), u2 | (u3 << 16), u4 | (u5 << 16), u6 | (u7 << 16),
+             u8 | (u9 << 16), u10 | (u11 << 16), u12 | (u13 << 16), u14 | (u15 << 16))  # fmt: skip
+    else:
+        u = (_f16(u0), _f16(u1), _f16(u2), _f16(u3), _f16(u4), _f16(u5), _f16(u6), _f16(u7),
+             _f16(u8), _f16(u9), _f16(u10), _f16(u11), _f16(u12), _f16(u13), _f16(u14), _f16(u15))  # fmt: skip
     m = tl.maximum(
         tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7))),
         tl.maximum(tl.maximum(tl.maximum(a8, a9), tl.maximum(a10, a11)), tl.maximum(tl.maximum(a12, a13), tl.maximum(a14, a15))),
@@ -379,7 +466,7 @@ def _sweep_pruned_kernel(
     # A loop, not unrolled: unrolling the 11 codes of 16 elements took ptxas ~35 s per specialization
     # (4.5 s as a loop, Triton 3.6 on the CPU) for the same ~14 instructions per element-code.
     for i in range(N_WINDOW):
-        loss = _block_loss16(a, u, tl.load(values_ptr + start + i), s2)
+        loss = _block_loss16(a, u, tl.load(values_ptr + start + i), s2, PACKED)
         better = loss < best_loss
         best_loss = tl.where(better, loss, best_loss)
         best_idx = tl.where(better, start + i, best_idx)
@@ -393,7 +480,7 @@ def _sweep_pruned_kernel(
     for _ in tl.static_range(N_EXTRA):
         if tl.reduce(bound_fails.to(tl.int32), None, _MAX) > 0:
             start = tl.maximum(start - 1, 0)
-            loss = _block_loss16(a, u, tl.load(values_ptr + start), s2)
+            loss = _block_loss16(a, u, tl.load(values_ptr + start), s2, PACKED)
             better = bound_fails & (loss <= best_loss)
             best_loss = tl.where(better, loss, best_loss)
             best_idx = tl.where(better, start, best_idx)

@@ -232,7 +232,7 @@ def launch_sweep(
             config = _interpreter_pruned_config(n_blocks)
         _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks,
                 NUM_CANDIDATES=n_cand, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
-                N_EXTRA=n_extra, config=config)  # fmt: skip
+                N_EXTRA=n_extra, PACKED=on_cuda, config=config)  # fmt: skip
         wl = _k.WORKLIST_CONFIG
         if on_cuda:
             grid = (_worklist_programs(x, n_blocks),)
