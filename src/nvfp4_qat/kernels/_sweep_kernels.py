@@ -120,13 +120,13 @@ _THRESHOLDS_ASM = tl.constexpr(
 #: Per pair of elements and code: $0, $1 out, the squared errors (fp32); $2, $3: |w| (fp32); $4: the
 #: pair's fp16 decision copies (_odd_f16_bits, element 2i in the low half); $5..$11: thresholds;
 #: $12: fl(sv / 2). A midpoint that ties down compares with > (u must pass it), else >=.
-_STEPS = [round(2 * (hi - lo)) for lo, hi in zip(E2M1_VALUES, E2M1_VALUES[1:])]  # 1,1,1,1,2,2,4
+_STEPS = [round(2 * (hi - lo)) for lo, hi in zip(E2M1_VALUES[:-1], E2M1_VALUES[1:], strict=True)]  # 1,1,1,1,2,2,4
 _PAIR_ASM = tl.constexpr(
     "{ .reg .b32 q, c, w; .reg .b16 lo, hi; .reg .f32 m0, m1, e0, e1; mov.b32 q, 0; "
     + "".join(
         f"set.{'gt' if down else 'ge'}.f16x2.f16x2 c, $4, ${5 + k}; "
         + ("add.rn.f16x2 q, q, c; " if step == 1 else f"mov.b32 w, {_f16x2(step)}; fma.rn.f16x2 q, c, w, q; ")
-        for k, ((_, down), step) in enumerate(zip(E2M1_MIDPOINTS, _STEPS))
+        for k, ((_, down), step) in enumerate(zip(E2M1_MIDPOINTS, _STEPS, strict=True))
     )
     + "mov.b32 {lo, hi}, q; cvt.f32.f16 m0, lo; cvt.f32.f16 m1, hi; "
     "mul.rn.f32 m0, m0, $12; mul.rn.f32 m1, m1, $12; sub.rn.f32 e0, $2, m0; sub.rn.f32 e1, $3, m1; "
