@@ -114,13 +114,17 @@ def _f16x2(x: float) -> str:
 #: each in both halves of a word. $0..$6 out, $7: v (fp32).
 _THRESHOLDS_ASM = tl.constexpr(
     "{ .reg .b16 h; .reg .b32 v2, m; cvt.rn.f16.f32 h, $7; mov.b32 v2, {h, h}; "
-    + "".join(f"mov.b32 m, {_f16x2(mid)}; mul.rn.f16x2 ${k}, v2, m; " for k, (mid, _) in enumerate(E2M1_MIDPOINTS))
+    + "".join(
+        f"mov.b32 m, {_f16x2(mid)}; mul.rn.f16x2 ${k}, v2, m; " for k, (mid, _) in enumerate(E2M1_MIDPOINTS)
+    )
     + "}"
 )
 #: Per pair of elements and code: $0, $1 out, the squared errors (fp32); $2, $3: |w| (fp32); $4: the
 #: pair's fp16 decision copies (_odd_f16_bits, element 2i in the low half); $5..$11: thresholds;
 #: $12: fl(sv / 2). A midpoint that ties down compares with > (u must pass it), else >=.
-_STEPS = [round(2 * (hi - lo)) for lo, hi in zip(E2M1_VALUES[:-1], E2M1_VALUES[1:], strict=True)]  # 1,1,1,1,2,2,4
+_STEPS = [
+    round(2 * (hi - lo)) for lo, hi in zip(E2M1_VALUES[:-1], E2M1_VALUES[1:], strict=True)
+]  # 1,1,1,1,2,2,4
 _PAIR_ASM = tl.constexpr(
     "{ .reg .b32 q, c, w; .reg .b16 lo, hi; .reg .f32 m0, m1, e0, e1; mov.b32 q, 0; "
     + "".join(
