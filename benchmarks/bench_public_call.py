@@ -8,7 +8,8 @@ Prints two tables:
 
 * device time, ``triton.testing.do_bench`` medians (an L2 flush before each call, events around it):
   ``launch_sweep`` alone (what bench_sweep.py calls the kernel), the launch followed by a stream sync,
-  the launch followed by ``read_checks`` (the one read of the public call), and the public call;
+  the launch followed by ``read_checks`` (the one read of the public call), the same read as an
+  async copy into page-locked memory and a stream sync, and the public call;
 * host time, ``time.perf_counter`` medians over 300 calls, each started on an idle GPU: the public
   call's validation before the launch, the enqueue of ``launch_sweep`` (allocations and two Triton
   launches, no wait), one ``torch.zeros``, one launch of the pruned kernel by Triton's own path
@@ -67,13 +68,21 @@ def main() -> None:
     def launch_read():
         ks.read_checks(launch()[2][1])
 
+    pinned = torch.empty(ks.AMAX_SLOTS + 1, pin_memory=True)
+
+    def launch_pinned():  # the same read into page-locked memory: an async copy, then a stream sync
+        pinned.copy_(launch()[2][1][2, : ks.AMAX_SLOTS + 1], non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        pinned.tolist()
+
     def public():
         nvfp4_scale_sweep(x, g)
 
     print("\ndevice time (do_bench median, ms)")
     kernel_ms = None
     for name, fn in [("launch_sweep (kernel)", launch), ("launch + stream sync", launch_sync),
-                     ("launch + read_checks", launch_read), ("nvfp4_scale_sweep", public)]:  # fmt: skip
+                     ("launch + read_checks", launch_read), ("launch + pinned read", launch_pinned),
+                     ("nvfp4_scale_sweep", public)]:  # fmt: skip
         ms = triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median")
         kernel_ms = kernel_ms or ms
         print(f"  {name:<28} {ms:.4f}  ({(ms / kernel_ms - 1) * 100:+.1f} %)", flush=True)
@@ -96,8 +105,8 @@ def main() -> None:
 
     args = (flat, values, cands, g1, out, codes, codes, part, part.stride(0), work, count, n)
     kw = dict(NUM_CANDIDATES=126, FIRST_DOUBLING=ks.FIRST_DOUBLING, N_BELOW=ks.N_BELOW, N_EXTRA=ks.N_EXTRA,
-              BLOCK_B=32, num_warps=2, num_stages=3, enable_fp_fusion=False)  # fmt: skip
-    kernel, grid = ks._k._sweep_pruned_kernel, (triton.cdiv(n, 32),)
+              PACKED=True, **ks._k.PRUNED_CONFIG.all_kwargs(), enable_fp_fusion=False)  # fmt: skip
+    kernel, grid = ks._k._sweep_pruned_kernel, (triton.cdiv(n, ks._k.PRUNED_CONFIG.kwargs["BLOCK_B"]),)
 
     print("\nhost time (perf_counter median of 300, GPU idle at each start, us)")
     for name, fn in [("validation before the launch", validate), ("launch_sweep enqueue", launch),

@@ -256,7 +256,8 @@ def run_gpu() -> None:
     bench = lambda fn: do_bench(fn, warmup=50, rep=500, return_mode="median")  # noqa: E731
     want, count = ks.launch_sweep(x, g, "pruned")[:2]
     want = want.clone()
-    print(f"library pruned (B256 w8): {bench(lambda: ks.launch_sweep(x, g, 'pruned')):.4f} ms, "
+    cfg = K.PRUNED_CONFIG
+    print(f"library pruned (B{cfg.kwargs['BLOCK_B']} w{cfg.num_warps}): {bench(lambda: ks.launch_sweep(x, g, 'pruned')):.4f} ms, "
           f"{int(count)} blocks to the second pass")  # fmt: skip
     tile = triton.Config({"BLOCK_B": 32}, num_warps=2)
     for name, config in [("select", None), ("fp32", None), ("chain", None), ("tile", tile)]:

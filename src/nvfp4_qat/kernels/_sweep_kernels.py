@@ -70,13 +70,13 @@ _MIN = tl.standard._elementwise_min
 # config when cold), for configs within a few % of each other. Exhaustive, medians on an H200
 # (8192x4096 bf16, `benchmarks/bench_sweep.py --configs`): B32w1 3.498, B64w2 3.416, B128w4 3.422,
 # B256w8 3.456 ms. Pruned: one block per thread (BLOCK_B = 32 * num_warps; two per thread, B256w4,
-# took 0.594 ms against 0.306 for B256w8 and 0.313 for B128w4: bare kernel, window unrolled, H200).
-# Smaller tiles score fewer codes: a tile scores an extra code below the window when any one of its
-# blocks needs it (11.17 codes per block at B32, 11.31 at B64, 11.52 at B128 on a normal 512x4096
-# weight, counted exactly on CPU by benchmarks/count_sweep_candidates.py). The other pruned tiles
-# were not timed in this layout (`bench_sweep.py --configs` times every one).
+# took 0.594 ms against 0.306 for B256w8 in session 7). With the packed pass (session 8, same run,
+# through launch_sweep): B32w1 0.246, B64w2 0.241, B128w4 0.244, B256w8 0.259 ms. Smaller tiles score
+# fewer codes: a tile scores an extra code below the window when any one of its blocks needs it
+# (11.17 codes per block at B32, 11.31 at B64, 11.52 at B128 on a normal 512x4096 weight, counted
+# exactly on CPU by benchmarks/count_sweep_candidates.py).
 EXHAUSTIVE_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1)
-PRUNED_CONFIG = triton.Config({"BLOCK_B": 256}, num_warps=8)
+PRUNED_CONFIG = triton.Config({"BLOCK_B": 64}, num_warps=2)
 #: Alternatives with the same results (tests pin each one; the benchmark times them).
 EXHAUSTIVE_CONFIGS = [
     EXHAUSTIVE_CONFIG,
@@ -86,8 +86,8 @@ EXHAUSTIVE_CONFIGS = [
 ]
 PRUNED_CONFIGS = [
     PRUNED_CONFIG,
+    triton.Config({"BLOCK_B": 256}, num_warps=8),
     triton.Config({"BLOCK_B": 128}, num_warps=4),
-    triton.Config({"BLOCK_B": 64}, num_warps=2),
     triton.Config({"BLOCK_B": 32}, num_warps=1),
 ]
 #: Tile of the second (work-list) pass: BLOCK_B blocks x LANES slices of the codes (B16 L8 0.464 ms
