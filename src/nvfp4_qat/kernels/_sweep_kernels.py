@@ -32,6 +32,11 @@ appended to a work list and swept exhaustively by ``_sweep_worklist_kernel``: pe
 scanning a slice of the codes, so that a few flagged blocks do not wait for one thread to walk all
 126 codes.
 
+On CUDA the pruned pass scores a code with inline PTX (``_PAIR_ASM``: packed fp16 decisions summed
+to the magnitude, no selects); Triton's interpreter cannot run assembly, so on the CPU it takes the
+select tree of ``_sq_err`` (the ``PACKED`` constexpr): the same arithmetic, bit for bit, which
+``tests/test_packed_pass.py`` checks by executing the PTX text with numpy.
+
 CPU tensors run under Triton's interpreter: :func:`interpreted` rebuilds a kernel and its helpers
 as interpreted functions from the same source, so the compiled CUDA kernels stay intact in the same
 process. (That is also why no jitted library function such as ``tl.sum`` or ``tl.max`` is used:
