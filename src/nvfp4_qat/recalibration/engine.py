@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from nvfp4_qat._compile_clock import compile_clock
 from nvfp4_qat.policy import InputMoments, RecalibrationPolicy
 from nvfp4_qat.recalibration import _policy
 from nvfp4_qat.recalibration._execute import SweepTask, install_kernel_states, stale_stats, sweep
@@ -101,7 +102,7 @@ def recalibrate(
     check_policy_inputs(plan, optimizer, input_moments, evaluate)
     layers, chosen = plan.layers, plan.policy
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), compile_clock() as compiling:
         if plan.world > 1 and chosen.needs_input_moments:
             input_moments.all_reduce()  # every rank scores with the same statistics
         snapshot = scale_snapshot(layers) if chosen.checks_loss else None
@@ -128,6 +129,7 @@ def recalibrate(
             kept = set(report.rolled_back_layers)
             report.layers = [r.unchanged() if r.name in kept else r for r in report.layers]
     report.seconds = time.perf_counter() - start
+    report.compile_seconds = compiling.seconds
     return report
 
 

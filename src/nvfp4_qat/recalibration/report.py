@@ -126,6 +126,11 @@ def build_rows(
     return rows
 
 
+#: From how many seconds of compiling the report's summary line mentions it (issue 17: the first
+#: recalibration's compile cost is to stay below 1 s with a warm Triton cache, said when larger).
+COMPILE_NOTE_SECONDS = 1.0
+
+
 @dataclass
 class RecalibrationReport:
     """Result of :func:`~nvfp4_qat.recalibrate`: one row per ``NVFP4Linear`` and totals over the
@@ -133,6 +138,9 @@ class RecalibrationReport:
 
     layers: list[LayerRecalibration] = field(default_factory=list)
     seconds: float = 0.0
+    #: Seconds of ``seconds`` spent compiling or loading Triton kernels (a process's first call):
+    #: the summary line names it from :data:`COMPILE_NOTE_SECONDS` up.
+    compile_seconds: float = 0.0
     #: The held-out loss before and after (policies with ``loss_check``; NaN otherwise).
     loss_before: float = float("nan")
     loss_after: float = float("nan")
@@ -198,6 +206,16 @@ class RecalibrationReport:
     def n_skipped(self) -> int:
         return sum(r.skipped for r in self.layers)
 
+    @property
+    def compile_note(self) -> str:
+        """``" (2.9 s of it compiling or loading Triton kernels: ...)"`` from a second up, else ``""``."""
+        if self.compile_seconds < COMPILE_NOTE_SECONDS:
+            return ""
+        return (
+            f" ({self.compile_seconds:.1f} s of it compiling or loading Triton kernels: "
+            "a process's first call, not the steady cost)"
+        )
+
     def __str__(self) -> str:
         width = min(48, max([len(r.name) for r in self.layers] + [5]))
         head = (
@@ -207,7 +225,7 @@ class RecalibrationReport:
         how = f" [{self.execution}, sweep {self.backend}]" if self.execution else ""
         lines = [
             f"NVFP4 recalibration: {len(self.layers)} layers ({self.n_skipped} skipped), "
-            f"{self.numel:,} weights, {self.seconds:.3f} s{how}",
+            f"{self.numel:,} weights, {self.seconds:.3f} s{how}{self.compile_note}",
             head,
             "-" * len(head),
         ]
