@@ -9,7 +9,8 @@ Prints two tables:
 * device time, ``triton.testing.do_bench`` medians (an L2 flush before each call, events around it):
   ``launch_sweep`` alone (what bench_sweep.py calls the kernel), the launch followed by a stream sync,
   the launch followed by ``read_checks`` (the one read of the public call), the same read as an
-  async copy into page-locked memory and a stream sync, and the public call;
+  async copy into page-locked memory and a stream sync, the public call, and
+  ``nvfp4_scale_sweep_ex`` (the same checks returned as a device flag: no sync);
 * host time, ``time.perf_counter`` medians over 300 calls, each started on an idle GPU: the public
   call's validation before the launch, the enqueue of ``launch_sweep`` (allocations and two Triton
   launches, no wait), one ``torch.zeros``, one launch of the pruned kernel by Triton's own path
@@ -28,12 +29,13 @@ import torch
 import triton
 import triton.testing
 
-from nvfp4_qat import nvfp4_scale_sweep
+from nvfp4_qat import nvfp4_scale_sweep, nvfp4_scale_sweep_ex
 from nvfp4_qat._backend import resolve_backend
 from nvfp4_qat._sweep_reference import sweep_reference
 from nvfp4_qat._validation import METHODS, check_choice, check_global_amax, check_x
 from nvfp4_qat.kernels import _launch
 from nvfp4_qat.kernels import sweep as ks
+from nvfp4_qat.sweep import _read_checks
 
 
 def host_median(fn, n: int = 300) -> float:
@@ -57,6 +59,9 @@ def main() -> None:
     g = x.float().abs().amax()
     if not torch.equal(nvfp4_scale_sweep(x, g), sweep_reference(x, g)):
         raise SystemExit("the public call differs from the reference")
+    out_ex, info = nvfp4_scale_sweep_ex(x, g)
+    if int(info) != 0 or not torch.equal(out_ex, sweep_reference(x, g)):
+        raise SystemExit("nvfp4_scale_sweep_ex differs from the reference or flags valid input")
 
     def launch():
         return ks.launch_sweep(x, g, "pruned")
@@ -66,26 +71,29 @@ def main() -> None:
         torch.cuda.current_stream().synchronize()
 
     def launch_read():
-        ks.read_checks(launch()[2][1])
+        _read_checks(ks.check_values(launch()[2][1]))
 
     pinned = torch.empty(ks.AMAX_SLOTS + 1, pin_memory=True)
 
     def launch_pinned():  # the same read into page-locked memory: an async copy, then a stream sync
-        pinned.copy_(launch()[2][1][2, : ks.AMAX_SLOTS + 1], non_blocking=True)
+        pinned.copy_(ks.check_values(launch()[2][1]), non_blocking=True)
         torch.cuda.current_stream().synchronize()
         pinned.tolist()
 
     def public():
         nvfp4_scale_sweep(x, g)
 
+    def public_ex():
+        nvfp4_scale_sweep_ex(x, g)
+
     print("\ndevice time (do_bench median, ms)")
     kernel_ms = None
     for name, fn in [("launch_sweep (kernel)", launch), ("launch + stream sync", launch_sync),
                      ("launch + read_checks", launch_read), ("launch + pinned read", launch_pinned),
-                     ("nvfp4_scale_sweep", public)]:  # fmt: skip
+                     ("nvfp4_scale_sweep", public), ("nvfp4_scale_sweep_ex (no sync)", public_ex)]:  # fmt: skip
         ms = triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median")
         kernel_ms = kernel_ms or ms
-        print(f"  {name:<28} {ms:.4f}  ({(ms / kernel_ms - 1) * 100:+.1f} %)", flush=True)
+        print(f"  {name:<32} {ms:.4f}  ({(ms / kernel_ms - 1) * 100:+.1f} %)", flush=True)
 
     def validate():
         check_x(x, 16)
@@ -113,7 +121,7 @@ def main() -> None:
                      ("one torch.zeros", lambda: torch.zeros(3, 4096, device="cuda")),
                      ("pruned kernel, kernel[grid]", lambda: kernel[grid](*args, **kw)),
                      ("pruned kernel, _launch.launch", lambda: _launch.launch(kernel, grid, *args, **kw)),
-                     ("read_checks, GPU idle", lambda: ks.read_checks(part)),
+                     ("read_checks, GPU idle", lambda: _read_checks(ks.check_values(part))),
                      ("nvfp4_scale_sweep, whole", public)]:  # fmt: skip
         print(f"  {name:<30} {host_median(fn) * 1e6:8.1f}", flush=True)
     state = "off" if _launch._compiled is None else f"on, {len(_launch._compiled)} compiled kernels cached"

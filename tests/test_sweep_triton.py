@@ -33,10 +33,11 @@ from nvfp4_qat.kernels.sweep import (
     AMAX_SLOTS,
     FIRST_DOUBLING,
     N_BELOW,
+    check_values,
     launch_sweep,
-    read_checks,
     sweep_triton,
 )
+from nvfp4_qat.sweep import _read_checks
 
 METHODS = ["pruned", "exhaustive"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -338,7 +339,7 @@ def check_stats_outputs(x, g, method, **kw) -> None:
     out, _, (codes, part) = launch_sweep(x, g, method, stats=True, buffers={"old": old}, **kw)
     assert_same_blocks(out, sweep_reference(x, g))
     assert torch.equal(codes, block_code_bytes(out, global_scale(g)))
-    assert read_checks(part) == (float(x.abs().max()), float(g))  # what the public call checks
+    assert _read_checks(check_values(part)) == (float(x.abs().max()), float(g))  # what the public call checks
     old[: n // 2] = codes[: n // 2]  # half the blocks unchanged
     out, _, (codes, part) = launch_sweep(x, g, method, stats=True, buffers={"old": old}, **kw)
     assert int(part[1].sum()) == int((codes != old).sum()) > 0
@@ -476,8 +477,8 @@ def test_interpreter_partials_max_abs_x(interpret, method, bad):
     want[: len(tiles)] = tiles  # fewer tiles than AMAX_SLOTS here: one column each
     want[AMAX_SLOTS] = 2.5
     assert len(tiles) < AMAX_SLOTS and torch.equal(got, want)
-    assert read_checks(got.expand(3, -1)) == (float("inf"), 2.5)
-    assert read_checks(row2(x[:, 16:]).expand(3, -1)) == (float(x[:, 16:].abs().max()), 2.5)
+    assert _read_checks(check_values(got.expand(3, -1))) == (float("inf"), 2.5)
+    assert _read_checks(check_values(row2(x[:, 16:]).expand(3, -1))) == (float(x[:, 16:].abs().max()), 2.5)
     with pytest.raises(ValueError, match="x must be finite, but 1 of 4096"):
         nvfp4_scale_sweep(x, 1.0, backend="triton", method=method)
 

@@ -17,7 +17,7 @@ from nvfp4_qat.format import fake_quantize_nvfp4, fp8_scale_candidates
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.quantize import quantize_model
 from nvfp4_qat.recalibration import RecalibrationReport, recalibrate, recalibrate_distributed
-from nvfp4_qat.sweep import nvfp4_scale_sweep
+from nvfp4_qat.sweep import nvfp4_scale_sweep, nvfp4_scale_sweep_ex
 
 if TYPE_CHECKING:
     from nvfp4_qat.callback import NVFP4Recalibration, restore_quantization
@@ -37,6 +37,7 @@ __all__ = [
     "fp8_scale_candidates",
     "load_nvfp4",
     "nvfp4_scale_sweep",
+    "nvfp4_scale_sweep_ex",
     "quantize_model",
     "recalibrate",
     "recalibrate_distributed",

@@ -11,6 +11,7 @@ the flags, cost the public call 0.78 ms against the kernel's 0.41 on an H200.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
@@ -19,7 +20,20 @@ from nvfp4_qat._sweep_reference import sweep_reference
 from nvfp4_qat._validation import METHODS, check_choice, check_finite, check_global_amax, check_x
 from nvfp4_qat.format import BLOCK_SIZE, GLOBAL_SCALE_DIVISOR, global_scale
 
-__all__ = ["nvfp4_scale_sweep"]
+__all__ = [
+    "INFO_ALL_ZERO",
+    "INFO_BAD_GLOBAL_AMAX",
+    "INFO_NONFINITE_X",
+    "nvfp4_scale_sweep",
+    "nvfp4_scale_sweep_ex",
+]
+
+#: ``info`` of :func:`nvfp4_scale_sweep_ex` (0: the input was valid): ``x`` holds NaN or Inf.
+INFO_NONFINITE_X = 1
+#: ``global_amax`` is negative, NaN or Inf.
+INFO_BAD_GLOBAL_AMAX = 2
+#: ``global_amax`` is 0 for non-zero ``x``, or so large that every block would quantize to 0.
+INFO_ALL_ZERO = 3
 
 
 def nvfp4_scale_sweep(
@@ -56,25 +70,92 @@ def nvfp4_scale_sweep(
             ``block_size``, ``backend`` or ``method`` (the message names the argument).
         RuntimeError: ``backend="triton"`` without triton installed.
     """
+    out, checks = _sweep(x, global_amax, block_size, backend, method, raise_first=True)
+    if checks is not None:  # the Triton path: the checks ride on the launch
+        _raise_if_invalid(x, *_read_checks(checks))  # the one host sync, after the launch
+    return out
+
+
+def nvfp4_scale_sweep_ex(
+    x: torch.Tensor,
+    global_amax: torch.Tensor | float,
+    block_size: int = BLOCK_SIZE,
+    backend: str = "auto",
+    method: str = "pruned",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nvfp4_scale_sweep` without its host sync: the value checks come back as a flag.
+
+    As ``torch.linalg.inv_ex`` is to ``inv``: where :func:`nvfp4_scale_sweep` reads its checks back
+    from the GPU and raises, this returns them as a device tensor and never waits for the GPU, so
+    that sweeps of many weights queue back to back. Check ``info`` before using a result, at once
+    for many calls if you like: ``torch.stack(infos).any()`` is one sync.
+
+    Args:
+        x, global_amax, block_size, backend, method: as for :func:`nvfp4_scale_sweep`.
+
+    Returns:
+        ``(block_amax, info)``: ``block_amax`` as :func:`nvfp4_scale_sweep` returns it, and ``info``,
+        a 0-dim int32 tensor on ``x``'s device: 0 where the input was valid (``block_amax`` is then
+        bit-identical to :func:`nvfp4_scale_sweep`'s), else :data:`INFO_BAD_GLOBAL_AMAX`,
+        :data:`INFO_NONFINITE_X` or :data:`INFO_ALL_ZERO` (the first that applies, in that order:
+        the errors :func:`nvfp4_scale_sweep` raises), and ``block_amax`` means nothing.
+
+    Raises:
+        TypeError, ValueError: what needs no read from the GPU: ``x``'s type, dtype, shape and
+            device, ``global_amax``'s type, shape and device, ``block_size``, ``backend``, ``method``.
+        RuntimeError: ``backend="triton"`` without triton installed.
+    """
+    out, checks = _sweep(x, global_amax, block_size, backend, method, raise_first=False)
+    checks = typing.cast(torch.Tensor, checks)
+    return out, _info(checks[:-1].max(), checks[-1])
+
+
+def _sweep(
+    x: object, global_amax: object, block_size: object, backend: object, method: object, raise_first: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate what the host can, sweep, and return ``(block_amax, checks)``: ``checks`` is a 1-D
+    device tensor whose last value is the global amax and whose others have ``max |x|`` as their
+    maximum (NaN or Inf where ``x`` holds NaN or Inf). With ``raise_first`` the reference backend
+    raises on bad values before it sweeps (seconds on the CPU for a large weight) and returns
+    ``checks=None``."""
     check_x(x, block_size)
     check_choice(method, METHODS, "method")
+    x = typing.cast(torch.Tensor, x)
     resolved = resolve_backend(backend, x.device, block_size)
     x = x.detach()  # the sweep writes into out= buffers, which autograd refuses; scales get no gradient
     if resolved == "reference":
-        g = check_global_amax(global_amax, x)
-        _raise_if_invalid(x, *torch.stack(_values(x, g)).tolist())
-        return sweep_reference(x, g, block_size)
-    from nvfp4_qat.kernels.sweep import launch_sweep, read_checks  # validated here: the unchecked launcher
+        g = check_global_amax(global_amax, x, check_value=False)
+        checks = torch.stack(_values(x, g))
+        if raise_first:
+            _raise_if_invalid(x, *checks.tolist())
+            return sweep_reference(x, g, block_size), None
+        return sweep_reference(x, g, block_size), checks
+    from nvfp4_qat.kernels.sweep import check_values, launch_sweep  # validated here: the unchecked launcher
 
     if x.numel() // block_size > 2**31 - 1:  # the kernels index blocks with int32
         raise ValueError(
             f"x must hold fewer than 2**31 blocks for backend='triton', got {x.numel() // block_size}"
         )
-
     g = check_global_amax(global_amax, x, check_value=False)
     out, _, (_, part) = launch_sweep(x, g, method)
-    _raise_if_invalid(x, *read_checks(part))  # the one host sync, after the launch
-    return out
+    return out, check_values(part)
+
+
+def _read_checks(checks: torch.Tensor) -> tuple[float, float]:
+    """``(max |x|, global amax)`` from ``_sweep``'s checks, in one host read."""
+    values = checks.tolist()
+    return max(values[:-1]), values[-1]
+
+
+def _info(amax: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """:func:`_raise_if_invalid`'s rule on the device, as an ``info`` code (int32, 0-dim); tests
+    check that both agree."""
+    bad_g = ~((g >= 0) & (g < math.inf))  # NaN fails both
+    nonfinite = ~(amax < math.inf)  # amax = max |x| >= 0; NaN fails
+    zero = (amax > 0) & ((g == 0) | (amax / global_scale(g) <= 2.0**-11))
+    code = torch.where(zero, INFO_ALL_ZERO, 0)
+    code = torch.where(nonfinite, INFO_NONFINITE_X, code)
+    return torch.where(bad_g, INFO_BAD_GLOBAL_AMAX, code).to(torch.int32)
 
 
 def _u(amax: float, g: float) -> float:

@@ -92,11 +92,11 @@ def stats_slots(n_blocks: int) -> int:
     return max(_cdiv(n_blocks, _SMALLEST_TILE), AMAX_SLOTS + 1) + 1
 
 
-def read_checks(partials: torch.Tensor) -> tuple[float, float]:
-    """``(max |x|, global amax)`` from a launch's partials (one host read of ``AMAX_SLOTS + 1``
-    values): max |x| is +inf where ``x`` holds NaN or Inf, 0 when the global amax is NaN or Inf."""
-    values = partials[2, : AMAX_SLOTS + 1].tolist()
-    return max(values[:AMAX_SLOTS]), values[AMAX_SLOTS]
+def check_values(partials: torch.Tensor) -> torch.Tensor:
+    """A launch's input checks (a view of ``AMAX_SLOTS + 1`` values of row 2 of its partials): the
+    maximum of all but the last is max |x| (+inf where ``x`` holds NaN or Inf, 0 when the global
+    amax is NaN or Inf), the last the global amax. The public sweep reads them once, after the launch."""
+    return partials[2, : AMAX_SLOTS + 1]
 
 
 def _grid(n_blocks: int):
@@ -176,8 +176,8 @@ def launch_sweep(
         (codes, partials))``: each block's FP8 byte (uint8), and per-program partial rows:
         ``partials[0].sum()`` is the loss (the reference's scores of the winning codes),
         ``partials[1].sum()`` the number of bytes that differ from ``old`` (with ``stats``), and
-        :func:`read_checks` gives ``max |x|`` (+inf if ``x`` holds NaN or Inf) and the global
-        amax from row 2: the public sweep's input check.
+        :func:`check_values` gives the public sweep's input check (max |x| and the global
+        amax) from row 2.
     """
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
     n_blocks = flat.numel() // BLOCK_SIZE
