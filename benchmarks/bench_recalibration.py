@@ -8,7 +8,8 @@ each run:
 
 * the sweep kernels alone: ``launch_sweep(w, g)`` over the 224 weights, ``g`` precomputed, no
   statistics, and the public ``nvfp4_scale_sweep(w, g)``, which adds its value checks (``max |x|``
-  on the device, one host read after the launch);
+  on the device, one host read after the launch), and ``nvfp4_scale_sweep_ex(w, g)``, the same checks
+  as device flags, read once after all 224 sweeps;
 * ``recalibrate(model)``: on a GPU its fused path (``nvfp4_qat.recalibration._execute``): one stats
   launch over all weights (stale-scale error, max |w| -- NaN for a non-finite weight, which turns
   that layer's sweep into a no-op -- and sum w^2), then per layer the sweep with its FP8 bytes and
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 import nvfp4_qat
-from nvfp4_qat import nvfp4_scale_sweep, quantize_model, recalibrate
+from nvfp4_qat import nvfp4_scale_sweep, nvfp4_scale_sweep_ex, quantize_model, recalibrate
 from nvfp4_qat.quantize import nvfp4_layers
 from nvfp4_qat.recalibration import _execute
 
@@ -144,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
         for w, g in zip(weights, amaxes, strict=True):
             nvfp4_scale_sweep(w, g, backend=args.backend, method=args.method)
 
+    def sweep_public_ex() -> None:  # the flags checked once, after all 224 sweeps
+        infos = [nvfp4_scale_sweep_ex(w, g, backend=args.backend, method=args.method)[1]
+                 for w, g in zip(weights, amaxes, strict=True)]  # fmt: skip
+        if bool(torch.stack(infos).any()):
+            raise SystemExit("nvfp4_scale_sweep_ex flagged a valid weight")
+
     tasks = [_execute.SweepTask(m, w) for m, w in zip(layers, weights, strict=True)]
     fused = device.type == "cuda" and args.backend != "reference"
     g_all = torch.stack(amaxes)
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("sweep kernels alone (launch_sweep, g given)", kernel),
         ("public nvfp4_scale_sweep (+ finiteness check)", timed(sweep_public, device, args.repeats)),
+        ("public nvfp4_scale_sweep_ex, flags read once", timed(sweep_public_ex, device, args.repeats)),
         ("recalibrate(model): the whole report path", full),
         ("  piece: stats pass (stale error, amax, energy)", timed(pass_stats, device, args.repeats)),
         ("  piece: generic path's sweep with bytes, losses", timed(sweep_stats, device, args.repeats)),
