@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nvfp4_qat import nvfp4_scale_sweep, nvfp4_scale_sweep_ex
+from nvfp4_qat.kernels.sweep import AMAX_SLOTS, launch_info
 from nvfp4_qat.sweep import INFO_ALL_ZERO, INFO_BAD_GLOBAL_AMAX, INFO_NONFINITE_X, _info, _raise_if_invalid
 
 
@@ -35,7 +36,12 @@ def boundary(amax: float) -> list[float]:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_device_rule_agrees_with_the_raising_rule(device):
+def test_device_rules_agree_with_the_raising_rule(device, monkeypatch):
+    # The three forms of the check: the host rule nvfp4_scale_sweep raises by, the torch rule of the
+    # reference backend (_info) and the Triton kernel of the Triton path (launch_info; interpreted
+    # on the CPU), on a grid of values and on the all-zero boundary by ulps.
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     amaxes = [0.0, 2.0**-140, 1e-30, 1e-3, 0.7, 448.0, 3e38, math.inf, math.nan]
     gs = [0.0, -0.0, -1.0, -math.inf, math.nan, math.inf, 2.0**-149, 1e-30, 1e-3, 0.7, 1e3, 1e30, 3.4e38]
     pairs = list(itertools.product(amaxes, gs))
@@ -47,6 +53,12 @@ def test_device_rule_agrees_with_the_raising_rule(device):
         got = _info(f32(amax), f32(g))
         assert got.dtype == torch.int32 and got.shape == () and got.device.type == device
         assert int(got) == want, (amax, g)
+        # the kernels' checks: max |x| spread over AMAX_SLOTS slots (NaN recorded as inf), then g
+        checks = torch.zeros(AMAX_SLOTS + 1, device=device)
+        checks[7], checks[-1] = (math.inf if math.isnan(amax) else amax), g
+        info = launch_info(checks)
+        assert info.dtype == torch.int32 and info.shape == () and info.device.type == device
+        assert int(info) == want, (amax, g)
         codes.add(want)
     assert codes == {0, INFO_NONFINITE_X, INFO_BAD_GLOBAL_AMAX, INFO_ALL_ZERO}
 

@@ -13,6 +13,15 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "reference")
 METHODS = ("pruned", "exhaustive")
+#: The sweep refuses a global amax for which u = max |x| / s2 is at most this (0.25 times the smallest
+#: FP8 code): every candidate would quantize every element to 0.
+ZERO_U_BOUND = 2.0**-11
+#: The sweep's value checks as codes (``nvfp4_scale_sweep_ex``'s ``info``; 0: valid), in the order
+#: the checks apply: ``global_amax`` negative, NaN or Inf; ``x`` holds NaN or Inf; ``global_amax`` 0
+#: for non-zero ``x``, or so large that u <= ZERO_U_BOUND.
+INFO_BAD_GLOBAL_AMAX = 2
+INFO_NONFINITE_X = 1
+INFO_ALL_ZERO = 3
 
 
 def interpreter_on() -> bool:

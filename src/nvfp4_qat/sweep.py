@@ -17,7 +17,17 @@ import torch
 
 from nvfp4_qat._backend import resolve_backend
 from nvfp4_qat._sweep_reference import sweep_reference
-from nvfp4_qat._validation import METHODS, check_choice, check_finite, check_global_amax, check_x
+from nvfp4_qat._validation import (
+    INFO_ALL_ZERO,
+    INFO_BAD_GLOBAL_AMAX,
+    INFO_NONFINITE_X,
+    METHODS,
+    ZERO_U_BOUND,
+    check_choice,
+    check_finite,
+    check_global_amax,
+    check_x,
+)
 from nvfp4_qat.format import BLOCK_SIZE, GLOBAL_SCALE_DIVISOR, global_scale
 
 __all__ = [
@@ -27,13 +37,6 @@ __all__ = [
     "nvfp4_scale_sweep",
     "nvfp4_scale_sweep_ex",
 ]
-
-#: ``info`` of :func:`nvfp4_scale_sweep_ex` (0: the input was valid): ``x`` holds NaN or Inf.
-INFO_NONFINITE_X = 1
-#: ``global_amax`` is negative, NaN or Inf.
-INFO_BAD_GLOBAL_AMAX = 2
-#: ``global_amax`` is 0 for non-zero ``x``, or so large that every block would quantize to 0.
-INFO_ALL_ZERO = 3
 
 
 def nvfp4_scale_sweep(
@@ -70,7 +73,7 @@ def nvfp4_scale_sweep(
             ``block_size``, ``backend`` or ``method`` (the message names the argument).
         RuntimeError: ``backend="triton"`` without triton installed.
     """
-    out, checks = _sweep(x, global_amax, block_size, backend, method, raise_first=True)
+    out, checks, _ = _sweep(x, global_amax, block_size, backend, method, raise_first=True)
     if checks is not None:  # the Triton path: the checks ride on the launch
         _raise_if_invalid(x, *_read_checks(checks))  # the one host sync, after the launch
     return out
@@ -105,19 +108,23 @@ def nvfp4_scale_sweep_ex(
             device, ``global_amax``'s type, shape and device, ``block_size``, ``backend``, ``method``.
         RuntimeError: ``backend="triton"`` without triton installed.
     """
-    out, checks = _sweep(x, global_amax, block_size, backend, method, raise_first=False)
+    out, checks, on_triton = _sweep(x, global_amax, block_size, backend, method, raise_first=False)
     checks = typing.cast(torch.Tensor, checks)
-    return out, _info(checks[:-1].max(), checks[-1])
+    if on_triton:
+        from nvfp4_qat.kernels.sweep import launch_info
+
+        return out, launch_info(checks)  # one launch
+    return out, _info(checks[0], checks[1])  # the reference backend: [max |x|, global amax]
 
 
 def _sweep(
     x: object, global_amax: object, block_size: object, backend: object, method: object, raise_first: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate what the host can, sweep, and return ``(block_amax, checks)``: ``checks`` is a 1-D
-    device tensor whose last value is the global amax and whose others have ``max |x|`` as their
-    maximum (NaN or Inf where ``x`` holds NaN or Inf). With ``raise_first`` the reference backend
-    raises on bad values before it sweeps (seconds on the CPU for a large weight) and returns
-    ``checks=None``."""
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Validate what the host can, sweep, and return ``(block_amax, checks, on_triton)``: ``checks``
+    is a 1-D device tensor whose last value is the global amax and whose others have ``max |x|`` as
+    their maximum (NaN or Inf where ``x`` holds NaN or Inf). With ``raise_first`` the reference
+    backend raises on bad values before it sweeps (seconds on the CPU for a large weight) and
+    returns ``checks=None``."""
     check_x(x, block_size)
     check_choice(method, METHODS, "method")
     x = typing.cast(torch.Tensor, x)
@@ -128,8 +135,8 @@ def _sweep(
         checks = torch.stack(_values(x, g))
         if raise_first:
             _raise_if_invalid(x, *checks.tolist())
-            return sweep_reference(x, g, block_size), None
-        return sweep_reference(x, g, block_size), checks
+            return sweep_reference(x, g, block_size), None, False
+        return sweep_reference(x, g, block_size), checks, False
     from nvfp4_qat.kernels.sweep import check_values, launch_sweep  # validated here: the unchecked launcher
 
     if x.numel() // block_size > 2**31 - 1:  # the kernels index blocks with int32
@@ -138,7 +145,7 @@ def _sweep(
         )
     g = check_global_amax(global_amax, x, check_value=False)
     out, _, (_, part) = launch_sweep(x, g, method)
-    return out, check_values(part)
+    return out, check_values(part), True
 
 
 def _read_checks(checks: torch.Tensor) -> tuple[float, float]:
@@ -148,11 +155,12 @@ def _read_checks(checks: torch.Tensor) -> tuple[float, float]:
 
 
 def _info(amax: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """:func:`_raise_if_invalid`'s rule on the device, as an ``info`` code (int32, 0-dim); tests
-    check that both agree."""
+    """:func:`_raise_if_invalid`'s rule on the device, as an ``info`` code (int32, 0-dim), for the
+    reference backend (the Triton path runs it as one kernel, ``_sweep_info_kernel``: a dozen small
+    launches cost the host more than the sweep's GPU time). Tests check that all three agree."""
     bad_g = ~((g >= 0) & (g < math.inf))  # NaN fails both
     nonfinite = ~(amax < math.inf)  # amax = max |x| >= 0; NaN fails
-    zero = (amax > 0) & ((g == 0) | (amax / global_scale(g) <= 2.0**-11))
+    zero = (amax > 0) & ((g == 0) | (amax / global_scale(g) <= ZERO_U_BOUND))
     code = torch.where(zero, INFO_ALL_ZERO, 0)
     code = torch.where(nonfinite, INFO_NONFINITE_X, code)
     return torch.where(bad_g, INFO_BAD_GLOBAL_AMAX, code).to(torch.int32)
@@ -187,7 +195,7 @@ def _raise_if_invalid(x: torch.Tensor, amax: float, g: float) -> None:
     # A global_amax of 0 for non-zero data, or so far above it that u = max|x| / s2 is at most
     # 0.25 times the smallest FP8 code (2^-9), makes every candidate quantize everything to 0:
     # refuse that rather than return all-zero scales. global_amax is normally max |x|.
-    if amax > 0 and (g == 0 or _u(amax, g) <= 2.0**-11):
+    if amax > 0 and (g == 0 or _u(amax, g) <= ZERO_U_BOUND):
         raise ValueError(
             f"global_amax must be > 0 and below about {amax * 2688 * 2**11:.6g} for x whose "
             f"max |x| is {amax:.6g} (normally global_amax = max |x|), got {g:.6g}: every "

@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from nvfp4_qat._validation import INFO_ALL_ZERO, INFO_BAD_GLOBAL_AMAX, INFO_NONFINITE_X, ZERO_U_BOUND
 from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, FP4_MAX, GLOBAL_SCALE_DIVISOR
 from nvfp4_qat.kernels import _interpret
 
@@ -593,6 +594,33 @@ def _sweep_worklist_kernel(
         # cannot loop to a bound read from memory)
         _sweep_listed(x_ptr, values_ptr, cands_ptr, g_ptr, out_ptr, code_ptr, old_ptr, part_ptr, part_stride,
                       acc_slot, work_ptr, tl.program_id(0), count, NUM_CANDIDATES, BLOCK_B, LANES)  # fmt: skip
+
+
+_INFO_BAD_G = tl.constexpr(INFO_BAD_GLOBAL_AMAX)
+_INFO_NONFINITE = tl.constexpr(INFO_NONFINITE_X)
+_INFO_ZERO = tl.constexpr(INFO_ALL_ZERO)
+_ZERO_U = tl.constexpr(ZERO_U_BOUND)
+
+
+@triton.jit
+def _sweep_info_kernel(
+    checks_ptr,  # [AMAX_SLOTS + 1] fp32: the launch's max |x| per slot, then the global amax
+    info_ptr,  # [1] int32 out
+):
+    # nvfp4_qat.sweep._raise_if_invalid's rule as a code, on the device (nvfp4_scale_sweep_ex: no
+    # host sync; a dozen small torch launches instead cost the host more than the sweep's GPU
+    # time). [AMAX_SLOTS] vectors throughout: the interpreter cannot combine scalar booleans.
+    i = tl.arange(0, AMAX_SLOTS)
+    amax = tl.full([AMAX_SLOTS], 0.0, tl.float32) + tl.reduce(
+        tl.load(checks_ptr + i), 0, _MAX
+    )  # NaN came as inf
+    g = tl.load(checks_ptr + AMAX_SLOTS + i * 0)
+    u = tl.math.div_rn(amax, tl.math.div_rn(g, tl.full([AMAX_SLOTS], _DIVISOR, tl.float32)))  # / s2
+    bad_g = ~((g >= 0.0) & (g < float("inf")))  # NaN fails both
+    nonfinite = ~(amax < float("inf"))
+    zero = (amax > 0.0) & ((g == 0.0) | (u <= _ZERO_U))
+    code = tl.where(bad_g, _INFO_BAD_G, tl.where(nonfinite, _INFO_NONFINITE, tl.where(zero, _INFO_ZERO, 0)))
+    tl.store(info_ptr + i, code, mask=i == 0)
 
 
 def interpreted(name: str) -> InterpretedFunction:

@@ -99,6 +99,18 @@ def check_values(partials: torch.Tensor) -> torch.Tensor:
     return partials[2, : AMAX_SLOTS + 1]
 
 
+#: One program of one warp: the info kernel reads AMAX_SLOTS + 1 values.
+INFO_CONFIG = triton.Config({}, num_warps=1)
+
+
+def launch_info(checks: torch.Tensor) -> torch.Tensor:
+    """The input checks of a launch (:func:`check_values`) as ``nvfp4_scale_sweep_ex``'s ``info``
+    code: a 0-dim int32 tensor on their device, from one launch of ``_sweep_info_kernel``, no sync."""
+    info = torch.empty((), dtype=torch.int32, device=checks.device)
+    _launch("_sweep_info_kernel", checks.device, (1,), checks, info, config=INFO_CONFIG)
+    return info
+
+
 def _grid(n_blocks: int):
     return lambda meta: (_cdiv(n_blocks, meta["BLOCK_B"]),)
 
