@@ -8,13 +8,13 @@ Prints two tables:
 
 * device time, ``triton.testing.do_bench`` medians (an L2 flush before each call, events around it):
   ``launch_sweep`` alone (what bench_sweep.py calls the kernel), the launch followed by a stream sync,
-  the launch followed by ``read_checks`` (the one read of the public call), the same read as an
+  the launch followed by the checks' read (``sweep._read_checks``: the one read of the public call), the same read as an
   async copy into page-locked memory and a stream sync, the public call, and
   ``nvfp4_scale_sweep_ex`` (the same checks returned as a device flag: no sync);
 * host time, ``time.perf_counter`` medians over 300 calls, each started on an idle GPU: the public
   call's validation before the launch, the enqueue of ``launch_sweep`` (allocations and two Triton
   launches, no wait), one ``torch.zeros``, one launch of the pruned kernel by Triton's own path
-  (``kernel[grid]``) and by the package's (``kernels._launch.launch``), ``read_checks`` on an idle GPU
+  (``kernel[grid]``) and by the package's (``kernels._launch.launch``), the checks' read on an idle GPU
   (the copy and sync latency), and the whole public call (host, kernel and read, back to back).
 
 The run stops unless the public call equals the reference sweep.
@@ -89,7 +89,7 @@ def main() -> None:
     print("\ndevice time (do_bench median, ms)")
     kernel_ms = None
     for name, fn in [("launch_sweep (kernel)", launch), ("launch + stream sync", launch_sync),
-                     ("launch + read_checks", launch_read), ("launch + pinned read", launch_pinned),
+                     ("launch + checks read", launch_read), ("launch + pinned read", launch_pinned),
                      ("nvfp4_scale_sweep", public), ("nvfp4_scale_sweep_ex (no sync)", public_ex)]:  # fmt: skip
         ms = triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median")
         kernel_ms = kernel_ms or ms
@@ -121,7 +121,7 @@ def main() -> None:
                      ("one torch.zeros", lambda: torch.zeros(3, 4096, device="cuda")),
                      ("pruned kernel, kernel[grid]", lambda: kernel[grid](*args, **kw)),
                      ("pruned kernel, _launch.launch", lambda: _launch.launch(kernel, grid, *args, **kw)),
-                     ("read_checks, GPU idle", lambda: _read_checks(ks.check_values(part))),
+                     ("checks read, GPU idle", lambda: _read_checks(ks.check_values(part))),
                      ("nvfp4_scale_sweep, whole", public)]:  # fmt: skip
         print(f"  {name:<30} {host_median(fn) * 1e6:8.1f}", flush=True)
     state = "off" if _launch._compiled is None else f"on, {len(_launch._compiled)} compiled kernels cached"

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from nvfp4_qat import RecalibrationReport, quantize_model, recalibrate
 from nvfp4_qat._compile_clock import compile_clock
+from nvfp4_qat._feedback import done_line
 
 runtime = triton.knobs.runtime
 
@@ -48,6 +49,18 @@ def test_a_compile_that_an_earlier_hook_skips_is_not_counted():
     assert runtime.jit_post_compile_hook is None
 
 
+def test_a_hook_set_inside_the_block_is_kept():
+    def theirs(**kw):
+        return None
+
+    try:
+        with compile_clock():
+            runtime.jit_cache_hook = theirs  # e.g. a profiler started by the caller's evaluate()
+        assert runtime.jit_cache_hook is theirs and runtime.jit_post_compile_hook is None
+    finally:
+        runtime.jit_cache_hook = None
+
+
 def test_clock_restores_the_hooks_when_the_block_raises():
     with pytest.raises(RuntimeError, match="boom"), compile_clock():
         raise RuntimeError("boom")
@@ -58,6 +71,9 @@ def test_report_names_compile_time_from_one_second():
     report = RecalibrationReport(seconds=3.2, compile_seconds=2.54, execution="fused", backend="triton")
     assert "(2.5 s of it compiling or loading Triton kernels" in str(report).splitlines()[0]
     assert report.compile_note in str(report)
+    line = done_line(3.2, {"rel_improvement": 0.1, "changed_fraction": 0.2}, report.compile_note)
+    assert line.startswith("... done in 3.20 s (2.5 s of it compiling or loading Triton kernels")
+    assert line.endswith("): weight MSE -10.0%, 20.0% of block scales moved")
     report.compile_seconds = 0.8
     assert report.compile_note == ""
     assert "compiling" not in str(report)

@@ -80,16 +80,16 @@ def bad_inputs(x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     ]
 
 
-def check_ex(x: torch.Tensor, backend: str) -> None:
+def check_ex(x: torch.Tensor, backend: str, method: str = "pruned") -> None:
     for xi, g, code in bad_inputs(x):
-        out, info = nvfp4_scale_sweep_ex(xi, g, backend=backend)
+        out, info = nvfp4_scale_sweep_ex(xi, g, backend=backend, method=method)
         assert info.dtype == torch.int32 and info.shape == () and info.device == x.device
         assert int(info) == code
         if code == 0:
-            assert torch.equal(out, nvfp4_scale_sweep(xi, g, backend=backend))
+            assert torch.equal(out, nvfp4_scale_sweep(xi, g, backend=backend, method=method))
         else:
             with pytest.raises(ValueError):
-                nvfp4_scale_sweep(xi, g, backend=backend)
+                nvfp4_scale_sweep(xi, g, backend=backend, method=method)
 
 
 def test_reference_backend_flags_what_the_public_call_raises():
@@ -97,15 +97,16 @@ def test_reference_backend_flags_what_the_public_call_raises():
     check_ex(torch.randn(4, 64) * 0.02, "reference")
 
 
-def test_triton_interpreter_flags_what_the_public_call_raises(monkeypatch):
+@pytest.mark.parametrize("method", ["pruned", "exhaustive"])
+def test_triton_interpreter_flags_what_the_public_call_raises(monkeypatch, method):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
-    check_ex(torch.randn(4, 64).bfloat16() * 0.02, "triton")
+    check_ex(torch.randn(4, 64).bfloat16() * 0.02, "triton", method)
 
 
 def test_what_needs_no_gpu_read_still_raises():
     x = torch.randn(4, 64)
-    with pytest.raises(TypeError, match="x"):
+    with pytest.raises(TypeError, match="^x must be"):
         nvfp4_scale_sweep_ex([1.0] * 16, 1.0)
     with pytest.raises(ValueError, match="method"):
         nvfp4_scale_sweep_ex(x, 1.0, method="greedy")
@@ -128,8 +129,17 @@ def test_cuda_flags_without_a_sync():
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing torch call raises
     try:
         out, info = nvfp4_scale_sweep_ex(x, g)
+        _, info_float = nvfp4_scale_sweep_ex(x, 0.05)  # a number: made on the device by a fill, no copy
         with pytest.raises(RuntimeError, match="synchroniz"):
             nvfp4_scale_sweep(x, g)  # the raising call reads back: the check can fail
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert int(info) == 0 and torch.equal(out, nvfp4_scale_sweep(x, g))
+    assert int(info_float) == 0
+
+
+def test_a_number_beyond_fp32_is_a_bad_global_amax_not_a_crash():
+    x = torch.randn(4, 64)
+    assert int(nvfp4_scale_sweep_ex(x, 1e40)[1]) == INFO_BAD_GLOBAL_AMAX  # rounds to inf, as a tensor would
+    with pytest.raises(ValueError, match="global_amax must be finite"):
+        nvfp4_scale_sweep(x, -1e40)

@@ -43,9 +43,10 @@ def start_line(reason: str, step: int, n_layers: int, numel: int) -> str:
     return f"NVFP4 recalibration {when}: {n_layers} layers, {numel / 1e6:.2f}M weights ..."
 
 
-def done_line(seconds: float, metrics: dict[str, float]) -> str:
-    """``... done in 0.21 s: weight MSE -3.1%, 12.0% of block scales moved``"""
+def done_line(seconds: float, metrics: dict[str, float], note: str = "") -> str:
+    """``... done in 0.21 s: weight MSE -3.1%, 12.0% of block scales moved``; ``note`` follows the
+    time (the report's compile note)."""
     return (
-        f"... done in {seconds:.2f} s: weight MSE {-100 * metrics['rel_improvement']:+.1f}%, "
+        f"... done in {seconds:.2f} s{note}: weight MSE {-100 * metrics['rel_improvement']:+.1f}%, "
         f"{100 * metrics['changed_fraction']:.1f}% of block scales moved"
     )

@@ -82,7 +82,10 @@ def check_global_amax(global_amax: object, x: torch.Tensor, *, check_value: bool
             )
         g = global_amax.detach().reshape(()).to(torch.float32)
     else:
-        g = torch.tensor(float(global_amax), dtype=torch.float32, device=x.device)
+        # Rounded to fp32 on the host (1e40 -> inf, as torch.tensor does), then a fill on x's device:
+        # a copy from host memory would wait for the GPU (nvfp4_scale_sweep_ex promises no sync).
+        value = torch.tensor(float(global_amax), dtype=torch.float32).item()
+        g = torch.full((), value, dtype=torch.float32, device=x.device)
     if not check_value:
         return g
     value = float(g)

@@ -425,7 +425,7 @@ class NVFP4Recalibration(Callback):
         self._last_step = trainer.global_step
         self.last_report = report
         metrics = self._metrics(report, seconds)
-        say(trainer, done_line(seconds, metrics) + report.compile_note)
+        say(trainer, done_line(seconds, metrics, report.compile_note))
         self.history.append(
             {"step": trainer.global_step, "epoch": trainer.current_epoch, "reason": reason, **metrics}
         )

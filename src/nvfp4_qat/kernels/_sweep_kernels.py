@@ -115,7 +115,8 @@ def _f16x2(x: float) -> str:
 # arithmetic on sm_80/90; here `set.f16x2` gives 1.0/0.0 per half, and their weighted sum is the
 # magnitude in halves (2 * E2M1 value: integers 0..12, exact in fp16). Then, in fp32 per element,
 # fl(q2 * fl(sv / 2)) is fl(Q * sv) bit for bit (the same real number, rounded once; sv / 2 is exact
-# while sv is normal, which the tiny-s2 flag guarantees), and the error and its square as in _sq_err.
+# because sv >= 2**-109: v >= 2**-9, and s2 >= 2**-100 where the tiny-s2 flag does not send every
+# block to the work list), and the error and its square as in _sq_err.
 #: Per code: the 7 thresholds MID * v in fp16 (exact: <= 7 significant bits, in fp16's normal range),
 #: each in both halves of a word. $0..$6 out, $7: v (fp32).
 _THRESHOLDS_ASM = tl.constexpr(
@@ -151,8 +152,8 @@ def _odd_f16_bits(u):
     # (equal only if u was exact; otherwise it lies strictly between the same two such numbers).
     # The decision thresholds midpoint * v have <= 7 significant bits (3 of the midpoint, 4 of the
     # FP8 code) and lie in [2**-11, 2240], inside fp16's normal range with 11 bits: so the E2M1
-    # decision on this copy is the fp32 decision, bit for bit, and the compiler packs two elements
-    # per compare (HSETP2: 23.6 -> 21.3 SASS instructions per element-code). u below 2**-14 (fp16
+    # decision on this copy is the fp32 decision, bit for bit, and two elements fit one compare
+    # (HSETP2 in the work-list pass; set.f16x2 in the pruned pass's _PAIR_ASM). u below 2**-14 (fp16
     # subnormals) fails every threshold and maps to 0; u above every threshold is clamped first
     # (the fp16 range ends at 65504). Where u is NaN (x NaN; the pruned pass maps NaN |x| to inf
     # first), the loss is NaN at every code whatever the decisions.
@@ -160,7 +161,7 @@ def _odd_f16_bits(u):
     bits = uc.to(tl.int32, bitcast=True)
     h = ((bits >> 13) - (112 << 10)) | ((bits & 0x1FFF) != 0).to(tl.int32)  # rebias 127 -> 15
     h = tl.where(uc < 0.00006103515625, 0, h)  # 2**-14
-    return h  # int32, the fp16 bits (< 0x8000)
+    return h  # int32, the fp16 bits: < 0x8000 for u >= 0 (sign clear), so two pack into one word
 
 
 @triton.jit
@@ -305,8 +306,9 @@ def _live(g_ptr, B: tl.constexpr):
     # nvfp4_qat.recalibration._execute) turns the launch into a no-op: no block is read or written and
     # the partial sums are 0, so recalibration can queue every layer's sweep before it knows (after
     # its one host sync) which weights were finite, and still leave a non-finite layer's scales as
-    # they were. The public sweep validates a finite global amax first. Known cost: the arithmetic
-    # still runs.
+    # they were. nvfp4_scale_sweep raises on a non-finite global amax after the launch, and
+    # nvfp4_scale_sweep_ex flags it (its block_amax is then the untouched output buffer). Known
+    # cost: the arithmetic still runs.
     g = tl.full([B], 0.0, tl.float32) + tl.load(g_ptr)  # [B]: the interpreter cannot & a scalar bool
     return tl.abs(g) < float("inf")  # False for NaN too -> [B]
 
@@ -535,8 +537,8 @@ def _store_stats(
 def _store_amax(part_ptr, part_stride, block_max, g):
     # Row 2 of the partials: max |x| over the tensor, +inf if it holds NaN or Inf, as an atomic max
     # of each tile's into column pid % AMAX_SLOTS (fewer tiles per address), and the global amax in
-    # column AMAX_SLOTS. The public sweep reads these AMAX_SLOTS + 1 values once, after the launch,
-    # to validate its input: no pass over x, and no launch, before or after the kernels.
+    # column AMAX_SLOTS. The public sweep validates its input from these AMAX_SLOTS + 1 values after
+    # the launch (one host read, or one small launch in nvfp4_scale_sweep_ex): no pass over x.
     # block_max: [B] per-block max |x| with NaN as +inf (a max would drop NaN); masked rows are 0.
     tile_max = tl.reduce(block_max, 0, _MAX)
     pid = tl.program_id(0)

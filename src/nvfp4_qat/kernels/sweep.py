@@ -95,7 +95,8 @@ def stats_slots(n_blocks: int) -> int:
 def check_values(partials: torch.Tensor) -> torch.Tensor:
     """A launch's input checks (a view of ``AMAX_SLOTS + 1`` values of row 2 of its partials): the
     maximum of all but the last is max |x| (+inf where ``x`` holds NaN or Inf, 0 when the global
-    amax is NaN or Inf), the last the global amax. The public sweep reads them once, after the launch."""
+    amax is NaN or Inf), the last the global amax. ``nvfp4_scale_sweep`` reads them once, after the
+    launch; ``nvfp4_scale_sweep_ex`` encodes them on the device (:func:`launch_info`)."""
     return partials[2, : AMAX_SLOTS + 1]
 
 
@@ -107,8 +108,16 @@ def launch_info(checks: torch.Tensor) -> torch.Tensor:
     """The input checks of a launch (:func:`check_values`) as ``nvfp4_scale_sweep_ex``'s ``info``
     code: a 0-dim int32 tensor on their device, from one launch of ``_sweep_info_kernel``, no sync."""
     info = torch.empty((), dtype=torch.int32, device=checks.device)
-    _launch("_sweep_info_kernel", checks.device, (1,), checks, info, config=INFO_CONFIG)
+    with _on_device(checks.device):
+        _launch("_sweep_info_kernel", checks.device, (1,), checks, info, config=INFO_CONFIG)
     return info
+
+
+def _on_device(device: torch.device):
+    # Triton launches on the current device: switch only when the tensors are elsewhere (entering
+    # the guard on every call costs host time that the public call's GPU waits through).
+    other = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
+    return torch.cuda.device(device) if other else contextlib.nullcontext()
 
 
 def _grid(n_blocks: int):
@@ -227,10 +236,7 @@ def launch_sweep(
     extra = (codes, part)
     n_cand = values.numel()
     on_cuda = x.device.type == "cuda"
-    # Triton launches on the current device: switch only when x is elsewhere (entering the guard on
-    # every call costs host time that the public call's GPU waits through).
-    other = on_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device()
-    with torch.cuda.device(x.device) if other else contextlib.nullcontext():
+    with _on_device(x.device):
         if method == "exhaustive":
             _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), *tables, n_blocks,
                     NUM_CANDIDATES=n_cand, config=config)  # fmt: skip
@@ -244,7 +250,8 @@ def launch_sweep(
             config = _interpreter_pruned_config(n_blocks)
         _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks,
                 NUM_CANDIDATES=n_cand, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
-                N_EXTRA=n_extra, PACKED=on_cuda, config=config)  # fmt: skip
+                N_EXTRA=n_extra, PACKED=on_cuda and torch.version.hip is None,  # inline PTX: NVIDIA only
+                config=config)  # fmt: skip
         wl = _k.WORKLIST_CONFIG
         if on_cuda:
             grid = (_worklist_programs(x, n_blocks),)
