@@ -79,9 +79,12 @@ def nvfp4_scale_sweep(
             ``block_size``, ``backend`` or ``method`` (the message names the argument).
         RuntimeError: ``backend="triton"`` without triton installed.
     """
-    out, checks, _ = _sweep(x, global_amax, block_size, backend, method, raise_first=True)
-    if checks is not None:  # the Triton path: the checks ride on the launch
-        _raise_if_invalid(x, *_read_checks(checks))  # the one host sync, after the launch
+    x, g, on_triton = _validated(x, global_amax, block_size, backend, method)
+    if not on_triton:  # the values are at hand: refuse bad ones before a sweep of seconds on the CPU
+        _raise_if_invalid(x, *torch.stack(_values(x, g)).tolist())
+        return sweep_reference(x, g, block_size)
+    out, checks = _launch(x, g, method)
+    _raise_if_invalid(x, *_read_checks(checks))  # the one host sync, after the launch
     return out
 
 
@@ -114,48 +117,43 @@ def nvfp4_scale_sweep_ex(
             device, ``global_amax``'s type, shape and device, ``block_size``, ``backend``, ``method``.
         RuntimeError: ``backend="triton"`` without triton installed.
     """
-    out, checks, on_triton = _sweep(x, global_amax, block_size, backend, method, raise_first=False)
-    checks = typing.cast(torch.Tensor, checks)
-    if on_triton:
-        from nvfp4_qat.kernels.sweep import launch_info
+    x, g, on_triton = _validated(x, global_amax, block_size, backend, method)
+    if not on_triton:
+        return sweep_reference(x, g, block_size), _info(*_values(x, g))
+    from nvfp4_qat.kernels.sweep import launch_info
 
-        return out, launch_info(checks)  # one launch
-    return out, _info(checks[0], checks[1])  # the reference backend: [max |x|, global amax]
+    out, checks = _launch(x, g, method)
+    return out, launch_info(checks)  # one small launch, no read
 
 
-def _sweep(
-    x: object, global_amax: object, block_size: object, backend: object, method: object, raise_first: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """Validate what the host can, sweep, and return ``(block_amax, checks, on_triton)``: ``checks``
-    is a 1-D device tensor whose last value is the global amax and whose others have ``max |x|`` as
-    their maximum (NaN or Inf where ``x`` holds NaN or Inf). With ``raise_first`` the reference
-    backend raises on bad values before it sweeps (seconds on the CPU for a large weight) and
-    returns ``checks=None``."""
+def _validated(
+    x: object, global_amax: object, block_size: object, backend: object, method: object
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """What the host checks without reading the GPU; ``(x detached, global amax as a 0-dim fp32
+    tensor on x's device, whether the Triton kernels run)``."""
     check_x(x, block_size)
     check_choice(method, METHODS, "method")
     x = typing.cast(torch.Tensor, x)
-    resolved = resolve_backend(backend, x.device, block_size)
+    on_triton = resolve_backend(backend, x.device, block_size) == "triton"
     x = x.detach()  # the sweep writes into out= buffers, which autograd refuses; scales get no gradient
-    if resolved == "reference":
-        g = check_global_amax(global_amax, x, check_value=False)
-        checks = torch.stack(_values(x, g))
-        if raise_first:
-            _raise_if_invalid(x, *checks.tolist())
-            return sweep_reference(x, g, block_size), None, False
-        return sweep_reference(x, g, block_size), checks, False
-    from nvfp4_qat.kernels.sweep import check_values, launch_sweep  # validated here: the unchecked launcher
-
-    if x.numel() // block_size > 2**31 - 1:  # the kernels index blocks with int32
+    if on_triton and x.numel() // block_size > 2**31 - 1:  # the kernels index blocks with int32
         raise ValueError(
             f"x must hold fewer than 2**31 blocks for backend='triton', got {x.numel() // block_size}"
         )
-    g = check_global_amax(global_amax, x, check_value=False)
+    return x, check_global_amax(global_amax, x, check_value=False), on_triton
+
+
+def _launch(x: torch.Tensor, g: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton sweep of validated input: ``(block_amax, checks)``, ``checks`` the launch's
+    :func:`~nvfp4_qat.kernels.sweep.check_values` (max |x| per slot, then the global amax)."""
+    from nvfp4_qat.kernels.sweep import check_values, launch_sweep  # validated here: the unchecked launcher
+
     out, _, (_, part) = launch_sweep(x, g, method)
-    return out, check_values(part), True
+    return out, check_values(part)
 
 
 def _read_checks(checks: torch.Tensor) -> tuple[float, float]:
-    """``(max |x|, global amax)`` from ``_sweep``'s checks, in one host read."""
+    """``(max |x|, global amax)`` from a launch's checks, in one host read."""
     values = checks.tolist()
     return max(values[:-1]), values[-1]
 
