@@ -14,6 +14,7 @@ from nvfp4_qat.modules import NVFP4Linear, quant_error_stats
 
 __all__ = [
     "ON_NONFINITE",
+    "HostCopy",
     "LayerClock",
     "apply_nonfinite_policy",
     "full_weight",
@@ -110,6 +111,33 @@ class LayerClock:
             return [b - a for a, b in itertools.pairwise(self._marks)]
         self._marks[-1].synchronize()
         return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self._marks)]
+
+
+class HostCopy:
+    """A device tensor's values for the host, copied now without waiting, read later.
+
+    On a GPU: an async copy into page-locked memory and an event, so that the host can queue more
+    work before it needs the values (recalibration reads the finiteness flags of the stats pass
+    after queueing the sweeps: a read right after the stats pass would hold the sweeps back, and a
+    read after the sweeps leaves the GPU idle while the host then prepares the layers' kernel
+    states, 3.3 ms of the 73 ms of a Llama-3-8B set on an H200). Elsewhere the tensor itself.
+    """
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._event = None
+        if t.device.type != "cuda":
+            self._host = t
+            return
+        self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._host.copy_(t, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(t.device))
+
+    def tolist(self) -> list:
+        """The values, waiting for the copy (only for it, not for work queued after it)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 def apply_nonfinite_policy(bad: list[str], on_nonfinite: str, warn: bool = True) -> None:

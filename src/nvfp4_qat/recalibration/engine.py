@@ -27,6 +27,7 @@ from nvfp4_qat.policy import InputMoments, RecalibrationPolicy
 from nvfp4_qat.recalibration import _policy
 from nvfp4_qat.recalibration._execute import SweepTask, install_kernel_states, stale_stats, sweep
 from nvfp4_qat.recalibration._layers import (
+    HostCopy,
     apply_nonfinite_policy,
     full_weight,
     restore_scales,
@@ -159,13 +160,15 @@ def _execute(
         return sweep_distributed(plan)
     # One process: stale statistics, then the sweep with a global amax that is NaN where the
     # weight is not finite (or everywhere, with "raise" and one bad weight), so that nothing
-    # waits for the check; the host learns the outcome once everything is queued.
+    # waits for the check; the host learns the outcome once everything is queued, and prepares
+    # the layers' kernel states while the GPU still sweeps.
     fused = plan.execution == "fused"
     tasks = [SweepTask(m, full_weight(m)) for _, m in layers]
     before = stale_stats(tasks, fused)  # [L, 3]: sse, max |w|, sum w^2
     g_new = before[:, 1]  # max |w|: exact, whatever the order of the reduction
     finite = torch.isfinite(g_new)
     live = finite & finite.all() if raise_ else finite
+    flags = HostCopy(torch.stack([live, finite]))  # read once the sweeps are queued
     g_old = torch.stack([m.global_amax.to(g_new.device) for _, m in layers])
     out = sweep(tasks, torch.where(live, g_new, torch.nan), plan.method, plan.backend, fused)
     g_write = torch.where(live, g_new, g_old)
@@ -174,7 +177,7 @@ def _execute(
     else:
         for (_, m), g in zip(layers, g_write.unbind(), strict=True):
             m.global_amax.copy_(g)
-    live_host, finite_host = torch.stack([live, finite]).tolist()  # the host sync
+    live_host, finite_host = flags.tolist()  # waits for the stats pass only: the sweeps still run
     apply_nonfinite_policy([n for (n, _), ok in zip(layers, finite_host, strict=True) if not ok],
                            plan.on_nonfinite)  # fmt: skip
     if fused:
