@@ -1,10 +1,13 @@
-"""The packed pruned pass (``_THRESHOLDS_ASM``, ``_PAIR_ASM``: inline PTX that only a GPU runs) checked
-on the CPU, by executing its PTX text with numpy, instruction by instruction.
+"""The packed pruned pass (``_THRESHOLDS_ASM``, ``_PAIR_ASM``, ``_ODD_PAIR_ASM``: inline PTX that only a
+GPU runs, and ``_quotient``'s division without a divide) checked on the CPU: the PTX text executed with
+numpy, instruction by instruction, and the quotient's FMA steps with an exact FMA.
 
 The GPU tests compare the compiled kernel with the reference; these pin the same arithmetic here:
-each threshold word is the fp16 threshold in both halves, and each pair's squared errors equal the
-reference rule's (fp32 decisions on ``u``, ``fl(Q * fl(v * s2))``, the error squared) bit for bit, at
-every code, for ``u`` at, next to and between the decision thresholds (both tie rules).
+each threshold word is the fp16 threshold in both halves, the decision copies are the round-to-odd
+copies wherever a decision depends on them, the quotient is the correctly rounded ``|w| / s2``, and
+each pair's squared errors equal the reference rule's (fp32 decisions on ``u``, ``fl(Q * fl(v * s2))``,
+the error squared) bit for bit, at every code, for ``u`` at, next to and between the decision
+thresholds (both tie rules).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from triton._C.libtriton import interpreter as triton_interpreter  # its exact fp32 FMA
 
 from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, fp8_code_values
 from nvfp4_qat.kernels import _sweep_kernels as K
@@ -40,8 +44,17 @@ def _f16x2(op, *words):
 
 
 def _operand(regs: dict, a: str):
-    # A register or an immediate word.
-    return np.uint32(int(a, 16)) if a.startswith("0x") else (np.uint32(0) if a == "0" else regs[a])
+    # A register or an immediate word (hex or decimal).
+    return np.uint32(int(a, 16)) if a.startswith("0x") else (np.uint32(int(a)) if a.isdigit() else regs[a])
+
+
+def _f16_rz_bits(x: np.ndarray) -> np.ndarray:
+    # fp32 (>= 0) to fp16 bits, rounded toward zero: round to nearest, then one step down where that
+    # rounded up (for values above fp16's range: 65504, not inf).
+    r = np.asarray(x, np.float32).astype(np.float16)
+    bits = r.view(np.uint16).copy()
+    bits[r.astype(np.float32) > x] -= 1
+    return bits
 
 
 def run_ptx(asm: str, n_out: int, inputs: list) -> list:
@@ -72,6 +85,17 @@ def run_ptx(asm: str, n_out: int, inputs: list) -> list:
             regs[args[0]] = np.asarray(regs[args[1]], np.float32).astype(np.float16).view(np.uint16)
         elif op == "cvt.f32.f16":
             regs[args[0]] = regs[args[1]].view(np.float16).astype(np.float32)
+        elif op == "cvt.rz.f16x2.f32":  # the first source to the upper half
+            hi, lo = (_f16_rz_bits(regs[r]).astype(np.uint32) for r in args[1:])
+            regs[args[0]] = lo | (hi << 16)
+        elif op == "setp.neu.f32":  # not equal, or unordered
+            regs[args[0]] = ~(np.float32(regs[args[1]]) == np.float32(regs[args[2]]))
+        elif op == "selp.b32":
+            regs[args[0]] = np.where(regs[args[3]], _operand(regs, args[1]), _operand(regs, args[2])).astype(
+                np.uint32
+            )
+        elif op == "or.b32":
+            regs[args[0]] = (_operand(regs, args[1]) | _operand(regs, args[2])).astype(np.uint32)
         elif op in ("set.gt.f16x2.f16x2", "set.ge.f16x2.f16x2"):
             cmp = np.greater if ".gt." in op else np.greater_equal
             regs[args[0]] = _f16x2(
@@ -118,17 +142,44 @@ def reference_sq_err(a: np.ndarray, u: np.ndarray, v: float, s2: np.float32) -> 
     return (e * e).astype(np.float32)
 
 
-def mismatches(pair_asm: str, s2: float, n: int) -> tuple[int, int]:
+def fma(a, b, c) -> np.ndarray:
+    """fp32 ``a * b + c`` rounded once (Triton's interpreter's own exact FMA)."""
+    return triton_interpreter.fma_fp32(*np.broadcast_arrays(*(np.asarray(t, np.float32) for t in (a, b, c))))
+
+
+def quotient(a: np.ndarray, s2: np.float32) -> np.ndarray:
+    """``_sweep_kernels._quotient``, step by step: ``fl(a / s2)`` without a divide."""
+    y = np.float32(1) / s2  # numpy divides fp32 correctly rounded, as div_rn does
+    with np.errstate(over="ignore"):  # the cap is inf for s2 above 2**115: then nothing is capped
+        cap = np.float32(s2 * np.float32(K._U_CAP.value))
+    a = np.minimum(np.asarray(a, np.float32), cap)
+    q = (a * y).astype(np.float32)
+    q = fma(fma(q, -s2, a), y, q)
+    return fma(fma(q, -s2, a), y, q)
+
+
+def odd_pairs(a: np.ndarray, s2: np.float32) -> np.ndarray:
+    """The packed pass's decision words: ``_ODD_PAIR_ASM`` of the quotients of element pairs."""
+    u = quotient(a, s2)
+    return run_ptx(K._ODD_PAIR_ASM.value, 1, [u[0::2], u[1::2]])[0]
+
+
+def mismatches(pair_asm: str, s2: float, n: int, prologue: str = "packed") -> tuple[int, int]:
     """(elements whose squared error differs from the reference's, elements checked) for ``n`` probe
-    values of u at every code, through ``pair_asm``."""
+    values of u at every code, through ``pair_asm``, with the decision copies made as the packed
+    pass makes them (``prologue="packed"``: _quotient and _ODD_PAIR_ASM) or as the interpreter's
+    path does (``"divide"``: a division and _odd_f16)."""
     _, probes = decision_probe_values()
     probes = probes[torch.isfinite(probes) & (probes < 1e6)]
     probes = probes[torch.randperm(probes.numel(), generator=torch.Generator().manual_seed(1))[:n]]
     s2 = np.float32(s2)
     a = (probes.numpy() * s2).astype(np.float32)  # |w| near each probe times s2
-    u = torch.from_numpy(a).div(torch.tensor(s2))  # u = fl(|w| / s2), as the kernel divides
-    h = odd_copy(u).numpy().view(np.uint16).astype(np.uint32)  # the kernel's decision copy
-    pairs = h[0::2] | (h[1::2] << 16)
+    u = torch.from_numpy(a).div(torch.tensor(s2))  # u = fl(|w| / s2), what the reference decides on
+    if prologue == "packed":
+        pairs = odd_pairs(a, s2)
+    else:
+        h = odd_copy(u).numpy().view(np.uint16).astype(np.uint32)  # the kernel's decision copy
+        pairs = h[0::2] | (h[1::2] << 16)
     bad = checked = 0
     for v in VALUES:
         words = run_ptx(K._THRESHOLDS_ASM.value, 7, [np.full(pairs.shape, v, np.float32)])
@@ -142,19 +193,72 @@ def mismatches(pair_asm: str, s2: float, n: int) -> tuple[int, int]:
     return bad, checked
 
 
-@pytest.mark.parametrize("s2", [1.0, 2.0**-7, 0.012345679, 3.3e-20])
-def test_pair_asm_equals_the_reference_squared_errors_at_every_code(s2):
-    bad, checked = mismatches(K._PAIR_ASM.value, s2, 60_000)
+@pytest.mark.parametrize("prologue", ["packed", "divide"])
+@pytest.mark.parametrize("s2", [1.0, 2.0**-7, 0.012345679, 3.3e-20, 2.0**-90])
+def test_pair_asm_equals_the_reference_squared_errors_at_every_code(s2, prologue):
+    bad, checked = mismatches(K._PAIR_ASM.value, s2, 60_000, prologue)
     assert checked == 126 * 60_000
     assert bad == 0, f"{bad} of {checked} squared errors differ from the reference"
 
 
-def test_the_check_can_fail():
-    # Weight 2 instead of 4 for the last threshold (magnitude 4 where it should be 6), or the
-    # decision copies' halves swapped: both are caught.
-    wrong_step = K._PAIR_ASM.value.replace("0x44004400", "0x40004000")
-    swapped = K._PAIR_ASM.value.replace("$2, m0", "$3, m0").replace("$3, m1", "$2, m1")
-    for asm in (wrong_step, swapped):
-        assert asm != K._PAIR_ASM.value
-        bad, _ = mismatches(asm, 0.012345679, 4_000)
-        assert bad > 1000
+def test_odd_pair_asm_is_the_round_to_odd_copy_where_decisions_need_it():
+    # Against _odd_f16 (tested against fp32 decisions in test_sweep_triton.py): equal bits from
+    # 2**-14 to 32768; below, an fp16 value below 2**-14 (fails every threshold, >= 2**-11, as 0
+    # does); above, a value above every threshold (<= 2240).
+    _, u = decision_probe_values()
+    u = u[: u.numel() // 2 * 2]
+    lo, hi = _halves(run_ptx(K._ODD_PAIR_ASM.value, 1, [u[0::2].numpy(), u[1::2].numpy()])[0])
+    got = np.empty(u.numel(), np.float16)
+    got[0::2], got[1::2] = lo, hi
+    want = odd_copy(u).numpy()
+    mid = ((u >= 2.0**-14) & (u <= 32768)).numpy()
+    assert mid.sum() > 100_000
+    assert np.array_equal(got[mid].view(np.uint16), want[mid].view(np.uint16))
+    below, above = (u < 2.0**-14).numpy(), (u > 32768).numpy()
+    assert below.sum() > 1000 and above.sum() > 10
+    assert (got[below].astype(np.float32) < 2.0**-14).all() and (got[above].astype(np.float32) >= 32768).all()
+
+
+def quotient_cases() -> list[np.float32]:
+    gen = np.random.default_rng(3)
+    exps = gen.uniform(-90, 115, 120)
+    mant = gen.integers(0, 2**23, 120)
+    random = [np.float32(np.ldexp(1.0 + m / 2**23, int(e))) for e, m in zip(exps, mant, strict=True)]
+    edges = [2.0**-90, np.nextafter(np.float32(2.0**-90), np.float32(1)), 1.0, 1.5, 2.0 - 2.0**-23,
+             0.012345679, 3.3e-20, 3.4e38 / 2688, 1.0 / 2688]  # fmt: skip
+    return [np.float32(v) for v in edges] + random
+
+
+def test_quotient_is_the_correctly_rounded_division():
+    # For u from 2**-12 (below, every decision fails either way) up to the cap: the quotient's bits
+    # are fl(|w| / s2), over s2 from 2**-90 to the largest, with |w| whose u sit at and around every
+    # decision threshold, at fp16 grid points and across the range; above the cap, exactly the cap.
+    _, probes = decision_probe_values()
+    probes = probes[torch.isfinite(probes)].numpy()
+    gen = np.random.default_rng(4)
+    checked = 0
+    for s2 in quotient_cases():
+        a = (probes * s2).astype(np.float32)
+        bits = a.view(np.int32)[:, None] + np.arange(-2, 3, dtype=np.int32)  # and its neighbours
+        a = np.concatenate([bits.reshape(-1).view(np.float32), gen.random(20_000, np.float32) * s2 * 8])
+        a = a[np.isfinite(a) & (a >= 0)]
+        with np.errstate(over="ignore"):
+            want = a / s2
+        got = quotient(a, s2)
+        exact = (want >= 2.0**-12) & (want <= K._U_CAP.value)
+        assert np.array_equal(got[exact].view(np.int32), want[exact].view(np.int32)), s2
+        assert (got[want > K._U_CAP.value] == K._U_CAP.value).all(), s2
+        assert (got[want < 2.0**-12] < 2.0**-11).all(), s2
+        checked += int(exact.sum())
+    assert checked > 30_000_000
+
+
+def test_the_quotient_check_can_fail():
+    # The product fl(|w| * fl(1 / s2)) alone, without the corrections, differs from the division in
+    # many cases (8.8 % here; one correction was enough in 12,000,000 random cases; the kernel
+    # makes two, which Markstein's theorem covers for every case).
+    s2 = np.float32(0.012345679)
+    a = (np.random.default_rng(5).random(1_000_000, np.float32) * s2 * 100).astype(np.float32)
+    product = (a * (np.float32(1) / s2)).astype(np.float32)
+    assert np.array_equal(quotient(a, s2), a / s2)
+    assert (product != a / s2).sum() > 50_000

@@ -45,6 +45,7 @@ an interpreted kernel cannot call one when triton was imported without ``TRITON_
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import triton
@@ -63,8 +64,12 @@ from nvfp4_qat.kernels import _interpret
 _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (tl.constexpr(q) for q in E2M1_VALUES[1:])
 _QMAX = tl.constexpr(FP4_MAX)
 _DIVISOR = tl.constexpr(GLOBAL_SCALE_DIVISOR)
-# Below this s2, v * s2 or q * v * s2 can be subnormal and the pruning proof no longer holds.
-_TINY_S2 = tl.constexpr(2.0**-100)
+# Below this s2, v * s2 or q * v * s2 can be subnormal and the pruning proof no longer holds (from
+# 2**-100), and _quotient's remainder may round (below 2**-91): every block then goes to the
+# exhaustive pass.
+_TINY_S2 = tl.constexpr(2.0**-90)
+# _quotient's cap on u (a power of two, so cap = fl(u_cap * s2) is exact): above every threshold.
+_U_CAP = tl.constexpr(4096.0)
 # Triton's own combine functions for tl.reduce: tl.sum / tl.max are jitted wrappers that an
 # interpreted kernel cannot call, while the interpreter runs these as numpy reductions.
 _SUM = tl.standard._sum_combine
@@ -132,16 +137,45 @@ _THRESHOLDS_ASM = tl.constexpr(
 _STEPS = [
     round(2 * (hi - lo)) for lo, hi in zip(E2M1_VALUES[:-1], E2M1_VALUES[1:], strict=True)
 ]  # 1,1,1,1,2,2,4
+# The decisions of each run of equal steps are summed first (the first set straight into the run's
+# register), then the runs are combined, lowest step first: 7 sets and 6 packed adds/FMAs per pair,
+# against 7 and 7 when every decision was added to one running sum that started at 0.
+_RUNS = [(step, [k for k, st in enumerate(_STEPS) if st == step]) for step in dict.fromkeys(_STEPS)]
+if _RUNS[0][0] != 1 or any(b - a != 1 for _, ks in _RUNS for a, b in itertools.pairwise(ks)):
+    raise RuntimeError(f"_PAIR_ASM assumes runs of equal steps starting with 1, got {_STEPS}")
+
+
+def _run_sum(reg: str, ks: list[int]) -> str:
+    # reg = the sum of the decisions (1.0 / 0.0 per half) at thresholds ks.
+    cmp = [f"set.{'gt' if E2M1_MIDPOINTS[k][1] else 'ge'}.f16x2.f16x2" for k in ks]
+    text = f"{cmp[0]} {reg}, $4, ${5 + ks[0]}; "
+    for op, k in zip(cmp[1:], ks[1:], strict=True):
+        text += f"{op} c, $4, ${5 + k}; add.rn.f16x2 {reg}, {reg}, c; "
+    return text
+
+
 _PAIR_ASM = tl.constexpr(
-    "{ .reg .b32 q, c, w; .reg .b16 lo, hi; .reg .f32 m0, m1, e0, e1; mov.b32 q, 0; "
+    "{ .reg .b32 q, r, c, w; .reg .b16 lo, hi; .reg .f32 m0, m1, e0, e1; "
+    + _run_sum("q", _RUNS[0][1])
     + "".join(
-        f"set.{'gt' if down else 'ge'}.f16x2.f16x2 c, $4, ${5 + k}; "
-        + ("add.rn.f16x2 q, q, c; " if step == 1 else f"mov.b32 w, {_f16x2(step)}; fma.rn.f16x2 q, c, w, q; ")
-        for k, ((_, down), step) in enumerate(zip(E2M1_MIDPOINTS, _STEPS, strict=True))
+        _run_sum("r", ks) + f"mov.b32 w, {_f16x2(step)}; fma.rn.f16x2 q, r, w, q; " for step, ks in _RUNS[1:]
     )
     + "mov.b32 {lo, hi}, q; cvt.f32.f16 m0, lo; cvt.f32.f16 m1, hi; "
     "mul.rn.f32 m0, m0, $12; mul.rn.f32 m1, m1, $12; sub.rn.f32 e0, $2, m0; sub.rn.f32 e1, $3, m1; "
     "mul.rn.f32 $0, e0, e0; mul.rn.f32 $1, e1, e1; }"
+)
+
+
+#: Two fp32 u >= 0 ($1: element 2i, $2: element 2i + 1) as their fp16 round-to-odd decision copies
+#: (_odd_f16_bits) in one word, element 2i in the low half: both truncated by one cvt.rz (which also
+#: keeps values above fp16's range finite, 65504), then each half's last bit set where truncating
+#: lost something (the half, widened again, differs from u). Round to odd either way; below 2**-14
+#: the copies are fp16 subnormals rather than _odd_f16_bits' 0, and fail every threshold as 0 does.
+_ODD_PAIR_ASM = tl.constexpr(
+    "{ .reg .b32 w, s; .reg .b16 l, h; .reg .f32 fl, fh; .reg .pred pl, ph; "
+    "cvt.rz.f16x2.f32 w, $2, $1; mov.b32 {l, h}, w; cvt.f32.f16 fl, l; cvt.f32.f16 fh, h; "
+    "setp.neu.f32 pl, fl, $1; setp.neu.f32 ph, fh, $2; "
+    "selp.b32 s, 1, 0, pl; or.b32 w, w, s; selp.b32 s, 65536, 0, ph; or.b32 $0, w, s; }"
 )
 
 
@@ -390,13 +424,72 @@ def _sweep_exhaustive_kernel(
 
 
 @triton.jit
-def _element(x_ptr, rows, j: tl.constexpr, mask, s2):
+def _element(x_ptr, rows, j: tl.constexpr, mask):
     # Element j of each block (one thread per block): |w| (fp32), with NaN as +inf so that maxima
-    # keep it, and the bits of the fp16 decision copy of u = |w| / s2 (correctly rounded).
-    # -> ([B] fp32, [B] int32)
+    # keep it. -> [B] fp32
     a = tl.abs(tl.load(x_ptr + rows * 16 + j, mask=mask, other=0.0).to(tl.float32))
-    a = tl.where(a < float("inf"), a, float("inf"))
-    return a, _odd_f16_bits(tl.math.div_rn(a, s2))
+    return tl.where(a < float("inf"), a, float("inf"))
+
+
+@triton.jit
+def _quotient(a, ns2, y, cap):
+    # u = fl(a / s2) by multiplying with y = fl(1 / s2) and two FMA corrections (CUDA's div.rn
+    # makes its reciprocal, and checks its range, per element: ~11 instructions against 6 here).
+    # Exact where a decision needs it: q0 = fl(a * y) is within 1.5 ulp of a / s2, so q1 is within
+    # 1 ulp, and then (Markstein's theorem: y within half an ulp of 1 / s2, q1 within 1 ulp of the
+    # quotient, the remainder a - q1 * s2 exact in the FMA) q2 is the correctly rounded quotient.
+    # The remainder is exact while it is a multiple of 2**-149: it is one of ulp(q) * ulp(s2), and
+    # with s2 >= 2**-90 (below that _TINY_S2 sends every block to the exhaustive pass, which
+    # divides) and u >= 2**-12 (smaller u fall below every threshold, >= 2**-11, either way) that
+    # is 2**-148 or more. a is capped at 4096 * s2 so that nothing overflows: u >= 4096 passes
+    # every threshold (<= 5 * 448) as a larger u would. tests/test_packed_pass.py checks the
+    # sequence with an exact FMA against a division.
+    # (ns2 = -s2: a negated product, and no negation of q per step, which Triton emits as an add.)
+    a = tl.minimum(a, cap)
+    q = a * y
+    q = tl.fma(tl.fma(q, ns2, a), y, q)
+    return tl.fma(tl.fma(q, ns2, a), y, q)
+
+
+@triton.jit
+def _odd_pair(u0, u1):
+    # _ODD_PAIR_ASM: the fp16 decision copies of two elements in one word. -> [B] int32
+    return tl.inline_asm_elementwise(_ODD_PAIR_ASM, "=r,f,f", [u0, u1], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _decision_copies(a, s2, PACKED: tl.constexpr):
+    # The fp16 decision copies of u = fl(|w| / s2) for the 16 elements a: with PACKED, 8 words of
+    # two (element 2i in the low half; _quotient and _ODD_PAIR_ASM), else 16 fp16 vectors
+    # (_odd_f16 of a correctly rounded division: what the interpreter runs). The same copies
+    # where a decision depends on them (below 2**-14 the fp16 values differ, and fail every
+    # threshold either way).
+    if PACKED:
+        y = tl.math.div_rn(tl.full(s2.shape, 1.0, tl.float32), s2)
+        cap = s2 * _U_CAP
+        ns2 = -s2
+        u = (
+            _odd_pair(_quotient(a[0], ns2, y, cap), _quotient(a[1], ns2, y, cap)),
+            _odd_pair(_quotient(a[2], ns2, y, cap), _quotient(a[3], ns2, y, cap)),
+            _odd_pair(_quotient(a[4], ns2, y, cap), _quotient(a[5], ns2, y, cap)),
+            _odd_pair(_quotient(a[6], ns2, y, cap), _quotient(a[7], ns2, y, cap)),
+            _odd_pair(_quotient(a[8], ns2, y, cap), _quotient(a[9], ns2, y, cap)),
+            _odd_pair(_quotient(a[10], ns2, y, cap), _quotient(a[11], ns2, y, cap)),
+            _odd_pair(_quotient(a[12], ns2, y, cap), _quotient(a[13], ns2, y, cap)),
+            _odd_pair(_quotient(a[14], ns2, y, cap), _quotient(a[15], ns2, y, cap)),
+        )
+    else:  # one return: Triton 3.6 checks that every return statement has the same types
+        u = (
+            _odd_f16(tl.math.div_rn(a[0], s2)), _odd_f16(tl.math.div_rn(a[1], s2)),
+            _odd_f16(tl.math.div_rn(a[2], s2)), _odd_f16(tl.math.div_rn(a[3], s2)),
+            _odd_f16(tl.math.div_rn(a[4], s2)), _odd_f16(tl.math.div_rn(a[5], s2)),
+            _odd_f16(tl.math.div_rn(a[6], s2)), _odd_f16(tl.math.div_rn(a[7], s2)),
+            _odd_f16(tl.math.div_rn(a[8], s2)), _odd_f16(tl.math.div_rn(a[9], s2)),
+            _odd_f16(tl.math.div_rn(a[10], s2)), _odd_f16(tl.math.div_rn(a[11], s2)),
+            _odd_f16(tl.math.div_rn(a[12], s2)), _odd_f16(tl.math.div_rn(a[13], s2)),
+            _odd_f16(tl.math.div_rn(a[14], s2)), _odd_f16(tl.math.div_rn(a[15], s2)),
+        )  # fmt: skip
+    return u
 
 
 @triton.jit
@@ -431,29 +524,24 @@ def _sweep_pruned_kernel(
     g = tl.load(g_ptr)
     s2 = tl.math.div_rn(g, tl.full([], _DIVISOR, tl.float32))
     s2v = tl.full([BLOCK_B], 0.0, tl.float32) + s2
-    a0, u0 = _element(x_ptr, rows, 0, mask, s2v)
-    a1, u1 = _element(x_ptr, rows, 1, mask, s2v)
-    a2, u2 = _element(x_ptr, rows, 2, mask, s2v)
-    a3, u3 = _element(x_ptr, rows, 3, mask, s2v)
-    a4, u4 = _element(x_ptr, rows, 4, mask, s2v)
-    a5, u5 = _element(x_ptr, rows, 5, mask, s2v)
-    a6, u6 = _element(x_ptr, rows, 6, mask, s2v)
-    a7, u7 = _element(x_ptr, rows, 7, mask, s2v)
-    a8, u8 = _element(x_ptr, rows, 8, mask, s2v)
-    a9, u9 = _element(x_ptr, rows, 9, mask, s2v)
-    a10, u10 = _element(x_ptr, rows, 10, mask, s2v)
-    a11, u11 = _element(x_ptr, rows, 11, mask, s2v)
-    a12, u12 = _element(x_ptr, rows, 12, mask, s2v)
-    a13, u13 = _element(x_ptr, rows, 13, mask, s2v)
-    a14, u14 = _element(x_ptr, rows, 14, mask, s2v)
-    a15, u15 = _element(x_ptr, rows, 15, mask, s2v)
+    a0 = _element(x_ptr, rows, 0, mask)
+    a1 = _element(x_ptr, rows, 1, mask)
+    a2 = _element(x_ptr, rows, 2, mask)
+    a3 = _element(x_ptr, rows, 3, mask)
+    a4 = _element(x_ptr, rows, 4, mask)
+    a5 = _element(x_ptr, rows, 5, mask)
+    a6 = _element(x_ptr, rows, 6, mask)
+    a7 = _element(x_ptr, rows, 7, mask)
+    a8 = _element(x_ptr, rows, 8, mask)
+    a9 = _element(x_ptr, rows, 9, mask)
+    a10 = _element(x_ptr, rows, 10, mask)
+    a11 = _element(x_ptr, rows, 11, mask)
+    a12 = _element(x_ptr, rows, 12, mask)
+    a13 = _element(x_ptr, rows, 13, mask)
+    a14 = _element(x_ptr, rows, 14, mask)
+    a15 = _element(x_ptr, rows, 15, mask)
     a = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
-    if PACKED:  # the decision copies two per word, element 2i in the low half
-        u = (u0 | (u1 << 16), u2 | (u3 << 16), u4 | (u5 << 16), u6 | (u7 << 16),
-             u8 | (u9 << 16), u10 | (u11 << 16), u12 | (u13 << 16), u14 | (u15 << 16))  # fmt: skip
-    else:
-        u = (_f16(u0), _f16(u1), _f16(u2), _f16(u3), _f16(u4), _f16(u5), _f16(u6), _f16(u7),
-             _f16(u8), _f16(u9), _f16(u10), _f16(u11), _f16(u12), _f16(u13), _f16(u14), _f16(u15))  # fmt: skip
+    u = _decision_copies(a, s2v, PACKED)
     m = tl.maximum(
         tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7))),
         tl.maximum(tl.maximum(tl.maximum(a8, a9), tl.maximum(a10, a11)), tl.maximum(tl.maximum(a12, a13), tl.maximum(a14, a15))),
