@@ -10,6 +10,11 @@ comparison is against exactly what ships (one thread per block, fp16 decision co
   copy (same decisions; fp16 packs two per compare instruction);
 * ``chain``: ``select`` with the E2M1 magnitude picked by a chain of 7 dependent selects (the kernel until
   session 6) instead of the 3-level tree;
+* ``divide``: the packed pass as session 8 left it: ``u = |w| / s2`` by a division per element
+  (``div.rn``) and the fp16 decision copies by bit manipulation (``_odd_f16_bits``), instead of
+  ``_quotient``'s multiply and two FMA corrections and one ``cvt.rz.f16x2`` per pair
+  (``_ODD_PAIR_ASM``), and a pair's 7 decisions added to a sum that starts at 0 instead of summed per
+  run of equal steps;
 * ``tile``: the pruned pass of session 7's first commits: a ``[B, 16]`` tile that gives each block to
   2 threads of 8 elements (``_block_loss``, as the exhaustive and work-list kernels still use),
   instead of one thread per block holding 16 ``[B]`` vectors.
@@ -146,7 +151,7 @@ def _sweep_pruned_tile_kernel(
 
 
 def variant(name: str, unrolled: bool = False):
-    """The variant module ``name`` ("library", "select", "fp32", "chain" or "tile"), written to a
+    """The variant module ``name`` ("library", "select", "fp32", "chain", "tile" or "divide"), written to a
     temporary file and imported; ``unrolled``: with the pruned window unrolled (the SASS counts
     compare that form)."""
     if name == "library":
@@ -155,13 +160,13 @@ def variant(name: str, unrolled: bool = False):
         text = unpacked(SOURCE)
     elif name == "fp32":
         text = unpacked(SOURCE).replace("_argmin_lanes(absw, _odd_f16(u), s2,", "_argmin_lanes(absw, u, s2,")
-        text = text.replace(
-            "    return a, _odd_f16_bits(tl.math.div_rn(a, s2))", "    return a, tl.math.div_rn(a, s2)"
-        )
+        text = text.replace("_odd_f16(tl.math.div_rn(", "(tl.math.div_rn(")  # _decision_copies
         text = text.replace("    return h.to(tl.int16).to(tl.float16, bitcast=True)", "    return h")  # _f16
         text = text.replace("    if F16:", "    if False:")
-        if text.count("    if False:") != 3 or "_odd_f16(u)," in text or "_odd_f16_bits(tl.math" in text:
+        if text.count("    if False:") != 3 or "_odd_f16(u)," in text or "_odd_f16(tl.math" in text:
             raise RuntimeError("the library's decision code changed: update the fp32 variant")
+    elif name == "divide":
+        text = divided(SOURCE)
     elif name == "chain":
         i, j = SOURCE.index(TREE_START), SOURCE.index(TREE_END) + len(TREE_END)
         text = unpacked(SOURCE[:i] + CHAIN + SOURCE[j:])
@@ -184,11 +189,47 @@ def variant(name: str, unrolled: bool = False):
 
 def unpacked(text: str) -> str:
     """``text`` with the pruned pass's packed path switched off (the interpreter's path on CUDA)."""
-    for old in ("    if PACKED:  # the decision copies", "    if PACKED:\n        t = _thresholds_f16x2"):
+    for old in (
+        "    if PACKED:\n        y = tl.math.div_rn",
+        "    if PACKED:\n        t = _thresholds_f16x2",
+    ):
         if text.count(old) != 1:
             raise RuntimeError("the library's packed path changed: update kernel_variants.py")
         text = text.replace(old, old.replace("if PACKED:", "if False:"))
     return text
+
+
+# Session 8's packed pass, for the comparison of session 9: the decision copies made by a division
+# per element (div.rn) and _odd_f16_bits' bit manipulation, and the 7 decisions of a pair added one
+# by one to a sum that starts at 0 (14 packed operations per pair, not 13).
+DIVIDED_COPIES = (
+    "".join(f"        h{j} = _odd_f16_bits(tl.math.div_rn(a[{j}], s2))\n" for j in range(16))
+    + "        u = ("
+    + ", ".join(f"h{2 * i} | (h{2 * i + 1} << 16)" for i in range(8))
+    + ")\n"
+)
+SUM_FROM_ZERO = """
+_PAIR_ASM = tl.constexpr(
+    "{ .reg .b32 q, c, w; .reg .b16 lo, hi; .reg .f32 m0, m1, e0, e1; mov.b32 q, 0; "
+    + "".join(
+        f"set.{'gt' if down else 'ge'}.f16x2.f16x2 c, $4, ${5 + k}; "
+        + ("add.rn.f16x2 q, q, c; " if step == 1 else f"mov.b32 w, {_f16x2(step)}; fma.rn.f16x2 q, c, w, q; ")
+        for k, ((_, down), step) in enumerate(zip(E2M1_MIDPOINTS, _STEPS, strict=True))
+    )
+    + _PAIR_ASM.value[_PAIR_ASM.value.index("mov.b32 {lo, hi}, q;"):]
+)
+"""
+
+
+def divided(text: str) -> str:
+    """``text`` with session 8's prologue and decision sums in the packed path (variant "divide")."""
+    start = text.index("    if PACKED:\n        y = tl.math.div_rn")
+    end = text.index("    else:  # one return", start)
+    text = text[:start] + "    if PACKED:\n" + DIVIDED_COPIES + text[end:]
+    anchor = "\n\n@triton.jit\ndef _odd_f16_bits(u):"
+    if text.count(anchor) != 1:
+        raise RuntimeError("the library's decision code changed: update the divide variant")
+    return text.replace(anchor, "\n" + SUM_FROM_ZERO + anchor)
 
 
 def pruned(module):
@@ -235,6 +276,7 @@ def run_sass() -> None:
             ("select tree", pruned(variant("select", True)), 256, 8, 16),
             ("fp32 decisions", pruned(variant("fp32", True)), 256, 8, 16),
             ("chain", pruned(variant("chain", True)), 256, 8, 16),
+            ("session 8 (divide)", pruned(variant("divide", True)), 256, 8, 16),
             ("tile ([B, 16], B32 w2)", pruned(variant("tile", True)), 32, 2, 8)]  # fmt: skip
     print(f"triton {triton.__version__}, sm_90 SASS of the pruned pass; {codes} codes unrolled")
     print(f"{'kernel':<34} {'instructions':>12} {'per element-code':>17}  top opcodes")
@@ -260,7 +302,7 @@ def run_gpu() -> None:
     print(f"library pruned (B{cfg.kwargs['BLOCK_B']} w{cfg.num_warps}): {bench(lambda: ks.launch_sweep(x, g, 'pruned')):.4f} ms, "
           f"{int(count)} blocks to the second pass")  # fmt: skip
     tile = triton.Config({"BLOCK_B": 32}, num_warps=2)
-    for name, config in [("select", None), ("fp32", None), ("chain", None), ("tile", tile)]:
+    for name, config in [("divide", None), ("select", None), ("fp32", None), ("chain", None), ("tile", tile)]:
         module = variant(name)
         if name == "tile":
             module._sweep_pruned_kernel = module._sweep_pruned_tile_kernel  # what the launcher calls

@@ -143,6 +143,8 @@ def _launch(name: str, device: torch.device, grid, *args, config: triton.Config 
     else:
         config = config or DEFAULT_CONFIGS[name]
     meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    if getattr(config, "maxnreg", None) is not None and device.type == "cuda":  # a register cap
+        meta["maxnreg"] = config.maxnreg
     launch(kernel, grid, *args, **kwargs, **meta, enable_fp_fusion=False)
 
 

@@ -1,0 +1,36 @@
+"""``benchmarks/kernel_variants.py`` builds its variants by editing the library's kernel source: each
+variant must still build, and differ from the library where it says it does (an anchor that no longer
+matches raises instead of silently timing the library twice)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_variants.py"
+
+
+@pytest.fixture(scope="module")
+def kv():
+    spec = importlib.util.spec_from_file_location("kernel_variants", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernel_variants"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["library", "select", "fp32", "chain", "tile", "divide"])
+def test_every_variant_builds(kv, name):
+    module = kv.variant(name)
+    assert callable(getattr(kv.pruned(module), "run", None))
+    if name == "library":
+        assert module._PAIR_ASM.value == kv.K._PAIR_ASM.value
+    if name == "divide":  # session 8's decision sum: one set and one add or FMA per threshold
+        assert module._PAIR_ASM.value != kv.K._PAIR_ASM.value
+        assert module._PAIR_ASM.value.count("set.") == 7 and "mov.b32 q, 0;" in module._PAIR_ASM.value
+    text = Path(module.__file__).read_text()
+    if name != "library":
+        assert text != kv.SOURCE
