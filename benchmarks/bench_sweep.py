@@ -203,7 +203,8 @@ def time_configs() -> None:
         tag = " (default)" if cfg in (K.PRUNED_CONFIG, K.EXHAUSTIVE_CONFIG) else ""
         flagged = f", {int(count)} blocks to the second pass" if count is not None else ""
         print(
-            f"  8192x4096 bf16 {method} BLOCK_B={cfg.kwargs['BLOCK_B']} warps={cfg.num_warps}{tag}: "
+            f"  8192x4096 bf16 {method} BLOCK_B={cfg.kwargs['BLOCK_B']} warps={cfg.num_warps} "
+            f"maxnreg={getattr(cfg, 'maxnreg', None)}{tag}: "
             f"{ms:.3f} ms{flagged}",
             flush=True,
         )

@@ -299,7 +299,8 @@ def run_gpu() -> None:
     want, count = ks.launch_sweep(x, g, "pruned")[:2]
     want = want.clone()
     cfg = K.PRUNED_CONFIG
-    print(f"library pruned (B{cfg.kwargs['BLOCK_B']} w{cfg.num_warps}): {bench(lambda: ks.launch_sweep(x, g, 'pruned')):.4f} ms, "
+    print(f"library pruned (B{cfg.kwargs['BLOCK_B']} w{cfg.num_warps} maxnreg {cfg.maxnreg}): "
+          f"{bench(lambda: ks.launch_sweep(x, g, 'pruned')):.4f} ms, "
           f"{int(count)} blocks to the second pass")  # fmt: skip
     tile = triton.Config({"BLOCK_B": 32}, num_warps=2)
     for name, config in [("divide", None), ("select", None), ("fp32", None), ("chain", None), ("tile", tile)]:

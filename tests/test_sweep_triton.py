@@ -46,7 +46,8 @@ VALUES = fp8_code_values()
 
 
 def cfg_id(cfg) -> str:
-    return f"B{cfg.kwargs['BLOCK_B']}w{cfg.num_warps}"
+    cap = f"r{cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else ""
+    return f"B{cfg.kwargs['BLOCK_B']}w{cfg.num_warps}{cap}"
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 
-# (BLOCK_B, num_warps) of each kernel: fixed, not autotuned. Autotuning cost every process ~3 s of
+# (BLOCK_B, num_warps, register cap) of each kernel: fixed, not autotuned. Autotuning cost every process ~3 s of
 # trial runs per weight shape with a warm Triton cache (and ~4 s of compiling per unrolled pruned
 # config when cold), for configs within a few % of each other. Exhaustive, medians on an H200
 # (8192x4096 bf16, `benchmarks/bench_sweep.py --configs`): B32w1 3.498, B64w2 3.416, B128w4 3.422,
@@ -85,9 +85,13 @@ _MIN = tl.standard._elementwise_min
 # through launch_sweep): B32w1 0.246, B64w2 0.241, B128w4 0.244, B256w8 0.259 ms. Smaller tiles score
 # fewer codes: a tile scores an extra code below the window when any one of its blocks needs it
 # (11.17 codes per block at B32, 11.31 at B64, 11.52 at B128 on a normal 512x4096 weight, counted
-# exactly on CPU by benchmarks/count_sweep_candidates.py).
+# exactly on CPU by benchmarks/count_sweep_candidates.py). Session 9's pass (64 registers per thread
+# uncapped; 56 with the cap, no spills), three runs of 8192x4096 and two of the 224 Llama-3-8B weights
+# (one H200 run): B64w2 0.232-0.234 ms / 48.88-49.16 ms, B64w2 capped at 56 registers 0.228-0.230 /
+# 48.26-48.31, B32w1 0.230-0.231 / -, B32w1 capped 0.2284-0.2285 / 47.79-47.80, B128w4 capped
+# 0.233-0.234 / 49.02-49.10, B256w8 0.243. The cap lets 36 warps share an SM instead of 32.
 EXHAUSTIVE_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1)
-PRUNED_CONFIG = triton.Config({"BLOCK_B": 64}, num_warps=2)
+PRUNED_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1, maxnreg=56)
 #: Alternatives with the same results (tests pin each one; the benchmark times them).
 EXHAUSTIVE_CONFIGS = [
     EXHAUSTIVE_CONFIG,
@@ -99,7 +103,7 @@ PRUNED_CONFIGS = [
     PRUNED_CONFIG,
     triton.Config({"BLOCK_B": 256}, num_warps=8),
     triton.Config({"BLOCK_B": 128}, num_warps=4),
-    triton.Config({"BLOCK_B": 32}, num_warps=1),
+    triton.Config({"BLOCK_B": 64}, num_warps=2),
 ]
 #: Tile of the second (work-list) pass: BLOCK_B blocks x LANES slices of the codes (B16 L8 0.464 ms
 #: in total above, B32 L4 0.472, B32 L1 0.549). Not autotuned: its length is only known on the device.
