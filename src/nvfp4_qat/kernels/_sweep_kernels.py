@@ -26,16 +26,19 @@ the rest cannot win:
   with N_BELOW = 3, 16% with 2), the tile scores up to N_EXTRA more codes downwards; blocks still
   unresolved are flagged (none of that weight's 2,097,152 with N_EXTRA = 2).
 
-Flagged blocks (and every block when ``s2 < 2**-100``, where products may turn subnormal) are
-appended to a work list and swept exhaustively by ``_sweep_worklist_kernel``: persistent on CUDA
+Flagged blocks (and every block when ``s2 < 2**-90``, where products may turn subnormal and the
+pruned pass's division without a divide may round) are appended to a work list and swept
+exhaustively by ``_sweep_worklist_kernel``: persistent on CUDA
 (the count stays on the device, no host sync), each listed block copied LANES times with every copy
 scanning a slice of the codes, so that a few flagged blocks do not wait for one thread to walk all
 126 codes.
 
 On CUDA the pruned pass scores a code with inline PTX (``_PAIR_ASM``: packed fp16 decisions summed
-to the magnitude, no selects); Triton's interpreter cannot run assembly, so on the CPU it takes the
-select tree of ``_sq_err`` (the ``PACKED`` constexpr): the same arithmetic, bit for bit, which
-``tests/test_packed_pass.py`` checks by executing the PTX text with numpy.
+to the magnitude, no selects), and makes its decision copies without a divide (``_quotient``) and
+two per instruction (``_ODD_PAIR_ASM``); Triton's interpreter cannot run assembly, so on the CPU it
+divides and takes the select tree of ``_sq_err`` (the ``PACKED`` constexpr): the same decisions and
+arithmetic, bit for bit, which ``tests/test_packed_pass.py`` checks by executing the PTX text with
+numpy and the quotient's steps with an exact FMA.
 
 CPU tensors run under Triton's interpreter: :func:`interpreted` rebuilds a kernel and its helpers
 as interpreted functions from the same source, so the compiled CUDA kernels stay intact in the same
@@ -124,7 +127,7 @@ def _f16x2(x: float) -> str:
 # arithmetic on sm_80/90; here `set.f16x2` gives 1.0/0.0 per half, and their weighted sum is the
 # magnitude in halves (2 * E2M1 value: integers 0..12, exact in fp16). Then, in fp32 per element,
 # fl(q2 * fl(sv / 2)) is fl(Q * sv) bit for bit (the same real number, rounded once; sv / 2 is exact
-# because sv >= 2**-109: v >= 2**-9, and s2 >= 2**-100 where the tiny-s2 flag does not send every
+# because sv >= 2**-99: v >= 2**-9, and s2 >= 2**-90 where the tiny-s2 flag does not send every
 # block to the work list), and the error and its square as in _sq_err.
 #: Per code: the 7 thresholds MID * v in fp16 (exact: <= 7 significant bits, in fp16's normal range),
 #: each in both halves of a word. $0..$6 out, $7: v (fp32).
