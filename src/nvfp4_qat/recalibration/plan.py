@@ -83,9 +83,10 @@ def resolve_plan(
     devices = {m.weight.device for _, m in layers} | {m.block_amax.device for _, m in layers}
     sweeps = {resolve_backend(backend, d) for d in devices}  # raises for an impossible "triton"
     resolved = "triton" if sweeps == {"triton"} else "reference"
-    fq = {
-        resolve_backend(m.fake_quant_backend, m.weight.device, name="fake_quant_backend") for _, m in layers
-    }
+    # One resolution per distinct (backend, device): per layer it cost ~1 ms of host time before
+    # the first GPU work on a 224-layer model (each reads the environment).
+    pairs = {(m.fake_quant_backend, m.weight.device) for _, m in layers}
+    fq = {resolve_backend(b, d, name="fake_quant_backend") for b, d in pairs}
     fake_quant = fq.pop() if len(fq) == 1 else "mixed"
     if not chosen.is_plain_sweep:
         execution = "policy"
