@@ -23,7 +23,10 @@ Usage, from the repository root::
 
     python benchmarks/kernel_variants.py          # GPU: time each variant on 8192x4096 bf16, check equality
     python benchmarks/kernel_variants.py --sass   # any machine with triton: compile the pruned kernels
-                                                  # for sm_90 and count SASS instructions
+                                                  # for sm_90 and count SASS instructions (also the
+                                                  # looped form's prologue, loop and registers, and
+                                                  # the stats kernel's loop; --stats-from FILE: that
+                                                  # of another fake_quant.py)
 
 ``--sass`` needs no GPU (Triton compiles for a named target with its bundled ``ptxas``); the counts
 per scored element-code estimate the issue cost (13 codes: the window and both extra codes, unrolled
@@ -246,31 +249,67 @@ SIGNATURE = {"x_ptr": "*bf16", "values_ptr": "*fp32", "cands_ptr": "*fp32", "g_p
              "N_BELOW": "constexpr", "N_EXTRA": "constexpr", "PACKED": "constexpr", "BLOCK_B": "constexpr"}  # fmt: skip
 
 
-def sass_counts(fn, block_b: int, num_warps: int) -> collections.Counter:
-    """SASS opcode counts of ``fn`` (a pruned kernel) compiled for sm_90, without a GPU."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, options: dict):
+    """``fn`` compiled for sm_90 by Triton's bundled compiler (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    aligned = [(i,) for i, (n, t) in enumerate(signature.items()) if t.startswith("*") or n == "n_blocks"]
+    src = ASTSource(fn, signature, constexprs, {k: [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
+    """``(address, opcode with modifiers, operands)`` of every SASS instruction."""
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    return out
+
+
+def first_loop(ins: list[tuple[int, str, str]]) -> tuple[int, int]:
+    """(instructions before the first loop, instructions in its body): the first backward branch."""
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if op.startswith("BRA") and target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            return sum(a < start for a, _, _ in ins), sum(start <= a <= addr for a, _, _ in ins)
+    raise RuntimeError("no loop found")
+
+
+def sass_counts(fn, block_b: int, num_warps: int, maxnreg: int | None = None):
+    """SASS opcode counts of ``fn`` (a pruned kernel) compiled for sm_90, without a GPU, with the
+    SASS instructions and the registers per thread: ``(Counter, instructions, registers)``."""
     constexprs = {"NUM_CANDIDATES": 126, "FIRST_DOUBLING": ks.FIRST_DOUBLING, "N_BELOW": ks.N_BELOW,
                   "N_EXTRA": ks.N_EXTRA, "PACKED": True, "BLOCK_B": block_b}  # fmt: skip
-    aligned = [(i,) for i, (n, t) in enumerate(SIGNATURE.items()) if t.startswith("*") or n == "n_blocks"]
-    src = ASTSource(fn, SIGNATURE, constexprs, {k: [["tt.divisibility", 16]] for k in aligned})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "enable_fp_fusion": False})  # fmt: skip
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    ops = collections.Counter()
-    for line in sass.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if m:
-            ops[m.group(2).split(".")[0]] += 1
-    return ops
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    kernel = compile_sm90(fn, SIGNATURE, constexprs, options)
+    ins = sass_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(kernel.asm["cubin"], "-res-usage"))
+    return collections.Counter(op.split(".")[0] for _, op, _ in ins), ins, (int(usage[1]), int(usage[2]))
 
 
-def run_sass() -> None:
+STATS_SIGNATURE = {"x_base": "*i16", "code_base": "*u8", "table_base": "*fp32", "meta_ptr": "*i64",
+                   "meta_stride": "i32", "owner_ptr": "*i32", "stats_ptr": "*fp32", "stats_stride": "i32",
+                   "ROWS": "constexpr", "TILES": "constexpr", "BF16": "constexpr"}  # fmt: skip
+#: Opcodes that issue at half rate on sm_80/90 (compares, selects, min/max, logic): the pipe that
+#: bound the stats pass and the select tree.
+HALF_RATE = ("FSETP", "FSEL", "FSET", "FMNMX", "LOP3", "SEL", "HSETP2", "ISETP", "SHF", "PRMT")
+
+
+def run_sass(stats_from: str | None = None) -> None:
     codes = ks.N_BELOW + 8 + ks.N_EXTRA  # unrolled: the window and both extra codes
     rows = [("library (packed, thread per block)", pruned(variant("library", True)), 256, 8, 16),
             ("select tree", pruned(variant("select", True)), 256, 8, 16),
@@ -281,10 +320,43 @@ def run_sass() -> None:
     print(f"triton {triton.__version__}, sm_90 SASS of the pruned pass; {codes} codes unrolled")
     print(f"{'kernel':<34} {'instructions':>12} {'per element-code':>17}  top opcodes")
     for name, fn, block_b, warps, per_thread in rows:
-        ops = sass_counts(fn, block_b, warps)
+        ops = sass_counts(fn, block_b, warps)[0]
         total = sum(ops.values())
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(4))
         print(f"{name:<34} {total:>12} {total / (codes * per_thread):>17.1f}  {top}")
+
+    print("\nas the library runs it (window as a loop), B32 w1: instructions before the loop, per code")
+    print("in the loop, registers per thread (and bytes of stack: spills)")
+    for name in ("library", "divide"):
+        for cap in (None, 56, 48):
+            _, ins, (regs, stack) = sass_counts(pruned(variant(name)), 32, 1, cap)
+            before, body = first_loop(ins)
+            print(
+                f"  {name:<8} maxnreg={cap!s:<5} prologue {before:4d}, loop {body:4d}, {regs} registers, stack {stack}"
+            )
+
+    if (
+        stats_from
+    ):  # another version of fake_quant.py, e.g. `git show REV:src/nvfp4_qat/kernels/fake_quant.py`
+        spec = importlib.util.spec_from_file_location("fake_quant_other", stats_from)
+        fq = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = fq
+        spec.loader.exec_module(fq)
+    else:
+        from nvfp4_qat.kernels import fake_quant as fq
+
+    cfg = fq.STATS_CONFIG
+    kernel = compile_sm90(fq._stats_kernel, STATS_SIGNATURE,
+                          {"ROWS": cfg["ROWS"], "TILES": cfg.get("TILES", 1), "BF16": True},
+                          {"num_warps": cfg["num_warps"]})  # fmt: skip
+    ins = sass_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
+    before, n = first_loop(ins)
+    body = ins[before : before + n]
+    per = cfg["ROWS"] * 16 / (32 * cfg["num_warps"])  # elements per thread and tile
+    ops = collections.Counter(op.split(".")[0] for _, op, _ in body)
+    half = sum(n for op, n in ops.items() if op in HALF_RATE)
+    print(f"\nstats pass (_stats_kernel, bf16, {cfg}): per element {len(body) / per:.1f} instructions in the tile "
+          f"loop, {half / per:.1f} of them half-rate; " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))  # fmt: skip
 
 
 def run_gpu() -> None:
@@ -319,9 +391,10 @@ def run_gpu() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sass", action="store_true", help="count SASS instructions (no GPU needed)")
+    parser.add_argument("--stats-from", help="with --sass: count the stats kernel of this fake_quant.py")
     args = parser.parse_args()
     if args.sass:
-        run_sass()
+        run_sass(args.stats_from)
     elif torch.cuda.is_available():
         run_gpu()
     else:

@@ -1,6 +1,7 @@
 """The packed pruned pass (``_THRESHOLDS_ASM``, ``_PAIR_ASM``, ``_ODD_PAIR_ASM``: inline PTX that only a
 GPU runs, and ``_quotient``'s division without a divide) checked on the CPU: the PTX text executed with
-numpy, instruction by instruction, and the quotient's FMA steps with an exact FMA.
+numpy, instruction by instruction, and the kernel's own ``_quotient`` under Triton's interpreter (whose
+FMA rounds once, as the GPU's does; the same test runs it compiled on a GPU).
 
 The GPU tests compare the compiled kernel with the reference; these pin the same arithmetic here:
 each threshold word is the fp16 threshold in both halves, the decision copies are the round-to-odd
@@ -13,14 +14,19 @@ thresholds (both tie rules).
 from __future__ import annotations
 
 import re
+import types
 
 import numpy as np
 import pytest
 import torch
-from triton._C.libtriton import interpreter as triton_interpreter  # its exact fp32 FMA
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, fp8_code_values
+from nvfp4_qat.kernels import _interpret
 from nvfp4_qat.kernels import _sweep_kernels as K
+from nvfp4_qat.kernels._sweep_kernels import _U_CAP, _quotient  # noqa: F401 (the kernel's names)
 from test_sweep_triton import decision_probe_values, odd_copy
 
 VALUES = fp8_code_values().numpy()
@@ -142,20 +148,31 @@ def reference_sq_err(a: np.ndarray, u: np.ndarray, v: float, s2: np.float32) -> 
     return (e * e).astype(np.float32)
 
 
-def fma(a, b, c) -> np.ndarray:
-    """fp32 ``a * b + c`` rounded once (Triton's interpreter's own exact FMA)."""
-    return triton_interpreter.fma_fp32(*np.broadcast_arrays(*(np.asarray(t, np.float32) for t in (a, b, c))))
+def _quotient_fn(a_ptr, out_ptr, s2_ptr, n, BLOCK: tl.constexpr):
+    # The pruned pass's own _quotient (and its y and cap, as _decision_copies makes them).
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s2 = tl.full([BLOCK], 0.0, tl.float32) + tl.load(s2_ptr)
+    y = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), s2)
+    q = _quotient(tl.load(a_ptr + i, mask=i < n, other=0.0), -s2, y, s2 * _U_CAP)
+    tl.store(out_ptr + i, q, mask=i < n)
 
 
-def quotient(a: np.ndarray, s2: np.float32) -> np.ndarray:
-    """``_sweep_kernels._quotient``, step by step: ``fl(a / s2)`` without a divide."""
-    y = np.float32(1) / s2  # numpy divides fp32 correctly rounded, as div_rn does
-    with np.errstate(over="ignore"):  # the cap is inf for s2 above 2**115: then nothing is capped
-        cap = np.float32(s2 * np.float32(K._U_CAP.value))
-    a = np.minimum(np.asarray(a, np.float32), cap)
-    q = (a * y).astype(np.float32)
-    q = fma(fma(q, -s2, a), y, q)
-    return fma(fma(q, -s2, a), y, q)
+def quotient(a: np.ndarray, s2: np.float32, device: str = "cpu") -> np.ndarray:
+    """``_sweep_kernels._quotient`` of ``a``: compiled on CUDA, else under Triton's interpreter
+    (whose ``tl.fma`` rounds once, as the GPU's does)."""
+    if device == "cuda":
+        kernel = triton.jit(_quotient_fn)
+    else:  # resolve _quotient to its interpreted copy, as the launcher does for the kernels
+        ns = dict(_interpret._namespace(K.__name__))
+        kernel = InterpretedFunction(types.FunctionType(_quotient_fn.__code__, ns, "_quotient_fn"))
+    x = torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)
+    out = torch.empty_like(x)
+    block = 1 << 20 if device == "cpu" else 1024
+    with np.errstate(over="ignore", invalid="ignore"):  # the cap is inf for s2 above ~2**116
+        kernel[(triton.cdiv(x.numel(), block),)](
+            x, out, torch.tensor([s2], device=device), x.numel(), BLOCK=block
+        )
+    return out.cpu().numpy()
 
 
 def odd_pairs(a: np.ndarray, s2: np.float32) -> np.ndarray:
@@ -229,10 +246,13 @@ def quotient_cases() -> list[np.float32]:
     return [np.float32(v) for v in edges] + random
 
 
-def test_quotient_is_the_correctly_rounded_division():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_quotient_is_the_correctly_rounded_division(device):
     # For u from 2**-12 (below, every decision fails either way) up to the cap: the quotient's bits
     # are fl(|w| / s2), over s2 from 2**-90 to the largest, with |w| whose u sit at and around every
     # decision threshold, at fp16 grid points and across the range; above the cap, exactly the cap.
+    # (The second correction is there for Markstein's theorem, which proves the result for every
+    # input: one correction alone was also exact on every random pair tried.)
     _, probes = decision_probe_values()
     probes = probes[torch.isfinite(probes)].numpy()
     gen = np.random.default_rng(4)
@@ -244,7 +264,7 @@ def test_quotient_is_the_correctly_rounded_division():
         a = a[np.isfinite(a) & (a >= 0)]
         with np.errstate(over="ignore"):
             want = a / s2
-        got = quotient(a, s2)
+        got = quotient(a, s2, device)
         exact = (want >= 2.0**-12) & (want <= K._U_CAP.value)
         assert np.array_equal(got[exact].view(np.int32), want[exact].view(np.int32)), s2
         assert (got[want > K._U_CAP.value] == K._U_CAP.value).all(), s2
@@ -255,10 +275,20 @@ def test_quotient_is_the_correctly_rounded_division():
 
 def test_the_quotient_check_can_fail():
     # The product fl(|w| * fl(1 / s2)) alone, without the corrections, differs from the division in
-    # many cases (8.8 % here; one correction was enough in 12,000,000 random cases; the kernel
-    # makes two, which Markstein's theorem covers for every case).
+    # many cases (8.8 % here).
     s2 = np.float32(0.012345679)
     a = (np.random.default_rng(5).random(1_000_000, np.float32) * s2 * 100).astype(np.float32)
     product = (a * (np.float32(1) / s2)).astype(np.float32)
     assert np.array_equal(quotient(a, s2), a / s2)
     assert (product != a / s2).sum() > 50_000
+
+
+def test_the_check_can_fail():
+    # Weight 2 instead of 4 for the last threshold (magnitude 4 where it should be 6), or the
+    # decision copies' halves swapped: both are caught.
+    wrong_step = K._PAIR_ASM.value.replace("0x44004400", "0x40004000")
+    swapped = K._PAIR_ASM.value.replace("$2, m0", "$3, m0").replace("$3, m1", "$2, m1")
+    for asm in (wrong_step, swapped):
+        assert asm != K._PAIR_ASM.value
+        bad, _ = mismatches(asm, 0.012345679, 4_000)
+        assert bad > 1000

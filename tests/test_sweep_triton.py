@@ -694,3 +694,26 @@ def test_direct_launch_yields_to_launch_hooks():
     assert not _hooked(None) and not _hooked(chain)
     chain.add(print)
     assert _hooked(chain) and _hooked(lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("s2", [0.75 * 2.0**-90, 2.0**-90, 1.5 * 2.0**-90, 1.25 * 2.0**-60])
+def test_pruned_pass_at_and_above_the_tiny_s2_bound(monkeypatch, device, s2):
+    # s2 = global_amax / 2688 below, at and above 2**-90, the bound under which every block goes to
+    # the exhaustive pass (the pruned pass's division without a divide is proven from there up),
+    # and where the pruned pass decides every block (at 2**-90 itself most squared errors
+    # underflow to 0, and the blocks whose bound cannot be shown go to the exhaustive pass too):
+    # equal to the reference every time.
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.tensor(2688 * s2, device=device)
+    assert float(g / 2688) == s2  # exact: the s2 the kernels compute
+    w = random_weight((64, 256), torch.float32, 22)
+    x = (w * (float(g) / float(amax(w)))).to(device)  # max |x| = global_amax, to rounding
+    out, count, _ = launch_sweep(x, g, "pruned")
+    assert_same_blocks(out, sweep_reference(x, g))
+    n_blocks = x.numel() // 16
+    if s2 < 2.0**-90:
+        assert int(count) == n_blocks
+    elif s2 > 2.0**-80:
+        assert int(count) == 0

@@ -92,7 +92,10 @@ _MIN = tl.standard._elementwise_min
 # uncapped; 56 with the cap, no spills), three runs of 8192x4096 and two of the 224 Llama-3-8B weights
 # (one H200 run): B64w2 0.232-0.234 ms / 48.88-49.16 ms, B64w2 capped at 56 registers 0.228-0.230 /
 # 48.26-48.31, B32w1 0.230-0.231 / -, B32w1 capped 0.2284-0.2285 / 47.79-47.80, B128w4 capped
-# 0.233-0.234 / 49.02-49.10, B256w8 0.243. The cap lets 36 warps share an SM instead of 32.
+# 0.233-0.234 / 49.02-49.10, B256w8 0.243. With 2 or more warps per program the cap lets 36 warps
+# share an SM instead of 32; with one, an SM holds 32 programs either way, so B32w1's small gain from
+# it (0.2284 against 0.2295-0.2306 ms) is not occupancy, and uncapped B32w1 was not timed over the
+# Llama set.
 EXHAUSTIVE_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1)
 PRUNED_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1, maxnreg=56)
 #: Alternatives with the same results (tests pin each one; the benchmark times them).
@@ -449,8 +452,10 @@ def _quotient(a, ns2, y, cap):
     # with s2 >= 2**-90 (below that _TINY_S2 sends every block to the exhaustive pass, which
     # divides) and u >= 2**-12 (smaller u fall below every threshold, >= 2**-11, either way) that
     # is 2**-148 or more. a is capped at 4096 * s2 so that nothing overflows: u >= 4096 passes
-    # every threshold (<= 5 * 448) as a larger u would. tests/test_packed_pass.py checks the
-    # sequence with an exact FMA against a division.
+    # every threshold (<= 5 * 448) as a larger u would. (For s2 above ~2**116 the cap is inf; then
+    # a finite a cannot overflow u, and a = inf, from a NaN/Inf weight, gives NaN: that block's
+    # loss is inf at every code either way.) tests/test_packed_pass.py runs this function under
+    # Triton's interpreter (whose FMA rounds once) and compiled on a GPU, against a division.
     # (ns2 = -s2: a negated product, and no negation of q per step, which Triton emits as an add.)
     a = tl.minimum(a, cap)
     q = a * y
