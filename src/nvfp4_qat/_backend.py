@@ -7,6 +7,7 @@ Triton's CPU interpreter (``TRITON_INTERPRET=1``), and the ``triton`` package" i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import sys
@@ -16,7 +17,15 @@ import torch
 from nvfp4_qat._validation import BACKENDS, check_choice, interpreter_on
 from nvfp4_qat.format import BLOCK_SIZE
 
-__all__ = ["BACKENDS", "on_device", "require_triton", "resolve_backend", "triton_available", "triton_usable"]
+__all__ = [
+    "BACKENDS",
+    "launch_device",
+    "on_device",
+    "require_triton",
+    "resolve_backend",
+    "triton_available",
+    "triton_usable",
+]
 
 
 @functools.cache
@@ -87,3 +96,12 @@ def on_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.T
     t = torch.tensor(values, dtype=dtype)
     device = torch.device(device)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def launch_device(device: torch.device):
+    """A context in which Triton launches on ``device``: Triton launches on the current CUDA device,
+    so a model on cuda:1 while cuda:0 is current would otherwise run there with cuda:1 pointers.
+    The guard is entered only when ``device`` is another GPU than the current one (entering it on
+    every call cost host time that the public sweep's GPU waited through)."""
+    other = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
+    return torch.cuda.device(device) if other else contextlib.nullcontext()

@@ -38,7 +38,7 @@ to the magnitude, no selects), and makes its decision copies without a divide (`
 two per instruction (``_ODD_PAIR_ASM``); Triton's interpreter cannot run assembly, so on the CPU it
 divides and takes the select tree of ``_sq_err`` (the ``PACKED`` constexpr): the same decisions and
 arithmetic, bit for bit, which ``tests/test_packed_pass.py`` checks by executing the PTX text with
-numpy and the quotient's steps with an exact FMA.
+numpy and ``_quotient`` itself under the interpreter (whose FMA rounds once).
 
 CPU tensors run under Triton's interpreter: :func:`interpreted` rebuilds a kernel and its helpers
 as interpreted functions from the same source, so the compiled CUDA kernels stay intact in the same
@@ -197,7 +197,7 @@ def _odd_f16_bits(u):
     # The decision thresholds midpoint * v have <= 7 significant bits (3 of the midpoint, 4 of the
     # FP8 code) and lie in [2**-11, 2240], inside fp16's normal range with 11 bits: so the E2M1
     # decision on this copy is the fp32 decision, bit for bit, and two elements fit one compare
-    # (HSETP2 in the work-list pass; set.f16x2 in the pruned pass's _PAIR_ASM). u below 2**-14 (fp16
+    # (HSETP2; the CUDA pruned pass makes the same copies with _ODD_PAIR_ASM). u below 2**-14 (fp16
     # subnormals) fails every threshold and maps to 0; u above every threshold is clamped first
     # (the fp16 range ends at 65504). Where u is NaN (x NaN; the pruned pass maps NaN |x| to inf
     # first), the loss is NaN at every code whatever the decisions.
@@ -205,7 +205,7 @@ def _odd_f16_bits(u):
     bits = uc.to(tl.int32, bitcast=True)
     h = ((bits >> 13) - (112 << 10)) | ((bits & 0x1FFF) != 0).to(tl.int32)  # rebias 127 -> 15
     h = tl.where(uc < 0.00006103515625, 0, h)  # 2**-14
-    return h  # int32, the fp16 bits: < 0x8000 for u >= 0 (sign clear), so two pack into one word
+    return h  # int32, the fp16 bits: < 0x8000 for u >= 0 (sign clear)
 
 
 @triton.jit

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_qat._backend import require_triton
+from nvfp4_qat._backend import launch_device, require_triton
 from nvfp4_qat._validation import check_global_amax, check_x
 from nvfp4_qat.format import BLOCK_SIZE, block_code_bytes, decision_table, fp8_code_values, global_scale
 from nvfp4_qat.kernels import _interpret
@@ -40,7 +40,6 @@ from nvfp4_qat.kernels.fake_quant import (
     DEFAULT_CONFIG,
     _check_config,
     _max,
-    _on,
     _programs,
     _quantize_store,
     _widen,
@@ -184,7 +183,7 @@ def input_amax(x: torch.Tensor) -> torch.Tensor:
     cfg = AMAX_CONFIG
     span = cfg["ROWS"] * cfg["TILES"]
     partials = torch.empty(_programs(n_blocks, cfg), dtype=torch.float32, device=x.device)
-    with _on(x.device):
+    with launch_device(x.device):
         _kernel("_amax_kernel", x.device)[(partials.numel(),)](
             xf,
             partials,
@@ -208,7 +207,7 @@ def act_quant_prepared(
     xf, bf16 = _flat(x)
     n_blocks = xf.numel() // 16
     out = torch.empty_like(xf)
-    with _on(x.device):
+    with launch_device(x.device):
         _kernel("_act_quant_kernel", x.device)[(_programs(n_blocks, cfg),)](
             xf,
             thresholds,

@@ -36,7 +36,6 @@ block's table row arrives in one 32-byte load (``_magnitude``), not eight gather
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import typing
 
@@ -44,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_qat._backend import on_device, require_triton
+from nvfp4_qat._backend import launch_device, on_device, require_triton
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
 from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale
 from nvfp4_qat.kernels import _interpret
@@ -130,8 +129,9 @@ def _magnitude(a, code, table_ptr, ROWS: tl.constexpr):
     # q = the sum of the format's steps over the thresholds passed (0.5 x4, 1 x2, 2: exact in fp32).
     # Each decision as 1.0/0.0 compiles to one FSET (sm_90) and the sum to FP adds, where a chain
     # of selects cost a compare and a select per threshold, both at half the rate of FP arithmetic:
-    # the stats pass was bound by them (24 instructions per element, 17 of them half-rate; now 21.5,
-    # 10 half-rate: SASS of Triton 3.6). A NaN passes no threshold either way.
+    # the stats pass was bound by them (its tile loop: 23.9 instructions per element, 17.6 of them
+    # half-rate; now 22.8 and 10.6: `benchmarks/kernel_variants.py --sass`, Triton 3.6). A NaN
+    # passes no threshold either way.
     c0 = (a >= t0[:, None]).to(tl.float32)
     c1 = (a >= t1[:, None]).to(tl.float32)
     c2 = (a >= t2[:, None]).to(tl.float32)
@@ -305,12 +305,6 @@ def _kernel(name: str, device: torch.device):
     return globals()[name] if device.type == "cuda" else _interpret.interpreted(__name__, name)
 
 
-def _on(device: torch.device):
-    # Triton launches on the current CUDA device: make it the tensors' (a model on cuda:1 while
-    # cuda:0 is current would otherwise run there with cuda:1 pointers).
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the kernel needs besides ``x``: ``(FP8 bytes [n_blocks] uint8, decision table [128 * 8])``.
 
@@ -382,7 +376,7 @@ def stats_partials(
     ids = torch.arange(len(xs), dtype=torch.int32, device=device)
     owner = torch.repeat_interleave(ids, meta[5], output_size=total)  # output_size: no host sync
     partials = torch.empty(3, total, dtype=torch.float32, device=device)
-    with _on(device):
+    with launch_device(device):
         _kernel("_stats_kernel", device)[(total,)](
             flats[0],
             codes[0],
@@ -410,7 +404,7 @@ def segment_totals(partials: torch.Tensor, lengths: list[int], max_row: int = -1
     device = partials.device
     seg = on_device([starts, lengths], torch.int64, device)
     out = torch.empty(len(lengths), partials.shape[0], dtype=torch.float32, device=device)
-    with _on(device):
+    with launch_device(device):
         _kernel("_segment_kernel", device)[(len(lengths),)](
             partials,
             partials.stride(0),
@@ -438,7 +432,7 @@ def fake_quant_prepared(
     out = torch.empty_like(xc)
     bf16 = xc.dtype == torch.bfloat16
     x_arg, out_arg = (xc.view(torch.int16), out.view(torch.int16)) if bf16 else (xc, out)
-    with _on(xc.device):
+    with launch_device(xc.device):
         _kernel("_fake_quant_kernel", xc.device)[(_programs(n_blocks, cfg),)](
             x_arg,
             codes.reshape(-1),

@@ -7,13 +7,12 @@ result is bit-identical to the reference sweep for both methods.
 
 from __future__ import annotations
 
-import contextlib
 import typing
 
 import torch
 import triton
 
-from nvfp4_qat._backend import require_triton
+from nvfp4_qat._backend import launch_device, require_triton
 from nvfp4_qat._validation import METHODS, check_choice, check_x
 from nvfp4_qat.format import BLOCK_SIZE, fp8_code_values, fp8_scale_candidates
 from nvfp4_qat.kernels import _sweep_kernels as _k
@@ -108,16 +107,9 @@ def launch_info(checks: torch.Tensor) -> torch.Tensor:
     """The input checks of a launch (:func:`check_values`) as ``nvfp4_scale_sweep_ex``'s ``info``
     code: a 0-dim int32 tensor on their device, from one launch of ``_sweep_info_kernel``, no sync."""
     info = torch.empty((), dtype=torch.int32, device=checks.device)
-    with _on_device(checks.device):
+    with launch_device(checks.device):
         _launch("_sweep_info_kernel", checks.device, (1,), checks, info, config=INFO_CONFIG)
     return info
-
-
-def _on_device(device: torch.device):
-    # Triton launches on the current device: switch only when the tensors are elsewhere (entering
-    # the guard on every call costs host time that the public call's GPU waits through).
-    other = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
-    return torch.cuda.device(device) if other else contextlib.nullcontext()
 
 
 def _grid(n_blocks: int):
@@ -238,7 +230,7 @@ def launch_sweep(
     extra = (codes, part)
     n_cand = values.numel()
     on_cuda = x.device.type == "cuda"
-    with _on_device(x.device):
+    with launch_device(x.device):
         if method == "exhaustive":
             _launch("_sweep_exhaustive_kernel", x.device, _grid(n_blocks), *tables, n_blocks,
                     NUM_CANDIDATES=n_cand, config=config)  # fmt: skip
