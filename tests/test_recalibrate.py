@@ -1,6 +1,7 @@
 """recalibrate(): in-place scales equal to the sweep, report values, non-finite policy, no autograd;
 the helpers it shares with recalibrate_distributed."""
 
+import copy
 import math
 
 import pytest
@@ -255,3 +256,34 @@ def test_recalibrate_distributed_without_a_process_group_is_recalibrate():
         assert torch.equal(model.state_dict()[name], t), name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_cuda_non_finite_weights_on_the_fused_path(policy):
+    # On a GPU the finiteness flags come back by an async copy (recalibration._layers.HostCopy),
+    # read after the sweeps are queued: the same outcome as test_non_finite_weights, and the same
+    # scales for the finite layers as on the CPU's fused path.
+    cpu = prepared()
+    drift(cpu)
+    with torch.no_grad():
+        cpu[2].weight[1, 1] = float("nan")
+    for m in cpu.modules():
+        if isinstance(m, NVFP4Linear):
+            m.fake_quant_backend = "triton"  # the fused path (interpreted on the CPU)
+    gpu = copy.deepcopy(cpu).cuda()
+    before = {k: v.clone() for k, v in gpu.state_dict().items() if "amax" in k}
+    if policy == "raise":
+        with pytest.raises(ValueError, match="non-finite .* in layer '2'; no scale was changed"):
+            recalibrate(gpu, backend="triton", on_nonfinite=policy)
+        for k, v in gpu.state_dict().items():
+            if "amax" in k:
+                assert torch.equal(v, before[k]), k
+        return
+    with pytest.warns(UserWarning, match=r"skipped 1 layer\(s\) with non-finite weights.*\['2'\]"):
+        report = recalibrate(gpu, backend="triton", on_nonfinite=policy)
+    assert report.execution == "fused" and report.n_skipped == 1
+    assert torch.equal(gpu[2].block_amax, before["2.block_amax"])
+    with pytest.warns(UserWarning):
+        recalibrate(cpu, backend="triton", on_nonfinite=policy)
+    for i in (0, 3):
+        assert torch.equal(gpu[i].block_amax.cpu(), cpu[i].block_amax), i
+        assert torch.equal(gpu[i].global_amax.cpu(), cpu[i].global_amax), i
