@@ -258,7 +258,7 @@ def test_recalibrate_distributed_without_a_process_group_is_recalibrate():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_cuda_non_finite_weights_on_the_fused_path(policy):
+def test_cuda_non_finite_weights_on_the_fused_path(policy, monkeypatch):
     # On a GPU the finiteness flags come back by an async copy (recalibration._layers.HostCopy),
     # read after the sweeps are queued: the same outcome as test_non_finite_weights, and the same
     # scales for the finite layers as on the CPU's fused path.
@@ -282,8 +282,9 @@ def test_cuda_non_finite_weights_on_the_fused_path(policy):
         report = recalibrate(gpu, backend="triton", on_nonfinite=policy)
     assert report.execution == "fused" and report.n_skipped == 1
     assert torch.equal(gpu[2].block_amax, before["2.block_amax"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU's fused path: the kernels interpreted
     with pytest.warns(UserWarning):
-        recalibrate(cpu, backend="triton", on_nonfinite=policy)
+        assert recalibrate(cpu, backend="triton", on_nonfinite=policy).execution == "fused"
     for i in (0, 3):
         assert torch.equal(gpu[i].block_amax.cpu(), cpu[i].block_amax), i
         assert torch.equal(gpu[i].global_amax.cpu(), cpu[i].global_amax), i
