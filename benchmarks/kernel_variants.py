@@ -346,17 +346,22 @@ def run_sass(stats_from: str | None = None) -> None:
         from nvfp4_qat.kernels import fake_quant as fq
 
     cfg = fq.STATS_CONFIG
-    kernel = compile_sm90(fq._stats_kernel, STATS_SIGNATURE,
-                          {"ROWS": cfg["ROWS"], "TILES": cfg.get("TILES", 1), "BF16": True},
-                          {"num_warps": cfg["num_warps"]})  # fmt: skip
-    ins = sass_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
-    before, n = first_loop(ins)
-    body = ins[before : before + n]
-    per = cfg["ROWS"] * 16 / (32 * cfg["num_warps"])  # elements per thread and tile
-    ops = collections.Counter(op.split(".")[0] for _, op, _ in body)
-    half = sum(n for op, n in ops.items() if op in HALF_RATE)
-    print(f"\nstats pass (_stats_kernel, bf16, {cfg}): per element {len(body) / per:.1f} instructions in the tile "
-          f"loop, {half / per:.1f} of them half-rate; " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))  # fmt: skip
+    has_pairs = "PAIRS" in fq._stats_kernel.arg_names  # since session 10
+    for pairs in (False, True) if has_pairs else (None,):
+        signature = dict(STATS_SIGNATURE, **({"PAIRS": "constexpr"} if has_pairs else {}))
+        constexprs = {"ROWS": cfg["ROWS"], "TILES": cfg.get("TILES", 1), "BF16": True}
+        if has_pairs:
+            constexprs["PAIRS"] = pairs
+        kernel = compile_sm90(fq._stats_kernel, signature, constexprs, {"num_warps": cfg["num_warps"]})
+        ins = sass_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
+        before, n = first_loop(ins)
+        body = ins[before : before + n]
+        per = cfg["ROWS"] * 16 / (32 * cfg["num_warps"])  # elements per thread and tile
+        ops = collections.Counter(op.split(".")[0] for _, op, _ in body)
+        half = sum(n for op, n in ops.items() if op in HALF_RATE)
+        print(f"\nstats pass (_stats_kernel, bf16, {cfg}, PAIRS={pairs}): per element {len(body) / per:.1f} "
+              f"instructions in the tile loop, {half / per:.1f} of them half-rate (HSET2 {ops['HSET2'] / per:.1f}, "
+              "rate not counted); " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))  # fmt: skip
 
 
 def run_gpu() -> None:

@@ -49,6 +49,38 @@ def _f16x2(op, *words):
     return _word(op(*(x.astype(np.float32) for x in lows)), op(*(x.astype(np.float32) for x in highs)))
 
 
+def bf16_halves(word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two bf16 values of each uint32 word, as float32 (exact): (low half, high half)."""
+    w = np.asarray(word, np.uint32)
+    return (w << 16).view(np.float32), (w & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint32 < 2**16), rounded to nearest even; NaN -> 0x7fff (canonical)."""
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint32)
+    return np.where(np.isnan(x), np.uint32(0x7FFF), r)
+
+
+def _bf16x2(op: str, *words):
+    # A packed bf16 instruction, half by half: computed in float64 (every use here is exact or
+    # rounds once) and rounded to bf16; `set` writes 1.0 / 0.0, `max.NaN` a NaN if either is NaN.
+    out = []
+    for half in (0, 1):
+        x = [bf16_halves(w)[half].astype(np.float64) for w in words]
+        with np.errstate(invalid="ignore"):
+            if op.startswith("set"):
+                r = ((x[0] >= x[1]) if ".ge." in op else (x[0] > x[1])).astype(np.float64)
+            elif op.startswith("add"):
+                r = x[0] + x[1]
+            elif op.startswith("fma"):
+                r = x[0] * x[1] + x[2]
+            else:
+                r = np.where(np.isnan(x[0]) | np.isnan(x[1]), np.nan, np.maximum(x[0], x[1]))
+        out.append(bf16_bits(r.astype(np.float32)))  # exact for every value used here
+    return out[0] | (out[1] << 16)
+
+
 def _operand(regs: dict, a: str):
     # A register or an immediate word (hex or decimal).
     return np.uint32(int(a, 16)) if a.startswith("0x") else (np.uint32(int(a)) if a.isdigit() else regs[a])
@@ -120,6 +152,17 @@ def run_ptx(asm: str, n_out: int, inputs: list) -> list:
                 _operand(regs, args[2]),
                 _operand(regs, args[3]),
             )
+        elif op in ("set.ge.bf16x2.bf16x2", "set.gt.bf16x2.bf16x2", "add.rn.bf16x2", "fma.rn.bf16x2", "max.NaN.bf16x2"):
+            regs[args[0]] = _bf16x2(op, *(_operand(regs, a) for a in args[1:]))
+        elif op == "and.b32":
+            regs[args[0]] = (_operand(regs, args[1]) & _operand(regs, args[2])).astype(np.uint32)
+        elif op == "add.u32":
+            regs[args[0]] = (_operand(regs, args[1]).astype(np.uint64) + _operand(regs, args[2])).astype(np.uint32)
+        elif op == "prmt.b32":  # default mode: byte k of the result is byte selector[k] of (b, a)
+            a, b = (_operand(regs, r).astype(np.uint64) for r in args[1:3])
+            both, sel = a | (b << 32), int(args[3], 16)
+            out = sum(((both >> (8 * ((sel >> (4 * k)) & 7))) & 0xFF) << (8 * k) for k in range(4))
+            regs[args[0]] = np.asarray(out, np.uint64).astype(np.uint32)
         elif op in ("mul.rn.f32", "sub.rn.f32"):
             f = np.multiply if op.startswith("mul") else np.subtract
             regs[args[0]] = f(np.float32(regs[args[1]]), np.float32(regs[args[2]])).astype(np.float32)

@@ -37,6 +37,7 @@ block's table row arrives in one 32-byte load (``_magnitude``), not eight gather
 from __future__ import annotations
 
 import itertools
+import struct
 import typing
 
 import torch
@@ -89,6 +90,38 @@ _STEP_LOW = tl.constexpr(_STEPS[0])
 _STEP_TOP = tl.constexpr(_STEPS[-1])
 
 
+def _bf16x2(x: float) -> str:
+    """``x`` (exact in bf16) in both halves of a 32-bit word, as a PTX immediate."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    if bits & 0xFFFF:
+        raise ValueError(f"{x} is not exact in bf16")
+    return f"0x{bits | bits >> 16:08x}"
+
+
+# The stats pass on bf16 weights (CUDA, sm_90): the E2M1 decisions of two elements per instruction,
+# straight on the loaded bf16 pair. A bf16 |x| passes an fp32 threshold t exactly when it passes t
+# rounded up to bf16 (the next bf16 at or above t: |x| has no bits between), so the seven thresholds
+# of a block, rounded up (_bf16_threshold_words), decide both halves of a word with one `set`, which
+# writes 1.0 / 0.0 per half; the sums of the format's steps are exact (multiples of 0.5 up to 6, in
+# bf16's 8 bits). Against the fp32 path (a widening and seven FSETs per element) the tile loop issues
+# about half the instructions (`benchmarks/kernel_variants.py --sass`). A NaN passes no threshold
+# either way (an ordered compare), and +inf passes every one, as in _magnitude.
+#: $0, $1 out: the pair's E2M1 magnitudes q and its |x| (bf16x2 each); $2: the pair as loaded
+#: (element 2i in the low half); $3..$9: the block's thresholds as bf16 words (_bf16_threshold_words).
+_BF16_PAIR_ASM = tl.constexpr(
+    "{ .reg .b32 a, c, q, r, w; and.b32 a, $2, 0x7fff7fff; mov.b32 $1, a; "
+    "set.ge.bf16x2.bf16x2 q, a, $3; "
+    + "".join(f"set.ge.bf16x2.bf16x2 c, a, ${k}; add.rn.bf16x2 q, q, c; " for k in (4, 5, 6))
+    + "set.ge.bf16x2.bf16x2 r, a, $7; set.ge.bf16x2.bf16x2 c, a, $8; add.rn.bf16x2 r, r, c; "
+    + f"mov.b32 w, {_bf16x2(_STEPS[0])}; fma.rn.bf16x2 q, q, w, r; "
+    + f"set.ge.bf16x2.bf16x2 c, a, $9; mov.b32 w, {_bf16x2(_STEPS[-1])}; fma.rn.bf16x2 $0, c, w, q; }}"
+)
+#: $0 out: the larger of $1 and $2 (bf16x2) in each half, NaN where either is NaN.
+_BF16_MAX_ASM = tl.constexpr("{ max.NaN.bf16x2 $0, $1, $2; }")
+#: $0 out: fp32 bits $1 (>= 0 or +inf) rounded up to bf16, in both halves (_bf16_threshold_words).
+_BF16_CEIL_ASM = tl.constexpr("{ .reg .b32 t; add.u32 t, $1, 0xffff; prmt.b32 $0, t, t, 0x3232; }")
+
+
 @triton.jit
 def _add(a, b):
     # tl.sum's combine; spelled out because tl.sum is itself a jitted function of Triton's, which an
@@ -113,11 +146,10 @@ def _widen(raw, BF16: tl.constexpr):
 
 
 @triton.jit
-def _magnitude(a, code, table_ptr, ROWS: tl.constexpr):
-    # NVFP4 magnitude (fp32) of |x| = a [ROWS, 16] for the blocks' FP8 bytes `code` [ROWS, 1]:
-    # q * (e * s2), q the E2M1 value of the number of thresholds of table row `code` that a passes.
-    # The row arrives in one 32-byte load per block, split into its 8 columns: eight scalar gathers
-    # per block made the stats pass 1.6x slower.
+def _table_row(code, table_ptr, ROWS: tl.constexpr):
+    # Table row `code` [ROWS, 1] of each block: its 7 thresholds and its scale, [ROWS] each. The row
+    # arrives in one 32-byte load per block, split into its 8 columns: eight scalar gathers per
+    # block made the stats pass 1.6x slower.
     tbl = tl.load(table_ptr + code.to(tl.int32) * 8 + tl.arange(0, 8)[None, :])  # [ROWS, 8]
     even, odd = tl.split(tl.reshape(tbl, [ROWS, 4, 2]))  # columns 0 2 4 6 | 1 3 5 7
     e04, e26 = tl.split(tl.reshape(even, [ROWS, 2, 2]))
@@ -126,6 +158,14 @@ def _magnitude(a, code, table_ptr, ROWS: tl.constexpr):
     t2, t6 = tl.split(e26)
     t1, t5 = tl.split(o15)
     t3, scale = tl.split(o37)
+    return t0, t1, t2, t3, t4, t5, t6, scale
+
+
+@triton.jit
+def _magnitude(a, code, table_ptr, ROWS: tl.constexpr):
+    # NVFP4 magnitude (fp32) of |x| = a [ROWS, 16] for the blocks' FP8 bytes `code` [ROWS, 1]:
+    # q * (e * s2), q the E2M1 value of the number of thresholds of table row `code` that a passes.
+    t0, t1, t2, t3, t4, t5, t6, scale = _table_row(code, table_ptr, ROWS)
     # q = the sum of the format's steps over the thresholds passed (0.5 x4, 1 x2, 2: exact in fp32).
     # Each decision as 1.0/0.0 compiles to one FSET (sm_90) and the sum to FP adds, where a chain
     # of selects cost a compare and a select per threshold, both at half the rate of FP arithmetic:
@@ -219,6 +259,90 @@ def _stats_tile(x_ptr, code_ptr, table_ptr, rows, n_blocks, MASKED: tl.constexpr
 
 
 @triton.jit
+def _bf16_threshold_words(t):
+    # Thresholds t ([ROWS] fp32, >= 0 or +inf) rounded up to bf16, in both halves of an int32 word:
+    # adding 0xffff carries into the upper half unless the low 16 bits are 0 (the next bf16 up;
+    # +inf stays +inf), and one byte permute copies the upper half down. -> [ROWS, 1] int32
+    return tl.inline_asm_elementwise(_BF16_CEIL_ASM, "=r,r", [t.to(tl.int32, bitcast=True)], dtype=tl.int32,
+                                     is_pure=True, pack=1)[:, None]  # fmt: skip
+
+
+@triton.jit
+def _stats_tile_pairs(w_ptr, code_ptr, table_ptr, rows, n_blocks, MASKED: tl.constexpr, ROWS: tl.constexpr):
+    # _stats_tile for bf16 on sm_90, read as [ROWS, 8] words of two elements (_BF16_PAIR_ASM): the
+    # words of |x| (bf16x2), and the fp32 NVFP4 errors of their low and their high halves.
+    offs = rows * 8 + tl.arange(0, 8)[None, :]
+    if MASKED:  # masked rows read 0 and code 0 (infinite thresholds, scale 0): they add exactly 0
+        words = tl.load(w_ptr + offs, mask=rows < n_blocks, other=0)
+        code = tl.load(code_ptr + rows, mask=rows < n_blocks, other=0)
+    else:
+        words = tl.load(w_ptr + offs)
+        code = tl.load(code_ptr + rows)
+    t0, t1, t2, t3, t4, t5, t6, scale = _table_row(code, table_ptr, ROWS)
+    q, a = _bf16_pair_magnitudes(words, t0, t1, t2, t3, t4, t5, t6)
+    q_lo, q_hi = _bf16_halves(q)
+    a_lo, a_hi = _bf16_halves(a)
+    return a, q_lo * scale[:, None] - a_lo, q_hi * scale[:, None] - a_hi  # q * (e * s2), as _magnitude
+
+
+@triton.jit
+def _bf16_pair_magnitudes(words, t0, t1, t2, t3, t4, t5, t6):
+    # _BF16_PAIR_ASM on [ROWS, 8] words of bf16 pairs and their blocks' fp32 thresholds ([ROWS]
+    # each): (E2M1 magnitudes q, |x|), bf16x2 words. (tests/test_packed_pass.py runs it on a GPU.)
+    return tl.inline_asm_elementwise(
+        _BF16_PAIR_ASM, "=r,=r,r,r,r,r,r,r,r,r",
+        [words, _bf16_threshold_words(t0), _bf16_threshold_words(t1), _bf16_threshold_words(t2),
+         _bf16_threshold_words(t3), _bf16_threshold_words(t4), _bf16_threshold_words(t5),
+         _bf16_threshold_words(t6)],
+        dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _bf16_halves(words):
+    # The two bf16 values of each int32 word as fp32 (a widening is a shift): (low, high).
+    w = words.to(tl.uint32, bitcast=True)
+    return (w << 16).to(tl.float32, bitcast=True), ((w >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _stats_sums(x_ptr, code_ptr, table_ptr, first, n_blocks, MASKED: tl.constexpr, ROWS: tl.constexpr,
+                TILES: tl.constexpr, BF16: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+    # (sum of squared errors, max |x|, sum x^2) over TILES tiles of ROWS blocks from block `first`,
+    # summed in registers, then over the tile.
+    if PAIRS:
+        w_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        acc_sse = tl.full([ROWS, 8], 0.0, tl.float32)
+        acc_words = tl.full([ROWS, 8], 0, tl.int32)  # max |x| of each half, bf16x2
+        acc_energy = tl.full([ROWS, 8], 0.0, tl.float32)
+        for tile in range(TILES):
+            rows = first + tile * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+            a, d0, d1 = _stats_tile_pairs(w_ptr, code_ptr, table_ptr, rows, n_blocks, MASKED, ROWS)
+            acc_sse += d0 * d0  # one FMA per element and sum (the two halves in turn)
+            acc_sse += d1 * d1
+            acc_words = tl.inline_asm_elementwise(_BF16_MAX_ASM, "=r,r,r", [acc_words, a], dtype=tl.int32,
+                                                  is_pure=True, pack=1)  # fmt: skip
+            a0, a1 = _bf16_halves(a)
+            acc_energy += a0 * a0
+            acc_energy += a1 * a1
+        max_lo, max_hi = _bf16_halves(acc_words)
+        acc_max = _max(max_lo, max_hi)
+    else:
+        acc_sse = tl.full([ROWS, 16], 0.0, tl.float32)
+        acc_max = tl.full([ROWS, 16], 0.0, tl.float32)
+        acc_energy = tl.full([ROWS, 16], 0.0, tl.float32)
+        for tile in range(TILES):
+            rows = first + tile * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+            a, d = _stats_tile(x_ptr, code_ptr, table_ptr, rows, n_blocks, MASKED, ROWS, BF16)
+            acc_sse += d * d
+            acc_max = _max(acc_max, a)
+            acc_energy += a * a
+    sse = tl.reduce(tl.reduce(acc_sse, 1, _add), 0, _add)
+    amax = tl.reduce(tl.reduce(acc_max, 1, _max), 0, _max)
+    return sse, amax, tl.reduce(tl.reduce(acc_energy, 1, _add), 0, _add)
+
+
+@triton.jit
 def _stats_kernel(
     x_base,  # the first tensor (fp32 | fp16 | int16 holding bf16 bits); the others at offsets from it
     code_base,  # uint8, the first tensor's FP8 bytes
@@ -232,6 +356,7 @@ def _stats_kernel(
     ROWS: tl.constexpr,  # blocks per tile
     TILES: tl.constexpr,  # tiles per program, summed in registers
     BF16: tl.constexpr,
+    PAIRS: tl.constexpr,  # bf16 on sm_90: _stats_tile_pairs (inline PTX), else _stats_tile
 ):
     # Many tensors of one dtype in one launch (a launch per tensor cost more host time than the
     # kernel's GPU time on the small layers of a model). Each program finds its tensor by offsets
@@ -244,26 +369,13 @@ def _stats_kernel(
     table_ptr = table_base + tl.multiple_of(tl.load(meta_ptr + 2 * meta_stride + t), 8)
     n_blocks = tl.load(meta_ptr + 3 * meta_stride + t)
     first = (pid - tl.load(meta_ptr + 4 * meta_stride + t)) * (TILES * ROWS)  # block index, int64
-    acc_sse = tl.full([ROWS, 16], 0.0, tl.float32)
-    acc_max = tl.full([ROWS, 16], 0.0, tl.float32)
-    acc_energy = tl.full([ROWS, 16], 0.0, tl.float32)
     if first + TILES * ROWS <= n_blocks:  # a whole program's span: no masks
-        for tile in range(TILES):
-            rows = first + tile * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
-            a, d = _stats_tile(x_ptr, code_ptr, table_ptr, rows, n_blocks, False, ROWS, BF16)
-            acc_sse += d * d
-            acc_max = _max(acc_max, a)
-            acc_energy += a * a
+        sse, amax, energy = _stats_sums(x_ptr, code_ptr, table_ptr, first, n_blocks, False, ROWS, TILES, BF16, PAIRS)
     else:  # the tensor's last program
-        for tile in range(TILES):
-            rows = first + tile * ROWS + tl.arange(0, ROWS)[:, None]
-            a, d = _stats_tile(x_ptr, code_ptr, table_ptr, rows, n_blocks, True, ROWS, BF16)
-            acc_sse += d * d
-            acc_max = _max(acc_max, a)
-            acc_energy += a * a
-    tl.store(stats_ptr + pid, tl.reduce(tl.reduce(acc_sse, 1, _add), 0, _add))
-    tl.store(stats_ptr + stats_stride + pid, tl.reduce(tl.reduce(acc_max, 1, _max), 0, _max))
-    tl.store(stats_ptr + 2 * stats_stride + pid, tl.reduce(tl.reduce(acc_energy, 1, _add), 0, _add))
+        sse, amax, energy = _stats_sums(x_ptr, code_ptr, table_ptr, first, n_blocks, True, ROWS, TILES, BF16, PAIRS)
+    tl.store(stats_ptr + pid, sse)
+    tl.store(stats_ptr + stats_stride + pid, amax)
+    tl.store(stats_ptr + 2 * stats_stride + pid, energy)
 
 
 @triton.jit
@@ -313,6 +425,20 @@ def prepare(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.
     """
     s2 = global_scale(global_amax)
     return block_code_bytes(block_amax.reshape(-1), s2), decision_table(s2).reshape(-1)
+
+
+_pairs: dict[int, bool] = {}
+
+
+def bf16_pairs(device: torch.device) -> bool:
+    """Whether the stats pass takes bf16 pairs with inline PTX on ``device`` (``_stats_tile_pairs``):
+    an NVIDIA GPU of compute capability 9.0 or newer (``set.bf16x2``); the same sums either way."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _pairs:
+        _pairs[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _pairs[index]
 
 
 def _programs(n_blocks: int, config: dict[str, int]) -> int:
@@ -389,6 +515,7 @@ def stats_partials(
             ROWS=cfg["ROWS"],
             TILES=cfg.get("TILES", 1),
             BF16=xs[0].dtype == torch.bfloat16,
+            PAIRS=xs[0].dtype == torch.bfloat16 and bf16_pairs(device),
             num_warps=cfg["num_warps"],
         )
     return partials, programs
