@@ -6,7 +6,9 @@ call runs under ``torch.profiler`` with the engine's phases marked (``resolve_pl
 ``stale_stats``, ``sweep``, ``install_kernel_states``, ``build_rows``). Printed: the wall times,
 each phase's host span, the GPU time per kernel, and the GPU's busy time and idle gaps between the
 first and the last kernel. The profiler slows the host (each launch is recorded), so host spans are
-upper bounds; GPU times are not affected. Run from the repository root on a GPU machine::
+upper bounds; GPU times are not affected. Before it, five unprofiled calls stamp each phase's end on
+the host and, with an event, on the GPU (a timeline without the profiler's cost). Run from the
+repository root on a GPU machine::
 
     python benchmarks/profile_recalibration.py [--trace trace.json]
 """
@@ -44,6 +46,52 @@ def mark_phases() -> None:
         setattr(engine, name, wrapped)
 
 
+def timeline(model: torch.nn.Module, calls: int = 5) -> None:
+    """Unprofiled calls with each phase's end stamped on the host (``perf_counter``) and on the GPU
+    (an event recorded there): where the GPU reaches an event long after the host queued it, the
+    GPU was busy; where it reaches it at once, it waited for the host. Medians over ``calls``."""
+    stamps: list[tuple[str, float, torch.cuda.Event]] = []
+    originals = {name: getattr(engine, name) for name in PHASES}
+    for name, fn in originals.items():
+
+        @functools.wraps(fn)
+        def wrapped(*args, _fn=fn, _name=name, **kwargs):
+            out = _fn(*args, **kwargs)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            stamps.append((_name, time.perf_counter(), event))
+            return out
+
+        setattr(engine, name, wrapped)
+    rows: dict[str, list[tuple[float, float]]] = {}
+    try:
+        for _ in range(calls):
+            stamps.clear()
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            recalibrate(model)
+            t_end = time.perf_counter()
+            torch.cuda.synchronize()
+            seen: dict[str, int] = {}
+            for name, t, event in stamps:
+                seen[name] = seen.get(name, 0) + 1
+                if name != "full_weight" or seen[name] == 224:  # the last of the per-layer calls
+                    rows.setdefault(name, []).append(((t - t0) * 1e3, start.elapsed_time(event)))
+            rows.setdefault("(returned)", []).append(((t_end - t0) * 1e3, float("nan")))
+    finally:
+        for name, fn in originals.items():
+            setattr(engine, name, fn)
+    print(
+        f"\nunprofiled phase ends, median of {calls} calls (ms from the call's start): host done, GPU reached"
+    )
+    for name, pairs in rows.items():
+        host = statistics.median(h for h, _ in pairs)
+        gpu = statistics.median(g for _, g in pairs)
+        print(f"  {name:<24} host {host:8.3f}   gpu {gpu:8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", help="also write a Chrome trace to this path")
@@ -66,6 +114,7 @@ def main() -> None:
         "recalibrate wall ms:", " ".join(f"{w:.2f}" for w in walls), f"median {statistics.median(walls):.2f}"
     )
 
+    timeline(model)
     mark_phases()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with record_function("phase:all"):

@@ -152,12 +152,20 @@ def run_ptx(asm: str, n_out: int, inputs: list) -> list:
                 _operand(regs, args[2]),
                 _operand(regs, args[3]),
             )
-        elif op in ("set.ge.bf16x2.bf16x2", "set.gt.bf16x2.bf16x2", "add.rn.bf16x2", "fma.rn.bf16x2", "max.NaN.bf16x2"):
+        elif op in (
+            "set.ge.bf16x2.bf16x2",
+            "set.gt.bf16x2.bf16x2",
+            "add.rn.bf16x2",
+            "fma.rn.bf16x2",
+            "max.NaN.bf16x2",
+        ):
             regs[args[0]] = _bf16x2(op, *(_operand(regs, a) for a in args[1:]))
         elif op == "and.b32":
             regs[args[0]] = (_operand(regs, args[1]) & _operand(regs, args[2])).astype(np.uint32)
         elif op == "add.u32":
-            regs[args[0]] = (_operand(regs, args[1]).astype(np.uint64) + _operand(regs, args[2])).astype(np.uint32)
+            regs[args[0]] = (_operand(regs, args[1]).astype(np.uint64) + _operand(regs, args[2])).astype(
+                np.uint32
+            )
         elif op == "prmt.b32":  # default mode: byte k of the result is byte selector[k] of (b, a)
             a, b = (_operand(regs, r).astype(np.uint64) for r in args[1:3])
             both, sel = a | (b << 32), int(args[3], 16)

@@ -16,8 +16,9 @@ and every launch after these internals turned out missing (another Triton). What
 this path does not: the check of the module globals (the sweep module never reassigns its
 constants) and the kernel's pre-run hooks (the sweep kernels have none).
 
-Only the sweep kernels use it: their GPU tests ran with it. The fake-quant and activation kernels
-(one launch per layer and step) still take Triton's own path: they were not tested on a GPU with it.
+The sweep kernels and recalibration's stats pass (``fake_quant._stats_kernel``, ``_segment_kernel``)
+use it: their GPU tests run with it. The fake-quant and activation kernels of the forward still take
+Triton's own path: they were not tested on a GPU with it.
 """
 
 from __future__ import annotations

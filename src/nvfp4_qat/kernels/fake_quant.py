@@ -48,6 +48,7 @@ from nvfp4_qat._backend import launch_device, on_device, require_triton
 from nvfp4_qat._validation import check_block_amax, check_global_amax, check_x
 from nvfp4_qat.format import E2M1_VALUES, block_code_bytes, decision_table, global_scale
 from nvfp4_qat.kernels import _interpret
+from nvfp4_qat.kernels._launch import launch
 
 __all__ = [
     "CONFIGS",
@@ -370,9 +371,13 @@ def _stats_kernel(
     n_blocks = tl.load(meta_ptr + 3 * meta_stride + t)
     first = (pid - tl.load(meta_ptr + 4 * meta_stride + t)) * (TILES * ROWS)  # block index, int64
     if first + TILES * ROWS <= n_blocks:  # a whole program's span: no masks
-        sse, amax, energy = _stats_sums(x_ptr, code_ptr, table_ptr, first, n_blocks, False, ROWS, TILES, BF16, PAIRS)
+        sse, amax, energy = _stats_sums(
+            x_ptr, code_ptr, table_ptr, first, n_blocks, False, ROWS, TILES, BF16, PAIRS
+        )
     else:  # the tensor's last program
-        sse, amax, energy = _stats_sums(x_ptr, code_ptr, table_ptr, first, n_blocks, True, ROWS, TILES, BF16, PAIRS)
+        sse, amax, energy = _stats_sums(
+            x_ptr, code_ptr, table_ptr, first, n_blocks, True, ROWS, TILES, BF16, PAIRS
+        )
     tl.store(stats_ptr + pid, sse)
     tl.store(stats_ptr + stats_stride + pid, amax)
     tl.store(stats_ptr + 2 * stats_stride + pid, energy)
@@ -503,7 +508,9 @@ def stats_partials(
     owner = torch.repeat_interleave(ids, meta[5], output_size=total)  # output_size: no host sync
     partials = torch.empty(3, total, dtype=torch.float32, device=device)
     with launch_device(device):
-        _kernel("_stats_kernel", device)[(total,)](
+        launch(
+            _kernel("_stats_kernel", device),
+            (total,),
             flats[0],
             codes[0],
             tables[0],
@@ -532,7 +539,9 @@ def segment_totals(partials: torch.Tensor, lengths: list[int], max_row: int = -1
     seg = on_device([starts, lengths], torch.int64, device)
     out = torch.empty(len(lengths), partials.shape[0], dtype=torch.float32, device=device)
     with launch_device(device):
-        _kernel("_segment_kernel", device)[(len(lengths),)](
+        launch(
+            _kernel("_segment_kernel", device),
+            (len(lengths),),
             partials,
             partials.stride(0),
             seg,

@@ -109,8 +109,11 @@ class LayerClock:
         """The intervals between consecutive marks (waits for the last one)."""
         if self._device is None:
             return [b - a for a, b in itertools.pairwise(self._marks)]
-        self._marks[-1].synchronize()
-        return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self._marks)]
+        out = []
+        for a, b in itertools.pairwise(self._marks):
+            b.synchronize()  # each interval as soon as it ends: most are read while the GPU still works
+            out.append(a.elapsed_time(b) / 1e3)
+        return out
 
 
 class HostCopy:

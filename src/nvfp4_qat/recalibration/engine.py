@@ -108,7 +108,8 @@ def recalibrate(
             input_moments.all_reduce()  # every rank scores with the same statistics
         snapshot = scale_snapshot(layers) if chosen.checks_loss else None
         loss_before = float(evaluate()) if chosen.checks_loss else float("nan")
-        rows = build_rows(layers, *_execute(plan, optimizer, input_moments))
+        values, done, seconds = _execute(plan, optimizer, input_moments)
+        rows = build_rows(layers, values.tolist(), done, seconds)
         report = RecalibrationReport(
             layers=rows,
             loss_before=loss_before,
@@ -145,19 +146,21 @@ def recalibrate_distributed(model: nn.Module, *args, **kwargs) -> RecalibrationR
 
 def _execute(
     plan: RecalibrationPlan, optimizer: torch.optim.Optimizer | None, input_moments: InputMoments | None
-) -> tuple[LayerStats, list[bool], list[float]]:
-    """Run the plan: ``(stats [L], done per layer, seconds per layer)``, the scales written."""
+) -> tuple[HostCopy, list[bool], list[float]]:
+    """Run the plan: ``(every layer's LayerStats values on their way to the host ([L, 6]), done per
+    layer, seconds per layer)``, the scales written."""
     layers, raise_ = plan.layers, plan.on_nonfinite == "raise"
     rank0 = plan.world == 1 or torch.distributed.get_rank() == 0
     if plan.execution == "policy":
         stats, finite, seconds = _policy.scored_scales(layers, plan.policy, raise_, optimizer, input_moments)
         apply_nonfinite_policy([n for (n, _), ok in zip(layers, finite, strict=True) if not ok],
                                plan.on_nonfinite, warn=rank0)  # fmt: skip
-        return stats, finite, seconds
+        return _values(stats), finite, seconds
     if plan.world > 1:
         from nvfp4_qat.recalibration._distributed import sweep_distributed
 
-        return sweep_distributed(plan)
+        stats, done, seconds = sweep_distributed(plan)
+        return _values(stats), done, seconds
     # One process: stale statistics, then the sweep with a global amax that is NaN where the
     # weight is not finite (or everywhere, with "raise" and one bad weight), so that nothing
     # waits for the check; the host learns the outcome once everything is queued, and prepares
@@ -183,8 +186,12 @@ def _execute(
     if fused:
         codes = out.task_codes(tasks)
         install_kernel_states([(t.layer, c) for t, c, ok in zip(tasks, codes, live_host, strict=True) if ok])
-    return (
-        LayerStats(before[:, 0], out.sse_after, out.n_changed, before[:, 2], g_old, g_new),
-        live_host,
-        out.seconds,
-    )
+    # The values' copy is queued behind the last sweep before the clock waits for it: once the GPU
+    # is done, the host reads them without another round trip.
+    values = _values(LayerStats(before[:, 0], out.sse_after, out.n_changed, before[:, 2], g_old, g_new))
+    return values, live_host, out.seconds
+
+
+def _values(stats: LayerStats) -> HostCopy:
+    # [L, 6]: each layer's fields, in one copy to the host.
+    return HostCopy(stats.to_tensor().T.contiguous())

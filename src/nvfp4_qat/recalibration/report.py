@@ -2,8 +2,8 @@
 
 Every path (generic, fused GPU, distributed, a policy's scorer) measures the same six things per
 layer and fills one :class:`LayerStats` with them, as tensors on the device (no host sync while
-the work is queued); :func:`build_rows` then reads them all back at once and builds the
-:class:`LayerRecalibration` rows by field name.
+the work is queued); they come back to the host at once, and :func:`build_rows` builds the
+:class:`LayerRecalibration` rows from them by field name.
 """
 
 from __future__ import annotations
@@ -105,17 +105,20 @@ class LayerRecalibration:
 
 
 def build_rows(
-    layers: list[tuple[str, torch.nn.Module]], stats: LayerStats, done: list[bool], seconds: list[float]
+    layers: list[tuple[str, torch.nn.Module]],
+    values: list[list[float]],
+    done: list[bool],
+    seconds: list[float],
 ) -> list[LayerRecalibration]:
-    """The report rows from ``[L]`` stats, with one read-back of every value.
+    """The report rows from every layer's :class:`LayerStats` values, read back at once.
 
     Args:
         layers: ``(name, NVFP4Linear)`` pairs.
-        stats: ``[L]`` tensors on one device; meaningless where the layer was not done.
+        values: per layer, its six :class:`LayerStats` fields as floats (``stats.to_tensor().T``
+            read back); meaningless where the layer was not done.
         done: per layer, whether it was recalibrated (``False``: skipped, non-finite weights).
         seconds: per layer.
     """
-    values = stats.to_tensor().T.tolist()  # the host sync
     rows = []
     for (name, m), ok, v, t in zip(layers, done, values, seconds, strict=True):
         numel = m.weight.numel()
