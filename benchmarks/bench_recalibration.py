@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--method", default="pruned", choices=("pruned", "exhaustive"))
     p.add_argument("--device", help="default: cuda if available (and not --tiny), else cpu")
+    p.add_argument("--stats-configs", action="store_true",
+                   help="also time the stats pass over the weights with each tile in STATS_TRIALS")  # fmt: skip
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     shapes, n_layers = (TINY, args.layers or 2) if args.tiny else (LLAMA3_8B, args.layers or 32)
@@ -182,6 +184,43 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<{width}}  {seconds * 1e3:>10.2f}  {100 * seconds / kernel:>8.1f}%")
     print("-" * (width + 23))
     print(f"recalibrate overhead over the kernel: {100 * (full - kernel) / kernel:+.1f}% (target: <= +20%)")
+    if args.stats_configs and fused:
+        stats_configs(tasks, device, args.repeats)
+
+
+#: Stats-pass tiles timed by --stats-configs (ROWS blocks per tile, warps, TILES tiles per program).
+STATS_TRIALS = [
+    {"ROWS": 64, "num_warps": 2, "TILES": 8},
+    {"ROWS": 64, "num_warps": 2, "TILES": 16},
+    {"ROWS": 32, "num_warps": 1, "TILES": 16},
+    {"ROWS": 128, "num_warps": 4, "TILES": 4},
+    {"ROWS": 128, "num_warps": 2, "TILES": 4},
+    {"ROWS": 64, "num_warps": 4, "TILES": 8},
+    {"ROWS": 256, "num_warps": 4, "TILES": 2},
+]
+
+
+def stats_configs(tasks: list, device: torch.device, repeats: int) -> None:
+    """The stats pass as recalibration runs it (one launch per STATS_CHUNK weights, the layers'
+    cached kernel states), with each tile of STATS_TRIALS; sums checked against the default's."""
+    from nvfp4_qat.kernels import fake_quant as fq
+
+    chunks = [tasks[i : i + _execute.STATS_CHUNK] for i in range(0, len(tasks), _execute.STATS_CHUNK)]
+    inputs = [([t.weight for t in c], [t.layer.kernel_state(t.weight) for t in c]) for c in chunks]
+
+    def run(config):
+        return [fq.stats_partials(xs, states, config) for xs, states in inputs]
+
+    want = [fq.segment_totals(p, n, max_row=1) for p, n in run(fq.STATS_CONFIG)]
+    print(f"\nstats pass over the {len(tasks)} weights by tile (median ms of {repeats}):")
+    for config in STATS_TRIALS:
+        got = [fq.segment_totals(p, n, max_row=1) for p, n in run(config)]
+        same = all(
+            torch.equal(a[:, 1], b[:, 1]) and torch.allclose(a, b, rtol=1e-5)
+            for a, b in zip(got, want, strict=True)
+        )
+        ms = timed(lambda config=config: run(config), device, repeats) * 1e3
+        print(f"  {config}  {ms:7.3f} ms  sums agree with the default's: {same}")
 
 
 if __name__ == "__main__":
