@@ -245,8 +245,9 @@ def pruned(module):
 
 SIGNATURE = {"x_ptr": "*bf16", "values_ptr": "*fp32", "cands_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
              "code_ptr": "*u8", "old_ptr": "*u8", "part_ptr": "*fp32", "part_stride": "i32", "work_ptr": "*i32",
-             "count_ptr": "*i32", "n_blocks": "i32", "NUM_CANDIDATES": "constexpr", "FIRST_DOUBLING": "constexpr",
-             "N_BELOW": "constexpr", "N_EXTRA": "constexpr", "PACKED": "constexpr", "BLOCK_B": "constexpr"}  # fmt: skip
+             "count_ptr": "*i32", "n_blocks": "i32", "table_ptr": "*i32", "NUM_CANDIDATES": "constexpr",
+             "FIRST_DOUBLING": "constexpr", "N_BELOW": "constexpr", "N_EXTRA": "constexpr", "PACKED": "constexpr",
+             "WORDS": "constexpr", "BLOCK_B": "constexpr"}  # fmt: skip
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -287,15 +288,18 @@ def first_loop(ins: list[tuple[int, str, str]]) -> tuple[int, int]:
     raise RuntimeError("no loop found")
 
 
-def sass_counts(fn, block_b: int, num_warps: int, maxnreg: int | None = None):
+def sass_counts(fn, block_b: int, num_warps: int, maxnreg: int | None = None, words: bool = False):
     """SASS opcode counts of ``fn`` (a pruned kernel) compiled for sm_90, without a GPU, with the
-    SASS instructions and the registers per thread: ``(Counter, instructions, registers)``."""
+    SASS instructions and the registers per thread: ``(Counter, instructions, registers)``;
+    ``words``: the bf16 pass (``WORDS``)."""
     constexprs = {"NUM_CANDIDATES": 126, "FIRST_DOUBLING": ks.FIRST_DOUBLING, "N_BELOW": ks.N_BELOW,
-                  "N_EXTRA": ks.N_EXTRA, "PACKED": True, "BLOCK_B": block_b}  # fmt: skip
+                  "N_EXTRA": ks.N_EXTRA, "PACKED": True, "WORDS": words, "BLOCK_B": block_b}  # fmt: skip
     options = {"num_warps": num_warps, "enable_fp_fusion": False}
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
-    kernel = compile_sm90(fn, SIGNATURE, constexprs, options)
+    # The arguments this kernel has (the "tile" variant predates the bf16 pass's table and WORDS).
+    signature = {k: v for k, v in SIGNATURE.items() if k in fn.arg_names}
+    kernel = compile_sm90(fn, signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}, options)
     ins = sass_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
     usage = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(kernel.asm["cubin"], "-res-usage"))
     return collections.Counter(op.split(".")[0] for _, op, _ in ins), ins, (int(usage[1]), int(usage[2]))

@@ -175,7 +175,9 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> dict:
                 lambda m=model: recalibrate(m, distributed=False), device, args.reps, ranks="zero"
             )
             if args.profile and dist.get_rank() == 0:
-                _profile(args.profile, "one_device", lambda m=model: recalibrate(m, distributed=False), device)
+                _profile(
+                    args.profile, "one_device", lambda m=model: recalibrate(m, distributed=False), device
+                )
         del model
         gc.collect()
     out["n_weights_swept"] = sum(
@@ -299,7 +301,10 @@ def table(results: dict) -> tuple[list[tuple[str, str, str]], bool]:
                 ok &= x["split_equals_replicated"]
                 for case, v in x.get("reliability", {}).items():
                     seen = ", ".join(f"{g}{'' if u else ' (scales changed!)'}" for g, u in v["per_rank"])
-                    add(f"{layout} layout: {case.replace('_', ' ')}: every rank raised", f"{_yes(v['ok'])} ({seen})")
+                    add(
+                        f"{layout} layout: {case.replace('_', ' ')}: every rank raised",
+                        f"{_yes(v['ok'])} ({seen})",
+                    )
                     ok &= v["ok"]
     return rows, ok
 

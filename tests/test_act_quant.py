@@ -238,7 +238,9 @@ def test_activation_ste_with_own_block_amax():
     x = (torch.randn(4, 32) * 2).requires_grad_()
     g = torch.tensor(3.0)
     out = NVFP4ActivationSTE.apply(x, None, g, "reference")
-    assert_bits_equal(out, NVFP4ActivationSTE.apply(x, x.detach().abs().reshape(-1, 16).amax(-1), g, "reference"))
+    assert_bits_equal(
+        out, NVFP4ActivationSTE.apply(x, x.detach().abs().reshape(-1, 16).amax(-1), g, "reference")
+    )
     grad_out = torch.randn(4, 32)
     out.backward(grad_out)
     assert torch.equal(x.grad, grad_out)

@@ -26,20 +26,24 @@ def kv():
     return module
 
 
-@pytest.mark.parametrize("name", ["library", "select", "fp32", "chain", "tile", "divide"])
+@pytest.mark.parametrize("name", ["library", "words", "select", "fp32", "chain", "tile", "divide"])
 def test_every_variant_compiles(kv, name):
-    module = kv.variant(name)
+    # "words": the library's kernel with its bf16 pass (WORDS) on.
+    module = kv.variant("library" if name == "words" else name)
+    fn = kv.pruned(module)
     constexprs = {"NUM_CANDIDATES": 126, "FIRST_DOUBLING": kv.ks.FIRST_DOUBLING, "N_BELOW": kv.ks.N_BELOW,
-                  "N_EXTRA": kv.ks.N_EXTRA, "PACKED": True, "BLOCK_B": 32}  # fmt: skip
-    source = ASTSource(kv.pruned(module), kv.SIGNATURE, constexprs, {})
+                  "N_EXTRA": kv.ks.N_EXTRA, "PACKED": True, "WORDS": name == "words", "BLOCK_B": 32}  # fmt: skip
+    signature = {k: v for k, v in kv.SIGNATURE.items() if k in fn.arg_names}  # "tile" has no table
+    source = ASTSource(fn, signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}, {})
     options = {"num_warps": 2 if name == "tile" else 1, "enable_fp_fusion": False}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert len(compiled.asm["cubin"]) > 10_000
-    if name == "library":
+    assert ("set.ge.bf16x2.bf16x2" in compiled.asm["ptx"]) == (name == "words")  # the bf16 pass, only there
+    if name in ("library", "words"):
         assert module._PAIR_ASM.value == kv.K._PAIR_ASM.value
     if name == "divide":  # session 8's decision sum: one set and one add or FMA per threshold
         assert module._PAIR_ASM.value != kv.K._PAIR_ASM.value
         assert module._PAIR_ASM.value.count("set.") == 7 and "mov.b32 q, 0;" in module._PAIR_ASM.value
     text = Path(module.__file__).read_text()
-    if name != "library":
+    if name not in ("library", "words"):
         assert text != kv.SOURCE

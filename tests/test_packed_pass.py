@@ -81,6 +81,12 @@ def _bf16x2(op: str, *words):
     return out[0] | (out[1] << 16)
 
 
+def _f32(x) -> np.ndarray:
+    # An f32 operand: float32 values, or a .b32 word moved into an f32 register (its bits).
+    x = np.asarray(x)
+    return x.view(np.float32) if x.dtype == np.uint32 else x.astype(np.float32)
+
+
 def _operand(regs: dict, a: str):
     # A register or an immediate word (hex or decimal).
     return np.uint32(int(a, 16)) if a.startswith("0x") else (np.uint32(int(a)) if a.isdigit() else regs[a])
@@ -171,9 +177,11 @@ def run_ptx(asm: str, n_out: int, inputs: list) -> list:
             both, sel = a | (b << 32), int(args[3], 16)
             out = sum(((both >> (8 * ((sel >> (4 * k)) & 7))) & 0xFF) << (8 * k) for k in range(4))
             regs[args[0]] = np.asarray(out, np.uint64).astype(np.uint32)
+        elif op == "shl.b32":
+            regs[args[0]] = (_operand(regs, args[1]).astype(np.uint64) << int(args[2])).astype(np.uint32)
         elif op in ("mul.rn.f32", "sub.rn.f32"):
             f = np.multiply if op.startswith("mul") else np.subtract
-            regs[args[0]] = f(np.float32(regs[args[1]]), np.float32(regs[args[2]])).astype(np.float32)
+            regs[args[0]] = f(_f32(regs[args[1]]), _f32(regs[args[2]])).astype(np.float32)
         else:
             raise AssertionError(f"instruction {op!r} is not emulated: extend run_ptx")
     return [regs[f"${i}"] for i in range(n_out)]

@@ -58,6 +58,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from nvfp4_qat._validation import INFO_ALL_ZERO, INFO_BAD_GLOBAL_AMAX, INFO_NONFINITE_X, ZERO_U_BOUND
 from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, FP4_MAX, GLOBAL_SCALE_DIVISOR
 from nvfp4_qat.kernels import _interpret
+from nvfp4_qat.kernels.fake_quant import bf16_decisions_ptx
 
 # The E2M1 rule, imported from the format module (never restated): midpoint, ties-down flag and
 # the magnitude reached by passing it, one triple per midpoint, ascending.
@@ -65,6 +66,7 @@ from nvfp4_qat.kernels import _interpret
     (tl.constexpr(m), tl.constexpr(t)) for m, t in E2M1_MIDPOINTS
 )
 _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (tl.constexpr(q) for q in E2M1_VALUES[1:])
+_D1, _D2, _D3, _D4, _D5, _D6, _D7 = (tl.constexpr(int(t)) for _, t in E2M1_MIDPOINTS)  # ties down, as 0/1
 _QMAX = tl.constexpr(FP4_MAX)
 _DIVISOR = tl.constexpr(GLOBAL_SCALE_DIVISOR)
 # Below this s2, v * s2 or q * v * s2 can be subnormal and the pruning proof no longer holds (from
@@ -187,6 +189,29 @@ _ODD_PAIR_ASM = tl.constexpr(
     "setp.neu.f32 pl, fl, $1; setp.neu.f32 ph, fh, $2; "
     "selp.b32 s, 1, 0, pl; or.b32 w, w, s; selp.b32 s, 65536, 0, ph; or.b32 $0, w, s; }"
 )
+
+
+# The bf16 pass (WORDS: bf16 weights on sm_90). A bf16 |w| passes a decision exactly when it passes
+# the x-space threshold of format.decision_table (the least fp32 a with fl(a / s2) past midpoint * v,
+# ties included) rounded up to bf16, so each code's seven thresholds, made once per tensor by
+# _sweep_table_kernel, decide two elements per `set` straight on the weight's bf16 pairs: no
+# quotient u = |w| / s2 and no decision copies (the pruned pass's prologue: 445 of its SASS
+# instructions per block, about 15 % of the pass over a code window of 11). The E2M1 value Q is
+# summed in bf16 (exact), and fl(Q * fl(v * s2)) is the table's scale column times Q.
+#: Per pair of elements and code: $0, $1 out, the squared errors (fp32); $2, $3: |w| (fp32); $4: the
+#: pair's |w| as bf16x2 (element 2i in the low half); $5..$11: the code's threshold words; $12: the
+#: code's scale fl(v * s2) (fp32).
+_WORDS_PAIR_ASM = tl.constexpr(
+    "{ .reg .b32 q, c, r, w, l, h; .reg .f32 fl, fh, m0, m1, e0, e1; "
+    + bf16_decisions_ptx("q", "$4", 5)
+    + "shl.b32 l, q, 16; and.b32 h, q, 0xffff0000; mov.b32 fl, l; mov.b32 fh, h; "
+    "mul.rn.f32 m0, fl, $12; mul.rn.f32 m1, fh, $12; sub.rn.f32 e0, $2, m0; sub.rn.f32 e1, $3, m1; "
+    "mul.rn.f32 $0, e0, e0; mul.rn.f32 $1, e1, e1; }"
+)
+#: $0 out: the larger of $1 and $2 (bf16x2) in each half, NaN where either is NaN.
+_WORDS_MAX_ASM = tl.constexpr("{ max.NaN.bf16x2 $0, $1, $2; }")
+#: Words per table row: the seven thresholds, then the scale's fp32 bits.
+TABLE_ROW = tl.constexpr(8)
 
 
 @triton.jit
@@ -340,8 +365,49 @@ def _block_loss16(a, h, v, s2, PACKED: tl.constexpr):
         e13 = _sq_err(a[13], h[13], t1, t2, t3, t4, t5, t6, t7, sv)
         e14 = _sq_err(a[14], h[14], t1, t2, t3, t4, t5, t6, t7, sv)
         e15 = _sq_err(a[15], h[15], t1, t2, t3, t4, t5, t6, t7, sv)
+    return _tree16(e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
+
+
+@triton.jit
+def _tree16(e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15):
+    # The reference's pairwise tree over a block's 16 squared errors.
     low = ((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7))
     return low + (((e8 + e9) + (e10 + e11)) + ((e12 + e13) + (e14 + e15)))
+
+
+@triton.jit
+def _sq_err_words(a0, a1, w, row):
+    # Squared errors of two elements at the code of table row `row` ([B] pointers), _WORDS_PAIR_ASM.
+    return tl.inline_asm_elementwise(
+        _WORDS_PAIR_ASM, "=f,=f,f,f,r,r,r,r,r,r,r,r,f",
+        [a0, a1, w, tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+         tl.load(row + 5), tl.load(row + 6), tl.load(row + 7).to(tl.float32, bitcast=True)],
+        dtype=(tl.float32, tl.float32), is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _block_loss_words(a, w, row):
+    # _block_loss16 of the WORDS pass: a the 16 |w| (fp32), w their 8 bf16x2 words, row the code's
+    # table row ([B] int32 pointers). -> [B]
+    e0, e1 = _sq_err_words(a[0], a[1], w[0], row)
+    e2, e3 = _sq_err_words(a[2], a[3], w[1], row)
+    e4, e5 = _sq_err_words(a[4], a[5], w[2], row)
+    e6, e7 = _sq_err_words(a[6], a[7], w[3], row)
+    e8, e9 = _sq_err_words(a[8], a[9], w[4], row)
+    e10, e11 = _sq_err_words(a[10], a[11], w[5], row)
+    e12, e13 = _sq_err_words(a[12], a[13], w[6], row)
+    e14, e15 = _sq_err_words(a[14], a[15], w[7], row)
+    return _tree16(e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
+
+
+@triton.jit
+def _code_loss(a, u, k, values_ptr, table_ptr, s2, PACKED: tl.constexpr, WORDS: tl.constexpr):
+    # The loss of each block at its code index k ([B]): the WORDS pass (u: the bf16 words) or
+    # _block_loss16 (u: the decision copies). Code index k is FP8 byte k + 1, the table's row.
+    if WORDS:
+        return _block_loss_words(a, u, table_ptr + (k + 1) * TABLE_ROW)
+    return _block_loss16(a, u, tl.load(values_ptr + k), s2, PACKED)
 
 
 @triton.jit
@@ -442,6 +508,25 @@ def _element(x_ptr, rows, j: tl.constexpr, mask):
 
 
 @triton.jit
+def _word(w_ptr, rows, j: tl.constexpr, mask):
+    # Elements 2j and 2j + 1 of each block (bf16, one thread per block) as one word, sign cleared:
+    # |w| in both halves, element 2j in the low one. -> [B] int32
+    return tl.load(w_ptr + rows * 8 + j, mask=mask, other=0) & 0x7FFF7FFF
+
+
+@triton.jit
+def _halves(w):
+    # The two bf16 of each word as fp32 (a widening is a shift): (low, high). -> 2 x [B] fp32
+    b = w.to(tl.uint32, bitcast=True)
+    return (b << 16).to(tl.float32, bitcast=True), ((b >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _max_words(x, y):
+    return tl.inline_asm_elementwise(_WORDS_MAX_ASM, "=r,r,r", [x, y], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _quotient(a, ns2, y, cap):
     # u = fl(a / s2) by multiplying with y = fl(1 / s2) and two FMA corrections (CUDA's div.rn
     # makes its reciprocal, and checks its range, per element: ~11 instructions against 6 here).
@@ -518,11 +603,13 @@ def _sweep_pruned_kernel(
     work_ptr,  # [n_blocks] int32, indices of flagged blocks
     count_ptr,  # [1] int32, number of flagged blocks (zeroed by the caller)
     n_blocks,
+    table_ptr,  # [128 * TABLE_ROW] int32, _sweep_table_kernel's table of g (read with WORDS only)
     NUM_CANDIDATES: tl.constexpr,
     FIRST_DOUBLING: tl.constexpr,  # first k from which v[k + 8] == 2 * v[k] (normal codes)
     N_BELOW: tl.constexpr,  # codes scored below k0 by every block
     N_EXTRA: tl.constexpr,  # further codes below, scored by a tile only where its bound fails
     PACKED: tl.constexpr,  # _PAIR_ASM (CUDA) or _sq_err (the interpreter): the same result
+    WORDS: tl.constexpr,  # bf16 x on sm_90: _WORDS_PAIR_ASM on the weight's pairs and the table
     BLOCK_B: tl.constexpr,
 ):
     # One thread per block: its 16 elements are 16 [B] vectors, so the per-code values (thresholds,
@@ -536,28 +623,52 @@ def _sweep_pruned_kernel(
     g = tl.load(g_ptr)
     s2 = tl.math.div_rn(g, tl.full([], _DIVISOR, tl.float32))
     s2v = tl.full([BLOCK_B], 0.0, tl.float32) + s2
-    a0 = _element(x_ptr, rows, 0, mask)
-    a1 = _element(x_ptr, rows, 1, mask)
-    a2 = _element(x_ptr, rows, 2, mask)
-    a3 = _element(x_ptr, rows, 3, mask)
-    a4 = _element(x_ptr, rows, 4, mask)
-    a5 = _element(x_ptr, rows, 5, mask)
-    a6 = _element(x_ptr, rows, 6, mask)
-    a7 = _element(x_ptr, rows, 7, mask)
-    a8 = _element(x_ptr, rows, 8, mask)
-    a9 = _element(x_ptr, rows, 9, mask)
-    a10 = _element(x_ptr, rows, 10, mask)
-    a11 = _element(x_ptr, rows, 11, mask)
-    a12 = _element(x_ptr, rows, 12, mask)
-    a13 = _element(x_ptr, rows, 13, mask)
-    a14 = _element(x_ptr, rows, 14, mask)
-    a15 = _element(x_ptr, rows, 15, mask)
-    a = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
-    u = _decision_copies(a, s2v, PACKED)
-    m = tl.maximum(
-        tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7))),
-        tl.maximum(tl.maximum(tl.maximum(a8, a9), tl.maximum(a10, a11)), tl.maximum(tl.maximum(a12, a13), tl.maximum(a14, a15))),
-    )  # fmt: skip
+    if WORDS:  # the bf16 pairs themselves decide (u holds the words), |w| widened by shifts
+        w_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        u = (
+            _word(w_ptr, rows, 0, mask), _word(w_ptr, rows, 1, mask), _word(w_ptr, rows, 2, mask),
+            _word(w_ptr, rows, 3, mask), _word(w_ptr, rows, 4, mask), _word(w_ptr, rows, 5, mask),
+            _word(w_ptr, rows, 6, mask), _word(w_ptr, rows, 7, mask),
+        )  # fmt: skip
+        a0, a1 = _halves(u[0])
+        a2, a3 = _halves(u[1])
+        a4, a5 = _halves(u[2])
+        a6, a7 = _halves(u[3])
+        a8, a9 = _halves(u[4])
+        a10, a11 = _halves(u[5])
+        a12, a13 = _halves(u[6])
+        a14, a15 = _halves(u[7])
+        top = _max_words(
+            _max_words(_max_words(u[0], u[1]), _max_words(u[2], u[3])),
+            _max_words(_max_words(u[4], u[5]), _max_words(u[6], u[7])),
+        )
+        top_lo, top_hi = _halves(top)
+        m = tl.maximum(top_lo, top_hi)
+        m = tl.where(m < float("inf"), m, float("inf"))  # NaN (the packed max keeps it) -> inf
+        a = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+    else:
+        a0 = _element(x_ptr, rows, 0, mask)
+        a1 = _element(x_ptr, rows, 1, mask)
+        a2 = _element(x_ptr, rows, 2, mask)
+        a3 = _element(x_ptr, rows, 3, mask)
+        a4 = _element(x_ptr, rows, 4, mask)
+        a5 = _element(x_ptr, rows, 5, mask)
+        a6 = _element(x_ptr, rows, 6, mask)
+        a7 = _element(x_ptr, rows, 7, mask)
+        a8 = _element(x_ptr, rows, 8, mask)
+        a9 = _element(x_ptr, rows, 9, mask)
+        a10 = _element(x_ptr, rows, 10, mask)
+        a11 = _element(x_ptr, rows, 11, mask)
+        a12 = _element(x_ptr, rows, 12, mask)
+        a13 = _element(x_ptr, rows, 13, mask)
+        a14 = _element(x_ptr, rows, 14, mask)
+        a15 = _element(x_ptr, rows, 15, mask)
+        a = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+        u = _decision_copies(a, s2v, PACKED)
+        m = tl.maximum(
+            tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7))),
+            tl.maximum(tl.maximum(tl.maximum(a8, a9), tl.maximum(a10, a11)), tl.maximum(tl.maximum(a12, a13), tl.maximum(a14, a15))),
+        )  # fmt: skip
     u_max = tl.math.div_rn(m, s2v)  # the largest u: rounding is monotone
 
     # k0 = first code with 6 * v >= u_max (126 if none): binary search over the table.
@@ -578,7 +689,7 @@ def _sweep_pruned_kernel(
     # A loop, not unrolled: unrolling the 11 codes of 16 elements took ptxas ~35 s per specialization
     # (4.5 s as a loop, Triton 3.6 on the CPU) for the same ~14 instructions per element-code.
     for i in range(N_WINDOW):
-        loss = _block_loss16(a, u, tl.load(values_ptr + start + i), s2, PACKED)
+        loss = _code_loss(a, u, start + i, values_ptr, table_ptr, s2, PACKED, WORDS)
         better = loss < best_loss
         best_loss = tl.where(better, loss, best_loss)
         best_idx = tl.where(better, start + i, best_idx)
@@ -592,7 +703,7 @@ def _sweep_pruned_kernel(
     for _ in tl.static_range(N_EXTRA):
         if tl.reduce(bound_fails.to(tl.int32), None, _MAX) > 0:
             start = tl.maximum(start - 1, 0)
-            loss = _block_loss16(a, u, tl.load(values_ptr + start), s2, PACKED)
+            loss = _code_loss(a, u, start, values_ptr, table_ptr, s2, PACKED, WORDS)
             better = bound_fails & (loss <= best_loss)
             best_loss = tl.where(better, loss, best_loss)
             best_idx = tl.where(better, start, best_idx)
@@ -723,6 +834,51 @@ def _sweep_info_kernel(
     zero = (amax > 0.0) & ((g == 0.0) | (u <= _ZERO_U))
     code = tl.where(bad_g, _INFO_BAD_G, tl.where(nonfinite, _INFO_NONFINITE, tl.where(zero, _INFO_ZERO, 0)))
     tl.store(info_ptr + i, code, mask=i == 0)
+
+
+#: Floats on each side of the guess fl(midpoint * v * s2) among which the table finds a threshold
+#: (format.decision_table's window, restated here: tests compare the two tables bit for bit).
+_TABLE_WINDOW = tl.constexpr(4)
+
+
+@triton.jit
+def _sweep_table_kernel(
+    g_ptr,  # [T] fp32, the global amax of each tensor
+    values_ptr,  # [126] fp32, FP8 code values (bytes 1..126)
+    table_ptr,  # [T, 128, TABLE_ROW] int32 out
+    NUM_CANDIDATES: tl.constexpr,
+):
+    # The WORDS pass's table of one tensor (one program each): for FP8 byte c (code value e; 0 for
+    # bytes 0 and 127), format.decision_table(s2)[c] with each threshold rounded up to bf16 in both
+    # halves of a word (a carry out of the low 16 bits is the next bf16 up; +inf stays +inf), and
+    # the scale fl(e * s2) as fp32 bits. The search is decision_table's: the first of the 9 floats
+    # around fl(midpoint * e * s2) whose correctly rounded quotient by s2 passes midpoint * e (ties by
+    # the format's flag), the lowest of them if none does.
+    t = tl.program_id(0)
+    s2 = tl.math.div_rn(tl.load(g_ptr + t), tl.full([], _DIVISOR, tl.float32))
+    byte = tl.arange(0, 128)[:, None]
+    col = tl.arange(0, TABLE_ROW)[None, :]
+    e = tl.load(values_ptr + byte - 1, mask=(byte >= 1) & (byte <= NUM_CANDIDATES), other=0.0)  # [128, 1]
+    mid = tl.where(col == 0, _M1, tl.where(col == 1, _M2, tl.where(col == 2, _M3, tl.where(col == 3, _M4,
+          tl.where(col == 4, _M5, tl.where(col == 5, _M6, tl.where(col == 6, _M7, 0.0)))))))  # fmt: skip
+    down = tl.where(col == 0, _D1, tl.where(col == 1, _D2, tl.where(col == 2, _D3, tl.where(col == 3, _D4,
+           tl.where(col == 4, _D5, tl.where(col == 5, _D6, _D7))))))  # fmt: skip
+    target = e * mid  # exact: <= 7 significant bits
+    s2v = tl.full([128, TABLE_ROW], 0.0, tl.float32) + s2
+    guess = (target * s2v).to(tl.int32, bitcast=True)
+    found = tl.full([128, TABLE_ROW], 0, tl.int1)
+    threshold = tl.maximum(guess - _TABLE_WINDOW, 0).to(tl.float32, bitcast=True)
+    for step in tl.static_range(-_TABLE_WINDOW, _TABLE_WINDOW + 1):
+        cand = tl.maximum(guess + step, 0).to(tl.float32, bitcast=True)
+        u = tl.math.div_rn(cand, s2v)
+        passed = tl.where(down != 0, u > target, u >= target)
+        threshold = tl.where(passed & ~found, cand, threshold)
+        found = found | passed
+    threshold = tl.where(e > 0, threshold, float("inf"))
+    up = (threshold.to(tl.uint32, bitcast=True) + 0xFFFF) >> 16
+    words = ((up << 16) | up).to(tl.int32, bitcast=True)
+    scale = (e * s2v).to(tl.int32, bitcast=True)
+    tl.store(table_ptr + t * (128 * TABLE_ROW) + byte * TABLE_ROW + col, tl.where(col == 7, scale, words))
 
 
 def interpreted(name: str) -> InterpretedFunction:

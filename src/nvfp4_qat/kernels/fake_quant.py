@@ -107,15 +107,30 @@ def _bf16x2(x: float) -> str:
 # bf16's 8 bits). Against the fp32 path (a widening and seven FSETs per element) the tile loop issues
 # about half the instructions (`benchmarks/kernel_variants.py --sass`). A NaN passes no threshold
 # either way (an ordered compare), and +inf passes every one, as in _magnitude.
+def bf16_decisions_ptx(dst: str, a: str, first: int) -> str:
+    """PTX text: ``dst`` = the E2M1 magnitudes (bf16x2) of the bf16x2 |x| in register ``a`` against the
+    seven threshold words ``$first`` .. ``$first + 6`` (ascending; bf16, both halves): one `set` per
+    threshold, the format's steps summed by runs (0.5 x4, 1 x2, 2). Scratch registers: c, r, w (.b32),
+    declared by the caller; ``dst`` may not be one of them. Shared with the sweep's bf16 pass."""
+    return (
+        f"set.ge.bf16x2.bf16x2 {dst}, {a}, ${first}; "
+        + "".join(
+            f"set.ge.bf16x2.bf16x2 c, {a}, ${first + k}; add.rn.bf16x2 {dst}, {dst}, c; " for k in (1, 2, 3)
+        )
+        + f"set.ge.bf16x2.bf16x2 r, {a}, ${first + 4}; set.ge.bf16x2.bf16x2 c, {a}, ${first + 5}; "
+        + "add.rn.bf16x2 r, r, c; "
+        + f"mov.b32 w, {_bf16x2(_STEPS[0])}; fma.rn.bf16x2 {dst}, {dst}, w, r; "
+        + f"set.ge.bf16x2.bf16x2 c, {a}, ${first + 6}; mov.b32 w, {_bf16x2(_STEPS[-1])}; "
+        + f"fma.rn.bf16x2 {dst}, c, w, {dst}; "
+    )
+
+
 #: $0, $1 out: the pair's E2M1 magnitudes q and its |x| (bf16x2 each); $2: the pair as loaded
 #: (element 2i in the low half); $3..$9: the block's thresholds as bf16 words (_bf16_threshold_words).
 _BF16_PAIR_ASM = tl.constexpr(
     "{ .reg .b32 a, c, q, r, w; and.b32 a, $2, 0x7fff7fff; mov.b32 $1, a; "
-    "set.ge.bf16x2.bf16x2 q, a, $3; "
-    + "".join(f"set.ge.bf16x2.bf16x2 c, a, ${k}; add.rn.bf16x2 q, q, c; " for k in (4, 5, 6))
-    + "set.ge.bf16x2.bf16x2 r, a, $7; set.ge.bf16x2.bf16x2 c, a, $8; add.rn.bf16x2 r, r, c; "
-    + f"mov.b32 w, {_bf16x2(_STEPS[0])}; fma.rn.bf16x2 q, q, w, r; "
-    + f"set.ge.bf16x2.bf16x2 c, a, $9; mov.b32 w, {_bf16x2(_STEPS[-1])}; fma.rn.bf16x2 $0, c, w, q; }}"
+    + bf16_decisions_ptx("q", "a", 3)
+    + "mov.b32 $0, q; }"
 )
 #: $0 out: the larger of $1 and $2 (bf16x2) in each half, NaN where either is NaN.
 _BF16_MAX_ASM = tl.constexpr("{ max.NaN.bf16x2 $0, $1, $2; }")

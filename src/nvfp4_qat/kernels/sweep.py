@@ -17,6 +17,7 @@ from nvfp4_qat._validation import METHODS, check_choice, check_x
 from nvfp4_qat.format import BLOCK_SIZE, fp8_code_values, fp8_scale_candidates
 from nvfp4_qat.kernels import _sweep_kernels as _k
 from nvfp4_qat.kernels._launch import launch
+from nvfp4_qat.kernels.fake_quant import bf16_pairs
 
 #: Codes scored below ``k0`` by the pruned kernel (with the 8 from ``k0`` up: 11 of 126). On a
 #: random bf16 8192x4096 weight the saturation bound then fails for 0.9% of the blocks (16% with 2).
@@ -101,6 +102,8 @@ def check_values(partials: torch.Tensor) -> torch.Tensor:
 
 #: One program of one warp: the info kernel reads AMAX_SLOTS + 1 values.
 INFO_CONFIG = triton.Config({}, num_warps=1)
+#: One program of four warps per table (128 x 8 words).
+TABLE_CONFIG = triton.Config({}, num_warps=4)
 
 
 def launch_info(checks: torch.Tensor) -> torch.Tensor:
@@ -110,6 +113,30 @@ def launch_info(checks: torch.Tensor) -> torch.Tensor:
     with launch_device(checks.device):
         _launch("_sweep_info_kernel", checks.device, (1,), checks, info, config=INFO_CONFIG)
     return info
+
+
+def sweep_tables(g: torch.Tensor) -> torch.Tensor:
+    """The bf16 pass's tables (``_sweep_table_kernel``) of global amaxes ``g`` (fp32 ``[T]`` on one
+    device): int32 ``[T, 128 * 8]``, one launch, no host sync. Recalibration makes all of them at
+    once; ``launch_sweep`` makes its own when not given one."""
+    values, _ = _candidate_tables(g.device)
+    out = torch.empty(g.numel(), 128 * _k.TABLE_ROW.value, dtype=torch.int32, device=g.device)
+    with launch_device(g.device):
+        _launch("_sweep_table_kernel", g.device, (g.numel(),), g.reshape(-1), values, out,
+                NUM_CANDIDATES=values.numel(), config=TABLE_CONFIG)  # fmt: skip
+    return out
+
+
+def words_pass(flat: torch.Tensor, method: str) -> bool:
+    """Whether ``launch_sweep`` scores the contiguous ``flat`` with the bf16 pass (``WORDS``: the pruned
+    method on bf16 weights on an NVIDIA GPU of compute capability 9.0 or newer, read as 32-bit words,
+    so from a 4-byte aligned address); the same result either way."""
+    return (
+        method == "pruned"
+        and flat.dtype == torch.bfloat16
+        and flat.data_ptr() % 4 == 0
+        and bf16_pairs(flat.device)
+    )
 
 
 def _grid(n_blocks: int):
@@ -183,8 +210,9 @@ def launch_sweep(
         buffers: preallocated inputs, outputs and scratch on x's device: ``old`` (uint8
             ``[n_blocks]``, the previous scales' bytes), any of ``out`` (fp32 ``[n_blocks]``, e.g. a
             layer's ``block_amax`` viewed flat), ``codes``, ``partials`` (fp32 ``[3, >=
-            stats_slots(n_blocks)]``, zeroed), ``count`` (int32 ``[1]``, zeroed) and ``work`` (int32,
-            ``>= n_blocks``; may be shared by launches on one stream).
+            stats_slots(n_blocks)]``, zeroed), ``count`` (int32 ``[1]``, zeroed), ``work`` (int32,
+            ``>= n_blocks``; may be shared by launches on one stream) and ``table`` (the bf16 pass's
+            :func:`sweep_tables` row of ``global_amax``; made here when missing).
 
     Returns:
         ``(block_amax [n_blocks] fp32, n_flagged [1] int32 or None for "exhaustive",
@@ -242,10 +270,12 @@ def launch_sweep(
         work = torch.empty(n_blocks, dtype=torch.int32, device=x.device) if work is None else work
         if config is None and not on_cuda:
             config = _interpreter_pruned_config(n_blocks)
-        _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks,
+        words = words_pass(flat, method)
+        table = (buf["table"] if "table" in buf else sweep_tables(g)) if words else values
+        _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks, table,
                 NUM_CANDIDATES=n_cand, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
                 N_EXTRA=n_extra, PACKED=on_cuda and torch.version.hip is None,  # inline PTX: NVIDIA only
-                config=config)  # fmt: skip
+                WORDS=words, config=config)  # fmt: skip
         wl = _k.WORKLIST_CONFIG
         if on_cuda:
             grid = (_worklist_programs(x, n_blocks),)

@@ -182,7 +182,7 @@ def _sweep_one(
 
 def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepOutput:
     from nvfp4_qat.kernels import fake_quant as fq
-    from nvfp4_qat.kernels.sweep import STATS_ROWS, launch_sweep, stats_slots
+    from nvfp4_qat.kernels.sweep import STATS_ROWS, launch_sweep, stats_slots, sweep_tables, words_pass
 
     device = g.device
     n_blocks = [t.n_blocks for t in tasks]
@@ -191,6 +191,8 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
     partials = torch.zeros(STATS_ROWS, sum(slots), dtype=torch.float32, device=device)
     work = torch.empty(max(n_blocks), dtype=torch.int32, device=device)  # scratch, one stream
     counts = torch.zeros(len(tasks), dtype=torch.int32, device=device)
+    # The bf16 pass's tables of every task in one launch (launch_sweep would make one per task).
+    tables = sweep_tables(g.view(-1)) if any(words_pass(t.weight, method) for t in tasks) else None
     clock = LayerClock(device)
     start = col = 0
     for i, (task, g_i, n, k) in enumerate(zip(tasks, g.view(-1, 1).unbind(), n_blocks, slots, strict=True)):
@@ -202,6 +204,8 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
             "count": counts[i : i + 1],
             "work": work,
         }
+        if tables is not None:
+            buffers["table"] = tables[i]
         launch_sweep(task.weight, g_i, method, stats=True, buffers=buffers)
         torch.autograd.graph.increment_version(task.layer.block_amax)  # written by a kernel, not by PyTorch
         start, col = start + n, col + k
