@@ -22,6 +22,8 @@ comparison is against exactly what ships (one thread per block, fp16 decision co
 Usage, from the repository root::
 
     python benchmarks/kernel_variants.py          # GPU: time each variant on 8192x4096 bf16, check equality
+                                                  # (the library with and without its bf16 pass; the
+                                                  # variants without it; "tile" is not timed)
     python benchmarks/kernel_variants.py --sass   # any machine with triton: compile the pruned kernels
                                                   # for sm_90 and count SASS instructions (also the
                                                   # looped form's prologue, loop and registers, and
@@ -380,21 +382,31 @@ def run_gpu() -> None:
     want, count = ks.launch_sweep(x, g, "pruned")[:2]
     want = want.clone()
     cfg = K.PRUNED_CONFIG
-    print(f"library pruned (B{cfg.kwargs['BLOCK_B']} w{cfg.num_warps} maxnreg {cfg.maxnreg}): "
+    words = ks.words_pass(x.reshape(-1), "pruned")
+    print(f"library pruned (B{cfg.kwargs['BLOCK_B']} w{cfg.num_warps} maxnreg {cfg.maxnreg}, bf16 pass {words}): "
           f"{bench(lambda: ks.launch_sweep(x, g, 'pruned')):.4f} ms, "
           f"{int(count)} blocks to the second pass")  # fmt: skip
-    tile = triton.Config({"BLOCK_B": 32}, num_warps=2)
-    for name, config in [("divide", None), ("select", None), ("fp32", None), ("chain", None), ("tile", tile)]:
-        module = variant(name)
-        if name == "tile":
-            module._sweep_pruned_kernel = module._sweep_pruned_tile_kernel  # what the launcher calls
-        ks._k = module  # the launcher reads its kernels from this module
-        try:
-            run = lambda config=config: ks.launch_sweep(x, g, "pruned", config=config)  # noqa: E731
-            same = torch.equal(run()[0], want)
-            print(f"{name} pruned: {bench(run):.4f} ms, equal: {same}")
-        finally:
-            ks._k = K
+    uncapped = triton.Config({"BLOCK_B": 32}, num_warps=1)
+    run = lambda: ks.launch_sweep(x, g, "pruned", config=uncapped)  # noqa: E731
+    print(f"library pruned, B32 w1 uncapped: {bench(run):.4f} ms, equal: {torch.equal(run()[0], want)}")
+    # The variants predate the bf16 pass: they run with it off, as does the library's row "no bf16 pass".
+    real_words_pass = ks.words_pass
+    ks.words_pass = lambda *args: False
+    try:
+        run = lambda: ks.launch_sweep(x, g, "pruned")  # noqa: E731
+        print(
+            f"library pruned, no bf16 pass (session 9): {bench(run):.4f} ms, equal: {torch.equal(run()[0], want)}"
+        )
+        for name in ("divide", "select", "fp32", "chain"):  # ("tile" has no table argument: not timed)
+            ks._k = variant(name)  # the launcher reads its kernels from this module
+            try:
+                run = lambda: ks.launch_sweep(x, g, "pruned")  # noqa: E731
+                same = torch.equal(run()[0], want)
+                print(f"{name} pruned: {bench(run):.4f} ms, equal: {same}")
+            finally:
+                ks._k = K
+    finally:
+        ks.words_pass = real_words_pass
 
 
 def main() -> None:
