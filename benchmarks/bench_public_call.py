@@ -13,7 +13,7 @@ Prints two tables:
   ``nvfp4_scale_sweep_ex`` (the same checks returned as a device flag: no sync);
 * host time, ``time.perf_counter`` medians over 300 calls, each started on an idle GPU: the public
   call's validation before the launch, the enqueue of ``launch_sweep`` (allocations and two Triton
-  launches, no wait), one ``torch.zeros``, one launch of the pruned kernel by Triton's own path
+  launches, no wait), one ``torch.zeros``, the bf16 pass's table (``sweep_tables``), one launch of the pruned kernel by Triton's own path
   (``kernel[grid]``) and by the package's (``kernels._launch.launch``), the checks' read on an idle GPU
   (the copy and sync latency), and the whole public call (host, kernel and read, back to back).
 
@@ -111,14 +111,18 @@ def main() -> None:
     )
     g1 = g.reshape(1)
 
-    args = (flat, values, cands, g1, out, codes, codes, part, part.stride(0), work, count, n)
+    words = ks.words_pass(flat, "pruned")  # as launch_sweep runs it: with the bf16 pass on sm_90
+    cfg = ks._k.PRUNED_WORDS_CONFIG if words else ks._k.PRUNED_CONFIG
+    table = ks.sweep_tables(g1) if words else values
+    args = (flat, values, cands, g1, out, codes, codes, part, part.stride(0), work, count, n, table)
     kw = dict(NUM_CANDIDATES=126, FIRST_DOUBLING=ks.FIRST_DOUBLING, N_BELOW=ks.N_BELOW, N_EXTRA=ks.N_EXTRA,
-              PACKED=True, **ks._k.PRUNED_CONFIG.all_kwargs(), enable_fp_fusion=False)  # fmt: skip
-    kernel, grid = ks._k._sweep_pruned_kernel, (triton.cdiv(n, ks._k.PRUNED_CONFIG.kwargs["BLOCK_B"]),)
+              PACKED=True, WORDS=words, **cfg.all_kwargs(), enable_fp_fusion=False)  # fmt: skip
+    kernel, grid = ks._k._sweep_pruned_kernel, (triton.cdiv(n, cfg.kwargs["BLOCK_B"]),)
 
     print("\nhost time (perf_counter median of 300, GPU idle at each start, us)")
     for name, fn in [("validation before the launch", validate), ("launch_sweep enqueue", launch),
                      ("one torch.zeros", lambda: torch.zeros(3, 4096, device="cuda")),
+                     ("sweep_tables (bf16 pass)", lambda: ks.sweep_tables(g.reshape(1))),
                      ("pruned kernel, kernel[grid]", lambda: kernel[grid](*args, **kw)),
                      ("pruned kernel, _launch.launch", lambda: _launch.launch(kernel, grid, *args, **kw)),
                      ("checks read, GPU idle", lambda: _read_checks(ks.check_values(part))),

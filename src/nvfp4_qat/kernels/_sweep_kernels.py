@@ -100,6 +100,11 @@ _MIN = tl.standard._elementwise_min
 # Llama set.
 EXHAUSTIVE_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1)
 PRUNED_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1, maxnreg=56)
+#: The pruned pass's tile with its bf16 pass (WORDS): B32w1 without the register cap. Capped at 56
+#: it spills (5 stores, 16 bytes of stack) and took 0.2328 ms on the 8192x4096 bf16 weight, against
+#: 0.2247 uncapped (64 registers; one warp per program, so an SM holds 32 programs either way) and
+#: 0.2275 for the pass without WORDS (H200, one run of `benchmarks/kernel_variants.py`).
+PRUNED_WORDS_CONFIG = triton.Config({"BLOCK_B": 32}, num_warps=1)
 #: Alternatives with the same results (tests pin each one; the benchmark times them).
 EXHAUSTIVE_CONFIGS = [
     EXHAUSTIVE_CONFIG,
@@ -109,6 +114,7 @@ EXHAUSTIVE_CONFIGS = [
 ]
 PRUNED_CONFIGS = [
     PRUNED_CONFIG,
+    PRUNED_WORDS_CONFIG,
     triton.Config({"BLOCK_B": 256}, num_warps=8),
     triton.Config({"BLOCK_B": 128}, num_warps=4),
     triton.Config({"BLOCK_B": 64}, num_warps=2),
@@ -643,7 +649,7 @@ def _sweep_pruned_kernel(
             _max_words(_max_words(u[4], u[5]), _max_words(u[6], u[7])),
         )
         top_lo, top_hi = _halves(top)
-        m = tl.maximum(top_lo, top_hi)
+        m = tl.maximum(top_lo, top_hi, propagate_nan=tl.PropagateNan.ALL)  # NaN in either half wins
         m = tl.where(m < float("inf"), m, float("inf"))  # NaN (the packed max keeps it) -> inf
         a = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
     else:

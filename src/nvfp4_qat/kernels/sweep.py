@@ -272,6 +272,8 @@ def launch_sweep(
             config = _interpreter_pruned_config(n_blocks)
         words = words_pass(flat, method)
         table = (buf["table"] if "table" in buf else sweep_tables(g)) if words else values
+        if words and config is None:
+            config = _k.PRUNED_WORDS_CONFIG
         _launch("_sweep_pruned_kernel", x.device, _grid(n_blocks), *tables, work, count, n_blocks, table,
                 NUM_CANDIDATES=n_cand, FIRST_DOUBLING=FIRST_DOUBLING, N_BELOW=n_below,
                 N_EXTRA=n_extra, PACKED=on_cuda and torch.version.hip is None,  # inline PTX: NVIDIA only
