@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--method", default="pruned", choices=("pruned", "exhaustive"))
     p.add_argument("--device", help="default: cuda if available (and not --tiny), else cpu")
+    p.add_argument("--no-bf16-pass", action="store_true",
+                   help="sweep bf16 weights without the pruned kernel's bf16 pass (session 9's kernel)")  # fmt: skip
     p.add_argument("--stats-configs", action="store_true",
                    help="also time the stats pass over the weights with each tile in STATS_TRIALS")  # fmt: skip
     args = p.parse_args(argv)
@@ -122,6 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     shapes, n_layers = (TINY, args.layers or 2) if args.tiny else (LLAMA3_8B, args.layers or 32)
     args.repeats = args.repeats or (3 if args.tiny else 5)
     print_versions(device)
+    if args.no_bf16_pass:  # launch_sweep and recalibration ask this function, at each call
+        from nvfp4_qat.kernels import sweep as kernel_sweep
+
+        kernel_sweep.words_pass = lambda *_: False
+        print("bf16 pass off (--no-bf16-pass)")
 
     model = build_model(shapes, n_layers, device)
     layers = [m for _, m in nvfp4_layers(model)]
