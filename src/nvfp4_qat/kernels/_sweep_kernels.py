@@ -40,6 +40,15 @@ divides and takes the select tree of ``_sq_err`` (the ``PACKED`` constexpr): the
 arithmetic, bit for bit, which ``tests/test_packed_pass.py`` checks by executing the PTX text with
 numpy and ``_quotient`` itself under the interpreter (whose FMA rounds once).
 
+On bf16 weights on sm_90 (``WORDS``) the pruned pass decides in x space instead: each code's seven
+thresholds of ``format.decision_table`` (the least fp32 |w| whose quotient by s2 passes the decision),
+rounded up to bf16, come from a per-tensor table (``_sweep_table_kernel``, one launch for many
+tensors), and ``_WORDS_PAIR_ASM`` compares the weight's own bf16 pairs with them: no quotient and no
+decision copies, the same decisions (a bf16 number passes a threshold exactly when it passes the
+threshold rounded up to bf16), the same magnitudes fl(Q * fl(v * s2)) (the table's scale column).
+``tests/test_bf16_sweep_pass.py`` checks the table against ``decision_table`` and the PTX against the
+reference's squared errors.
+
 CPU tensors run under Triton's interpreter: :func:`interpreted` rebuilds a kernel and its helpers
 as interpreted functions from the same source, so the compiled CUDA kernels stay intact in the same
 process. (That is also why no jitted library function such as ``tl.sum`` or ``tl.max`` is used:
