@@ -7,6 +7,7 @@ the summed errors agree to fp32 rounding (a PyTorch sum and a kernel's per-progr
 same fp32 block losses in different orders).
 """
 
+import dataclasses
 import math
 import os
 import time
@@ -119,6 +120,13 @@ def test_record_fields_name_the_measurements():
         0.25,
         3.0,
     )
+    # from_stats fills the row without __init__: the same row, equal, hash-equal and still frozen
+    made = LayerRecalibration(
+        "l", 64, 8.0, 4.0, 0.125, 0.0625, 0.25, 2.0, 3.0, 0.5, skipped=False, energy=32.0
+    )
+    assert row == made and hash(row) == hash(made) and dataclasses.asdict(row) == dataclasses.asdict(made)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.sse_after = 0.0
 
 
 def _rank(rank: int, world: int, store_path: str, out_path: str, fused: bool, single: bool) -> None:

@@ -147,7 +147,7 @@ def sweep_distributed(plan: RecalibrationPlan) -> tuple[LayerStats, list[bool], 
         if task is not None:
             measured.append(i)
             tasks.append(task)
-    stats_all = stale_stats(tasks, fused) if tasks else torch.zeros(0, 3, device=device)
+    stats_all = stale_stats(tasks, fused)[1] if tasks else torch.zeros(0, 3, device=device)
     sweeps = [
         k for k, i in enumerate(measured) if where[i] in (rank, _ROWS, _GATHER)
     ]  # what this rank sweeps

@@ -30,6 +30,7 @@ Both give the same scales, bit for bit, and the same statistics up to fp32 round
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ __all__ = ["STATS_CHUNK", "SweepOutput", "SweepTask", "install_kernel_states", "
 #: Tasks per stats launch on the fused path. One launch per layer cost more host time than GPU
 #: time on the small layers; one launch for the whole model left the GPU idle while the host
 #: prepared it (~2 ms for the 224 Llama-3-8B weights). With chunks the GPU starts on the first
-#: while the host prepares the next.
+#: while the host makes the next (and, from a generator of tasks, the tasks themselves).
 STATS_CHUNK = 32
 
 
@@ -98,31 +99,39 @@ class SweepOutput:
         return self.clock.seconds()
 
 
-def stale_stats(tasks: list[SweepTask], fused: bool) -> torch.Tensor:
-    """``[T, 3]`` fp32: each task's ``[sse, max |w|, sum w^2]`` at the current scales, no host sync."""
+def stale_stats(tasks: Iterable[SweepTask], fused: bool) -> tuple[list[SweepTask], torch.Tensor]:
+    """``(the tasks, [T, 3] fp32)``: each task's ``[sse, max |w|, sum w^2]`` at the current scales,
+    no host sync. ``tasks`` may be a generator: on the fused path each stats launch goes out as soon
+    as its chunk of tasks exists, so the GPU starts while the host still makes the rest."""
     if not fused:
+        tasks = list(tasks)
         device = tasks[0].weight.device  # a model split over devices: the statistics meet on one
-        return torch.stack([weight_stats(t.layer, t.weight, t.rows).to(device) for t in tasks])
+        return tasks, torch.stack([weight_stats(t.layer, t.weight, t.rows).to(device) for t in tasks])
     from nvfp4_qat.kernels import fake_quant as fq
 
-    device = tasks[0].weight.device
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tasks):
-        groups.setdefault(t.weight.dtype, []).append(i)
-    chunks = [idx[c : c + STATS_CHUNK] for idx in groups.values() for c in range(0, len(idx), STATS_CHUNK)]
-    parts = []
-    for chunk in chunks:
-        weights = [tasks[i].weight for i in chunk]
-        states = [_state(tasks[i]) for i in chunk]
+    done: list[SweepTask] = []
+    chunks: dict[torch.dtype, list[int]] = {}  # the open chunk of each dtype: indices into done
+    parts, order = [], []
+
+    def launch(chunk: list[int]) -> None:
+        weights, states = [done[i].weight for i in chunk], [_state(done[i]) for i in chunk]
         partials, programs = fq.stats_partials(weights, states)
         parts.append(fq.segment_totals(partials, programs, max_row=1))  # max: NaN wins
-    order = [i for chunk in chunks for i in chunk]
-    if order == list(range(len(tasks))):  # one dtype: the chunks are in order
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-    index = on_device(order, torch.int64, device)
-    return torch.empty(len(tasks), 3, dtype=torch.float32, device=device).index_copy_(
-        0, index, torch.cat(parts)
-    )
+        order.extend(chunk)
+
+    for task in tasks:
+        done.append(task)
+        chunk = chunks.setdefault(task.weight.dtype, [])
+        chunk.append(len(done) - 1)
+        if len(chunk) == STATS_CHUNK:
+            launch(chunks.pop(task.weight.dtype))
+    for chunk in chunks.values():
+        launch(chunk)
+    stats = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if order == list(range(len(done))):  # one dtype: the chunks are in order
+        return done, stats
+    index = on_device(order, torch.int64, stats.device)
+    return done, torch.empty_like(stats).index_copy_(0, index, stats)
 
 
 def _state(task: SweepTask) -> tuple[torch.Tensor, torch.Tensor]:

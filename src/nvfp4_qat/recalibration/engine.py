@@ -166,8 +166,8 @@ def _execute(
     # waits for the check; the host learns the outcome once everything is queued, and prepares
     # the layers' kernel states while the GPU still sweeps.
     fused = plan.execution == "fused"
-    tasks = [SweepTask(m, full_weight(m)) for _, m in layers]
-    before = stale_stats(tasks, fused)  # [L, 3]: sse, max |w|, sum w^2
+    # [L, 3]: sse, max |w|, sum w^2; the tasks made as the stats launches go out
+    tasks, before = stale_stats((SweepTask(m, full_weight(m)) for _, m in layers), fused)
     g_new = before[:, 1]  # max |w|: exact, whatever the order of the reduction
     finite = torch.isfinite(g_new)
     live = finite & finite.all() if raise_ else finite
