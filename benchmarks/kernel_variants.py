@@ -333,12 +333,13 @@ def run_sass(stats_from: str | None = None) -> None:
 
     print("\nas the library runs it (window as a loop), B32 w1: instructions before the loop, per code")
     print("in the loop, registers per thread (and bytes of stack: spills)")
-    for name in ("library", "divide"):
+    for name, words in (("library", False), ("library", True), ("divide", False)):
         for cap in (None, 56, 48):
-            _, ins, (regs, stack) = sass_counts(pruned(variant(name)), 32, 1, cap)
+            _, ins, (regs, stack) = sass_counts(pruned(variant(name)), 32, 1, cap, words=words)
             before, body = first_loop(ins)
+            label = "words" if words else name  # words: the library's bf16 pass (WORDS)
             print(
-                f"  {name:<8} maxnreg={cap!s:<5} prologue {before:4d}, loop {body:4d}, {regs} registers, stack {stack}"
+                f"  {label:<8} maxnreg={cap!s:<5} prologue {before:4d}, loop {body:4d}, {regs} registers, stack {stack}"
             )
 
     if (
@@ -381,14 +382,16 @@ def run_gpu() -> None:
     bench = lambda fn: do_bench(fn, warmup=50, rep=500, return_mode="median")  # noqa: E731
     want, count = ks.launch_sweep(x, g, "pruned")[:2]
     want = want.clone()
-    cfg = K.PRUNED_CONFIG
     words = ks.words_pass(x.reshape(-1), "pruned")
+    cfg = K.PRUNED_WORDS_CONFIG if words else K.PRUNED_CONFIG  # what launch_sweep picks
     print(f"library pruned (B{cfg.kwargs['BLOCK_B']} w{cfg.num_warps} maxnreg {cfg.maxnreg}, bf16 pass {words}): "
           f"{bench(lambda: ks.launch_sweep(x, g, 'pruned')):.4f} ms, "
           f"{int(count)} blocks to the second pass")  # fmt: skip
-    uncapped = triton.Config({"BLOCK_B": 32}, num_warps=1)
-    run = lambda: ks.launch_sweep(x, g, "pruned", config=uncapped)  # noqa: E731
-    print(f"library pruned, B32 w1 uncapped: {bench(run):.4f} ms, equal: {torch.equal(run()[0], want)}")
+    capped = K.PRUNED_CONFIG  # the register cap of the pass without the bf16 pass
+    run = lambda: ks.launch_sweep(x, g, "pruned", config=capped)  # noqa: E731
+    print(
+        f"library pruned, maxnreg {capped.maxnreg}: {bench(run):.4f} ms, equal: {torch.equal(run()[0], want)}"
+    )
     # The variants predate the bf16 pass: they run with it off, as does the library's row "no bf16 pass".
     real_words_pass = ks.words_pass
     ks.words_pass = lambda *args: False

@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_recalibration import LLAMA3_8B, build_model, print_versions  # noqa: E402
 from nvfp4_qat import recalibrate  # noqa: E402
+from nvfp4_qat.quantize import nvfp4_layers  # noqa: E402
 from nvfp4_qat.recalibration import engine  # noqa: E402
 
 PHASES = ["resolve_plan", "full_weight", "stale_stats", "sweep", "install_kernel_states", "build_rows"]
@@ -50,6 +51,7 @@ def timeline(model: torch.nn.Module, calls: int = 5) -> None:
     """Unprofiled calls with each phase's end stamped on the host (``perf_counter``) and on the GPU
     (an event recorded there): where the GPU reaches an event long after the host queued it, the
     GPU was busy; where it reaches it at once, it waited for the host. Medians over ``calls``."""
+    n_layers = len(nvfp4_layers(model))
     stamps: list[tuple[str, float, torch.cuda.Event]] = []
     originals = {name: getattr(engine, name) for name in PHASES}
     for name, fn in originals.items():
@@ -77,7 +79,7 @@ def timeline(model: torch.nn.Module, calls: int = 5) -> None:
             seen: dict[str, int] = {}
             for name, t, event in stamps:
                 seen[name] = seen.get(name, 0) + 1
-                if name != "full_weight" or seen[name] == 224:  # the last of the per-layer calls
+                if name != "full_weight" or seen[name] == n_layers:  # the last of the per-layer calls
                     rows.setdefault(name, []).append(((t - t0) * 1e3, start.elapsed_time(event)))
             rows.setdefault("(returned)", []).append(((t_end - t0) * 1e3, float("nan")))
     finally:

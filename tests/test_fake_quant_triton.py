@@ -292,9 +292,14 @@ def test_interpreter_stale_stats_in_chunks_and_dtype_groups(interpret, monkeypat
         m.fake_quant_backend = "triton"
     launches, real = [], fq.stats_partials
     monkeypatch.setattr(fq, "stats_partials", lambda xs, *a: launches.append(len(xs)) or real(xs, *a))
-    stats = recal.stale_stats([recal.SweepTask(m, m.weight.detach()) for m in model], fused=True)
-    groups = [3, 2] if mixed else [5]  # layers per dtype
-    assert launches == [min(chunk, g - c) for g in groups for c in range(0, g, chunk)]
+    tasks = (recal.SweepTask(m, m.weight.detach()) for m in model)  # a generator, as recalibrate passes
+    done, stats = recal.stale_stats(tasks, fused=True)
+    assert [t.layer for t in done] == list(model)
+    # A dtype's chunk goes out as soon as it is full, in the order the tasks come (fp32 layers 0, 2,
+    # 3 and bf16 layers 1, 4 when mixed); what is left, at the end, in the order the dtypes came.
+    want_launches = {(True, 32): [3, 2], (True, 2): [2, 2, 1], (True, 1): [1] * 5,
+                     (False, 32): [5], (False, 2): [2, 2, 1], (False, 1): [1] * 5}  # fmt: skip
+    assert launches == want_launches[mixed, chunk]
     for i, m in enumerate(model):
         want = quant_error_stats(m.weight.detach(), m.block_amax, m.global_amax, "reference")
         if i == 1:  # NaN weight: NaN error and NaN max (the finiteness flag), in its own row

@@ -63,8 +63,9 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def _bf16x2(op: str, *words):
-    # A packed bf16 instruction, half by half: computed in float64 (every use here is exact or
-    # rounds once) and rounded to bf16; `set` writes 1.0 / 0.0, `max.NaN` a NaN if either is NaN.
+    # A packed bf16 instruction, half by half: computed in float64 and converted to bf16, which must
+    # be exact (every use here is: 0/1 decisions, small multiples of 0.5, maxima of bf16 values), or
+    # the emulation would round twice; `set` writes 1.0 / 0.0, `max.NaN` a NaN if either is NaN.
     out = []
     for half in (0, 1):
         x = [bf16_halves(w)[half].astype(np.float64) for w in words]
@@ -77,7 +78,11 @@ def _bf16x2(op: str, *words):
                 r = x[0] * x[1] + x[2]
             else:
                 r = np.where(np.isnan(x[0]) | np.isnan(x[1]), np.nan, np.maximum(x[0], x[1]))
-        out.append(bf16_bits(r.astype(np.float32)))  # exact for every value used here
+        bits = bf16_bits(r.astype(np.float32))
+        back = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        ok = np.isnan(r) | (back == r)
+        assert ok.all(), f"{op}: an inexact bf16 result, which this emulator does not round correctly"
+        out.append(bits)
     return out[0] | (out[1] << 16)
 
 
@@ -175,6 +180,7 @@ def run_ptx(asm: str, n_out: int, inputs: list) -> list:
         elif op == "prmt.b32":  # default mode: byte k of the result is byte selector[k] of (b, a)
             a, b = (_operand(regs, r).astype(np.uint64) for r in args[1:3])
             both, sel = a | (b << 32), int(args[3], 16)
+            assert sel & 0x8888 == 0, "prmt's sign-replicate mode is not emulated"
             out = sum(((both >> (8 * ((sel >> (4 * k)) & 7))) & 0xFF) << (8 * k) for k in range(4))
             regs[args[0]] = np.asarray(out, np.uint64).astype(np.uint32)
         elif op == "shl.b32":

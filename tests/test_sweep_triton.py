@@ -36,6 +36,7 @@ from nvfp4_qat.kernels.sweep import (
     check_values,
     launch_sweep,
     sweep_triton,
+    words_pass,
 )
 from nvfp4_qat.sweep import _read_checks
 
@@ -668,8 +669,12 @@ def test_cuda_direct_launch_is_cached_per_specialization():
     from nvfp4_qat.kernels import _launch
 
     flat = random_weight((1, 64 * 1024 + 16), torch.bfloat16, 21, device="cuda").reshape(-1)
-    cases = [flat[: 64 * 1024].reshape(64, 1024), flat[1 : 1 + 16 * 999].reshape(999, 16)]
+    cases = [flat[: 64 * 1024].reshape(64, 1024), flat[1 : 1 + 16 * 999].reshape(999, 16),
+             flat[2 : 2 + 16 * 999].reshape(999, 16)]  # fmt: skip
     assert cases[0].data_ptr() % 16 == 0 and cases[1].data_ptr() % 16 != 0
+    # The third is 4-byte aligned: bf16 pass (its words) without 16-byte alignment, where the second
+    # (2-byte aligned) takes the pass without it.
+    assert cases[2].data_ptr() % 4 == 0 and cases[2].data_ptr() % 16 != 0
     seen = []
     for x in cases:
         g = amax(x)
@@ -681,6 +686,8 @@ def test_cuda_direct_launch_is_cached_per_specialization():
         assert _launch._compiled is not None, "the direct launch path was disabled"
         seen.append({k for k in _launch._compiled if k[0] is K._sweep_pruned_kernel})
     assert seen[0] < seen[1], "the misaligned weight reused the aligned weight's compiled kernel"
+    if words_pass(cases[2].reshape(-1), "pruned"):  # sm_90: the bf16 pass is another kernel
+        assert seen[1] < seen[2], "the bf16 pass reused the other pass's compiled kernel"
 
 
 def test_direct_launch_yields_to_launch_hooks():

@@ -13,8 +13,8 @@ up in :data:`_compiled` under that specialization and the options, and launches 
 The first launch of each specialization goes through ``kernel[grid]`` (which compiles or loads it),
 and so does every launch while a Triton launch hook is set (profilers), every interpreted kernel,
 and every launch after these internals turned out missing (another Triton). What ``run`` does and
-this path does not: the check of the module globals (the sweep module never reassigns its
-constants) and the kernel's pre-run hooks (the sweep kernels have none).
+this path does not: the check of the module globals (neither the sweep module nor ``fake_quant``
+reassigns its constants) and the kernel's pre-run hooks (these kernels have none).
 
 The sweep kernels and recalibration's stats pass (``fake_quant._stats_kernel``, ``_segment_kernel``)
 use it: their GPU tests run with it. The fake-quant and activation kernels of the forward still take

@@ -640,9 +640,9 @@ def _sweep_pruned_kernel(
     s2 = tl.math.div_rn(g, tl.full([], _DIVISOR, tl.float32))
     s2v = tl.full([BLOCK_B], 0.0, tl.float32) + s2
     if WORDS:  # the bf16 pairs themselves decide (u holds the words), |w| widened by shifts. A NaN
-        # |w| stays NaN in a (not inf, as _element makes it): its block's loss is NaN at every code
-        # instead of inf, the same outcome (no code wins; the block's result means nothing either
-        # way), and the input checks still see it, through m.
+        # |w| stays NaN in a (not inf, as _element makes it), but m is inf either way: k0 = 126,
+        # the saturation bound fails, and the block goes to the work list's exhaustive pass, which
+        # reads x again, as on the other path; the input checks see it through m.
         w_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         u = (
             _word(w_ptr, rows, 0, mask), _word(w_ptr, rows, 1, mask), _word(w_ptr, rows, 2, mask),

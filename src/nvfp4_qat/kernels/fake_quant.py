@@ -304,7 +304,7 @@ def _stats_tile_pairs(w_ptr, code_ptr, table_ptr, rows, n_blocks, MASKED: tl.con
 @triton.jit
 def _bf16_pair_magnitudes(words, t0, t1, t2, t3, t4, t5, t6):
     # _BF16_PAIR_ASM on [ROWS, 8] words of bf16 pairs and their blocks' fp32 thresholds ([ROWS]
-    # each): (E2M1 magnitudes q, |x|), bf16x2 words. (tests/test_packed_pass.py runs it on a GPU.)
+    # each): (E2M1 magnitudes q, |x|), bf16x2 words. (tests/test_bf16_stats_pass.py runs it on a GPU.)
     return tl.inline_asm_elementwise(
         _BF16_PAIR_ASM, "=r,=r,r,r,r,r,r,r,r,r",
         [words, _bf16_threshold_words(t0), _bf16_threshold_words(t1), _bf16_threshold_words(t2),
@@ -452,7 +452,8 @@ _pairs: dict[int, bool] = {}
 
 def bf16_pairs(device: torch.device) -> bool:
     """Whether the stats pass takes bf16 pairs with inline PTX on ``device`` (``_stats_tile_pairs``):
-    an NVIDIA GPU of compute capability 9.0 or newer (``set.bf16x2``); the same sums either way."""
+    an NVIDIA GPU of compute capability 9.0 or newer (``set.bf16x2``). The same errors per element
+    either way; the sums add them in another order, so they may differ in their last bits."""
     if device.type != "cuda" or torch.version.hip is not None:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()

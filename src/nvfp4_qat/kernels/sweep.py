@@ -144,7 +144,8 @@ def _grid(n_blocks: int):
 
 
 #: The tile each kernel runs with on CUDA unless a caller pins another (see ``_sweep_kernels``:
-#: fixed configs, so a process's first call compiles or loads one kernel and runs no trials).
+#: fixed configs, so a process's first call compiles or loads one kernel and runs no trials). The
+#: pruned kernel's bf16 pass takes ``_k.PRUNED_WORDS_CONFIG`` instead (``launch_sweep``).
 DEFAULT_CONFIGS = {
     "_sweep_exhaustive_kernel": _k.EXHAUSTIVE_CONFIG,
     "_sweep_pruned_kernel": _k.PRUNED_CONFIG,

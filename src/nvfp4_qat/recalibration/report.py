@@ -74,7 +74,7 @@ class LayerRecalibration:
         # Every field set at once, without the frozen dataclass's __init__ (one object.__setattr__
         # per field): 1.8 against 6.0 us a row, and the rows of a model are built after the GPU is
         # done, while the caller waits (0.9 ms for 224 layers on a 2-core VM). Equal and
-        # hash-equal to the row __init__ makes (tests/test_recalibrate.py).
+        # hash-equal to the row __init__ makes (tests/test_engine_paths.py).
         row = object.__new__(cls)
         row.__dict__.update(
             name=name,
