@@ -67,7 +67,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from nvfp4_qat._validation import INFO_ALL_ZERO, INFO_BAD_GLOBAL_AMAX, INFO_NONFINITE_X, ZERO_U_BOUND
 from nvfp4_qat.format import E2M1_MIDPOINTS, E2M1_VALUES, FP4_MAX, GLOBAL_SCALE_DIVISOR
 from nvfp4_qat.kernels import _interpret
-from nvfp4_qat.kernels.fake_quant import bf16_decisions_ptx
+from nvfp4_qat.kernels.fake_quant import _bf16_halves, _bf16_max, bf16_decisions_ptx
 
 # The E2M1 rule, imported from the format module (never restated): midpoint, ties-down flag and
 # the magnitude reached by passing it, one triple per midpoint, ascending.
@@ -224,8 +224,6 @@ _WORDS_PAIR_ASM = tl.constexpr(
     "mul.rn.f32 m0, fl, $12; mul.rn.f32 m1, fh, $12; sub.rn.f32 e0, $2, m0; sub.rn.f32 e1, $3, m1; "
     "mul.rn.f32 $0, e0, e0; mul.rn.f32 $1, e1, e1; }"
 )
-#: $0 out: the larger of $1 and $2 (bf16x2) in each half, NaN where either is NaN.
-_WORDS_MAX_ASM = tl.constexpr("{ max.NaN.bf16x2 $0, $1, $2; }")
 #: Words per table row: the seven thresholds, then the scale's fp32 bits.
 TABLE_ROW = tl.constexpr(8)
 
@@ -531,18 +529,6 @@ def _word(w_ptr, rows, j: tl.constexpr, mask):
 
 
 @triton.jit
-def _halves(w):
-    # The two bf16 of each word as fp32 (a widening is a shift): (low, high). -> 2 x [B] fp32
-    b = w.to(tl.uint32, bitcast=True)
-    return (b << 16).to(tl.float32, bitcast=True), ((b >> 16) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _max_words(x, y):
-    return tl.inline_asm_elementwise(_WORDS_MAX_ASM, "=r,r,r", [x, y], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _quotient(a, ns2, y, cap):
     # u = fl(a / s2) by multiplying with y = fl(1 / s2) and two FMA corrections (CUDA's div.rn
     # makes its reciprocal, and checks its range, per element: ~11 instructions against 6 here).
@@ -649,19 +635,19 @@ def _sweep_pruned_kernel(
             _word(w_ptr, rows, 3, mask), _word(w_ptr, rows, 4, mask), _word(w_ptr, rows, 5, mask),
             _word(w_ptr, rows, 6, mask), _word(w_ptr, rows, 7, mask),
         )  # fmt: skip
-        a0, a1 = _halves(u[0])
-        a2, a3 = _halves(u[1])
-        a4, a5 = _halves(u[2])
-        a6, a7 = _halves(u[3])
-        a8, a9 = _halves(u[4])
-        a10, a11 = _halves(u[5])
-        a12, a13 = _halves(u[6])
-        a14, a15 = _halves(u[7])
-        top = _max_words(
-            _max_words(_max_words(u[0], u[1]), _max_words(u[2], u[3])),
-            _max_words(_max_words(u[4], u[5]), _max_words(u[6], u[7])),
+        a0, a1 = _bf16_halves(u[0])
+        a2, a3 = _bf16_halves(u[1])
+        a4, a5 = _bf16_halves(u[2])
+        a6, a7 = _bf16_halves(u[3])
+        a8, a9 = _bf16_halves(u[4])
+        a10, a11 = _bf16_halves(u[5])
+        a12, a13 = _bf16_halves(u[6])
+        a14, a15 = _bf16_halves(u[7])
+        top = _bf16_max(
+            _bf16_max(_bf16_max(u[0], u[1]), _bf16_max(u[2], u[3])),
+            _bf16_max(_bf16_max(u[4], u[5]), _bf16_max(u[6], u[7])),
         )
-        top_lo, top_hi = _halves(top)
+        top_lo, top_hi = _bf16_halves(top)
         m = tl.maximum(top_lo, top_hi, propagate_nan=tl.PropagateNan.ALL)  # NaN in either half wins
         m = tl.where(m < float("inf"), m, float("inf"))  # NaN (the packed max keeps it) -> inf
         a = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
@@ -894,6 +880,8 @@ def _sweep_table_kernel(
         threshold = tl.where(passed & ~found, cand, threshold)
         found = found | passed
     threshold = tl.where(e > 0, threshold, float("inf"))
+    # Rounded up as fake_quant._BF16_CEIL_ASM does, in integer operations: this kernel also runs
+    # under the interpreter, which cannot run inline PTX.
     up = (threshold.to(tl.uint32, bitcast=True) + 0xFFFF) >> 16
     words = ((up << 16) | up).to(tl.int32, bitcast=True)
     scale = (e * s2v).to(tl.int32, bitcast=True)

@@ -315,6 +315,12 @@ def _bf16_pair_magnitudes(words, t0, t1, t2, t3, t4, t5, t6):
 
 
 @triton.jit
+def _bf16_max(x, y):
+    # _BF16_MAX_ASM: the larger bf16 of each half of two words, NaN where either is NaN. -> int32
+    return tl.inline_asm_elementwise(_BF16_MAX_ASM, "=r,r,r", [x, y], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _bf16_halves(words):
     # The two bf16 values of each int32 word as fp32 (a widening is a shift): (low, high).
     w = words.to(tl.uint32, bitcast=True)
@@ -336,8 +342,7 @@ def _stats_sums(x_ptr, code_ptr, table_ptr, first, n_blocks, MASKED: tl.constexp
             a, d0, d1 = _stats_tile_pairs(w_ptr, code_ptr, table_ptr, rows, n_blocks, MASKED, ROWS)
             acc_sse += d0 * d0  # one FMA per element and sum (the two halves in turn)
             acc_sse += d1 * d1
-            acc_words = tl.inline_asm_elementwise(_BF16_MAX_ASM, "=r,r,r", [acc_words, a], dtype=tl.int32,
-                                                  is_pure=True, pack=1)  # fmt: skip
+            acc_words = _bf16_max(acc_words, a)
             a0, a1 = _bf16_halves(a)
             acc_energy += a0 * a0
             acc_energy += a1 * a1

@@ -252,9 +252,9 @@ def _fingerprints(layers: Layers, replicated: list[int], stats: torch.Tensor, fu
 
     Fused path: the bit patterns of ``max |w|`` and ``sum w^2`` from the stale statistics, which
     every rank has just computed with the same kernel in the same order (bit-reproducible; ranks on
-    GPUs of different architectures would not: the stats pass sums bf16 weights in another order on
-    sm_90, and such a job is refused as diverged); no extra pass. Only weight values count (not the error at the current scales, which a NaN scale would
-    make NaN on every rank), and a pure sign flip of weights goes unseen. Generic path: the int64
+    GPUs of different architectures would not be: the stats pass sums bf16 weights in another order
+    on sm_90, and such a job is refused as diverged); no extra pass. Only weight values count (not
+    the error at the current scales, which a NaN scale would make NaN on every rank), and a pure sign flip of weights goes unseen. Generic path: the int64
     sum of the weight's bit patterns (exact and order-independent: PyTorch's sums of floats may
     group differently per process)."""
     device = stats.device
