@@ -17,7 +17,10 @@ NaN for the sweep, which returns a tensor). Issue 17's target:
 first call <= 1 s more than a steady call with a warm cache. Run on a GPU machine from the
 repository root::
 
-    python benchmarks/bench_first_call.py --repeats 3
+    python benchmarks/bench_first_call.py --repeats 3 [--profile]
+
+``--profile`` also prints, per case, the functions that take the most time in one warm first call
+(cProfile in a third process on the same cache).
 
 Prints versions first, then the medians. On a machine without CUDA it exits with a message.
 """
@@ -62,23 +65,39 @@ else:
     model = quantize_model(layer, init_calibration="max")
     call = lambda: recalibrate(model)
 times, reported = [], []
-for _ in range(2):
+profiler = None
+if len(sys.argv) > 2:  # --profile: the first call under cProfile
+    import cProfile
+    profiler = cProfile.Profile()
+for i in range(2):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    if profiler is not None and i == 0:
+        profiler.enable()
     out = call()
+    if profiler is not None and i == 0:
+        torch.cuda.synchronize()
+        profiler.disable()
     torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
     reported.append(getattr(out, "compile_seconds", float("nan")))  # the report's own figure
+if profiler is not None:
+    import pstats
+    for key in ("cumulative", "tottime"):
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats(key).print_stats(30)
 print("RESULT " + json.dumps({"import": t_import, "cuda_init": t_cuda, "first": times[0], "second": times[1],
                               "reported": reported[0]}))
 """
 
 
-def run_child(case: str, cache_dir: str) -> dict[str, float]:
+def run_child(case: str, cache_dir: str, profile: bool = False) -> dict[str, float]:
     env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
-    proc = subprocess.run([sys.executable, "-c", CHILD, case], env=env, capture_output=True, text=True)
+    argv = [sys.executable, "-c", CHILD, case] + (["profile"] if profile else [])
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"child process failed ({case}):\n{proc.stdout}\n{proc.stderr}")
+    if profile:
+        print(proc.stdout)
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
 
@@ -87,6 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="cold/warm process pairs per case")
     parser.add_argument("--cases", default="sweep,recalibrate")
+    parser.add_argument(
+        "--profile", action="store_true", help="also run each case's warm first call once under cProfile"
+    )
     args = parser.parse_args()
     import torch
 
@@ -109,6 +131,9 @@ def main() -> None:
                 runs["cold"].append(run_child(case, cache_dir))
                 runs["warm"].append(run_child(case, cache_dir))
                 print(f"  {case}: pair done in {time.perf_counter() - t0:.1f} s", flush=True)
+                if args.profile and len(runs["warm"]) == 1:
+                    print(f"  {case}: warm first call under cProfile (slower than unprofiled)")
+                    run_child(case, cache_dir, profile=True)
         for state, results in runs.items():
             med = {k: statistics.median(r[k] for r in results) for k in results[0]}
             overhead = statistics.median(r["first"] - r["second"] for r in results)

@@ -10,7 +10,10 @@ upper bounds; GPU times are not affected. Before it, five unprofiled calls stamp
 the host and, with an event, on the GPU (a timeline without the profiler's cost). Run from the
 repository root on a GPU machine::
 
-    python benchmarks/profile_recalibration.py [--trace trace.json]
+    python benchmarks/profile_recalibration.py [--trace trace.json] [--host]
+
+``--host`` also runs three calls under ``cProfile`` and prints the host functions that take the
+most time (cProfile slows Python calls, not the C functions they reach: a guide, not a timing).
 """
 
 from __future__ import annotations
@@ -94,9 +97,27 @@ def timeline(model: torch.nn.Module, calls: int = 5) -> None:
         print(f"  {name:<24} host {host:8.3f}   gpu {gpu:8.3f}")
 
 
+def host_profile(model: torch.nn.Module, calls: int = 3) -> None:
+    """Three calls under ``cProfile``: the 25 functions with the most own time, and by cumulative time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(calls):
+        recalibrate(model)
+    prof.disable()
+    torch.cuda.synchronize()
+    for key in ("tottime", "cumulative"):
+        print(f"\nhost functions under cProfile, {calls} calls, by {key}")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(key).print_stats(25)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", help="also write a Chrome trace to this path")
+    parser.add_argument("--host", action="store_true", help="also profile the host side with cProfile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -117,6 +138,8 @@ def main() -> None:
     )
 
     timeline(model)
+    if args.host:
+        host_profile(model)
     mark_phases()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with record_function("phase:all"):

@@ -1,6 +1,7 @@
 """recalibrate(): in-place scales equal to the sweep, report values, non-finite policy, no autograd;
 the helpers it shares with recalibrate_distributed."""
 
+import itertools
 import math
 
 import pytest
@@ -283,3 +284,58 @@ def test_cuda_non_finite_weights_on_the_fused_path(policy):
     for i in (0, 3):  # the finite layers were recalibrated: new global amax = max |w|, new scales
         assert not torch.equal(gpu[i].block_amax, before[f"{i}.block_amax"]), i
         assert torch.equal(gpu[i].global_amax, gpu[i].weight.detach().abs().amax().float()), i
+
+
+def test_interleaved_clock_gives_each_task_its_streams_interval():
+    # Round robin over k streams: task i is the (i // k)-th interval of stream i % k.
+    class Fixed:
+        def __init__(self, values):
+            self.values = values
+
+        def seconds(self):
+            return self.values
+
+    clock = _execute._Interleaved([Fixed([1.0, 3.0, 5.0]), Fixed([2.0, 4.0])], 5)
+    assert clock.seconds() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert _execute._Interleaved([Fixed([7.0, 8.0])], 2).seconds() == [7.0, 8.0]
+    assert _execute._sweep_streams(torch.device("cpu")) == [None]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_cuda_fused_path_over_streams_equals_one_stream(monkeypatch, streams):
+    # The fused path spreads the stats chunks and the sweeps over SWEEP_STREAMS streams: the same
+    # scales and report values as on one stream, every task timed, and the caller's stream (here
+    # not the default one) current again afterwards, with the work ordered after what it queued.
+    def run(n):
+        monkeypatch.setattr(_execute, "SWEEP_STREAMS", n)
+        monkeypatch.setattr(_execute, "STATS_CHUNK", 2)  # several stats launches
+        monkeypatch.setattr(_execute, "STATS_FIRST_CHUNK", 1)
+        torch.manual_seed(0)
+        dims = [64, 48, 32, 32, 16, 16, 128, 64]
+        model = nn.Sequential(*(nn.Linear(i, o) for i, o in itertools.pairwise(dims))).cuda()
+        model[1].to(torch.bfloat16)  # two dtypes: chunks per dtype, reordered stats
+        quantize_model(model, init_calibration="max")
+        for m in model:
+            m.fake_quant_backend = "triton"
+        user = torch.cuda.Stream()
+        user.wait_stream(torch.cuda.current_stream())  # the model's set-up first
+        with torch.cuda.stream(user):
+            with torch.no_grad():  # queued on the user's stream just before: must be seen
+                for m in model:
+                    m.weight.mul_(1.5)
+            report = recalibrate(model, backend="triton")
+            assert torch.cuda.current_stream() == user
+            out = [(m.global_amax.clone(), m.block_amax.clone()) for m in model]
+        torch.cuda.synchronize()
+        assert report.execution == "fused"
+        assert all(r.seconds > 0 for r in report.layers)
+        rows = [(r.sse_before, r.sse_after, r.changed_fraction, r.global_amax_after) for r in report.layers]
+        return out, rows, model
+
+    one, rows_one, _ = run(1)
+    many, rows_many, model = run(streams)
+    assert rows_many == rows_one
+    for (g1, b1), (g2, b2), m in zip(one, many, model, strict=True):
+        assert torch.equal(g1, g2) and torch.equal(b1, b2)
+        assert torch.equal(g2, m.weight.detach().abs().amax().float())

@@ -472,10 +472,12 @@ def _programs(n_blocks: int, config: dict[str, int]) -> int:
     return max(1, -(-n_blocks // (config["ROWS"] * config.get("TILES", 1))))
 
 
-def _offsets(tensors: list[torch.Tensor]) -> list[int]:
-    # Element offsets of each tensor from the first (all of one dtype and device).
-    base, size = tensors[0].data_ptr(), tensors[0].element_size()
-    return [(t.data_ptr() - base) // size for t in tensors]
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # t itself when contiguous and 32-byte aligned, else a contiguous copy (fresh, so aligned).
+    if t.is_contiguous() and t.data_ptr() % 32 == 0:
+        return t
+    t = t.contiguous()
+    return t if t.data_ptr() % 32 == 0 else t.clone()
 
 
 def stats_partials(
@@ -497,33 +499,37 @@ def stats_partials(
         tensor. The max is NaN where a tensor holds NaN.
     """
     cfg = STATS_CONFIG if config is None else config
-    device = xs[0].device
-    if any(x.dtype != xs[0].dtype or x.device != device for x in xs) or len(states) != len(xs):
+    x0 = xs[0]
+    dtype, device, index, size = x0.dtype, x0.device, x0.get_device(), x0.element_size()
+    span = cfg["ROWS"] * cfg.get("TILES", 1)  # blocks per program
+    if len(states) != len(xs) or any(x.dtype != dtype or x.get_device() != index for x in xs):
         raise ValueError(
             "xs must be tensors of one dtype and device with one (codes, table) state each, got "
             f"{sorted({(str(x.dtype), str(x.device)) for x in xs})} and {len(states)} states for {len(xs)} tensors"
         )
-
-    def aligned(t: torch.Tensor) -> torch.Tensor:
-        # 32-byte aligned (a fresh allocation is; an odd view is copied): then every offset from
-        # the first tensor is a multiple of 8 elements, as the kernel's hint says.
-        t = t.contiguous()
-        return t if t.data_ptr() % 32 == 0 else t.clone()
-
-    flats = [aligned(x) for x in xs]
-    if flats[0].dtype == torch.bfloat16:
-        flats = [x.view(torch.int16) for x in flats]
-    tables = [aligned(t) for _, t in states]
-    codes = [c.contiguous() for c, _ in states]
-    n_blocks = [x.numel() // 16 for x in flats]
-    programs = [_programs(n, cfg) for n in n_blocks]
-    first = list(itertools.accumulate(programs[:-1], initial=0))  # each tensor's first program
-    x_offsets, table_offsets = _offsets(flats), _offsets(tables)
-    if any(o % 8 for o in x_offsets + table_offsets):  # what the kernel's tl.multiple_of hints claim
+    # One pass over the tensors with plain integer work on their addresses (this loop runs for every
+    # weight of every recalibration, while the GPU waits for the first launch): the kernel reaches
+    # each tensor at its element offset from the first one.
+    keep, x_off, c_off, t_off, n_blocks, programs = [], [], [], [], [], []
+    x_base = c_base = t_base = None
+    for x, (codes, table) in zip(xs, states, strict=True):
+        # 32-byte aligned (a fresh allocation is; an odd view is copied): then every offset from the
+        # first tensor is a multiple of 8 elements, as the kernel's hint says.
+        x, table, codes = _aligned(x), _aligned(table), codes.contiguous()
+        keep += (x, table, codes)  # the copies live until the launch is queued
+        xp, cp, tp = x.data_ptr(), codes.data_ptr(), table.data_ptr()
+        if x_base is None:
+            x_base, c_base, t_base, base = x, codes, table, (xp, cp, tp)
+        x_off.append((xp - base[0]) // size)
+        c_off.append(cp - base[1])
+        t_off.append((tp - base[2]) // 4)  # fp32
+        n = x.numel() // 16
+        n_blocks.append(n)
+        programs.append(max(1, -(-n // span)))  # not triton.cdiv: a jitted function, slow from Python
+    if any(o % 8 for o in x_off + t_off):  # what the kernel's tl.multiple_of hints claim
         raise RuntimeError("stats_partials: an input offset is not a multiple of 8 elements")
-    meta = on_device(
-        [x_offsets, _offsets(codes), table_offsets, n_blocks, first, programs], torch.int64, device
-    )
+    first = list(itertools.accumulate(programs[:-1], initial=0))  # each tensor's first program
+    meta = on_device([x_off, c_off, t_off, n_blocks, first, programs], torch.int64, device)
     total = first[-1] + programs[-1]
     ids = torch.arange(len(xs), dtype=torch.int32, device=device)
     owner = torch.repeat_interleave(ids, meta[5], output_size=total)  # output_size: no host sync
@@ -532,9 +538,9 @@ def stats_partials(
         launch(
             _kernel("_stats_kernel", device),
             (total,),
-            flats[0],
-            codes[0],
-            tables[0],
+            x_base.view(torch.int16) if dtype == torch.bfloat16 else x_base,
+            c_base,
+            t_base,
             meta,
             meta.stride(0),
             owner,
@@ -542,8 +548,8 @@ def stats_partials(
             partials.stride(0),
             ROWS=cfg["ROWS"],
             TILES=cfg.get("TILES", 1),
-            BF16=xs[0].dtype == torch.bfloat16,
-            PAIRS=xs[0].dtype == torch.bfloat16 and bf16_pairs(device),
+            BF16=dtype == torch.bfloat16,
+            PAIRS=dtype == torch.bfloat16 and bf16_pairs(device),
             num_warps=cfg["num_warps"],
         )
     return partials, programs

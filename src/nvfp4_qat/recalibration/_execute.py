@@ -21,7 +21,10 @@ losses and of the changed bytes, reduced by one launch (:func:`~nvfp4_qat.kernel
 No host sync comes between the steps: a NaN global amax makes the sweep kernels read and write
 nothing (``_sweep_kernels._live``), so the GPU runs every pass back to back while the host queues
 them. A sync per layer, or one between the two steps, left the GPU idle while the host launched
-the next kernels (the stats kernel is shorter than its launch on the small layers). Afterwards
+the next kernels (the stats kernel is shorter than its launch on the small layers). The stats
+launches and the tasks' sweeps go round robin over :data:`SWEEP_STREAMS` CUDA streams, joined
+back into the caller's stream before anything reads their results: on one stream the GPU idled
+between two kernels and in each kernel's last, partly filled wave. Afterwards
 :func:`install_kernel_states` hands the sweep's bytes (and the decision tables of the new global
 scales, built in one batch) to the layers, so that the next forward does not prepare them again.
 
@@ -48,13 +51,23 @@ from nvfp4_qat.format import (
 from nvfp4_qat.modules import NVFP4Linear
 from nvfp4_qat.recalibration._layers import LayerClock, scale_codes, weight_stats
 
-__all__ = ["STATS_CHUNK", "SweepOutput", "SweepTask", "install_kernel_states", "stale_stats", "sweep"]
+__all__ = [
+    "STATS_CHUNK",
+    "STATS_FIRST_CHUNK",
+    "SweepOutput",
+    "SweepTask",
+    "install_kernel_states",
+    "stale_stats",
+    "sweep",
+]
 
 #: Tasks per stats launch on the fused path. One launch per layer cost more host time than GPU
 #: time on the small layers; one launch for the whole model left the GPU idle while the host
 #: prepared it (~2 ms for the 224 Llama-3-8B weights). With chunks the GPU starts on the first
 #: while the host makes the next (and, from a generator of tasks, the tasks themselves).
 STATS_CHUNK = 32
+#: Tasks of a call's first stats launch: the GPU waits for it, so it goes out early.
+STATS_FIRST_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,7 @@ class SweepOutput:
 
     sse_after: torch.Tensor  # summed squared error at the new scales (the minimised loss)
     n_changed: torch.Tensor  # blocks whose FP8 byte changed
-    clock: LayerClock  # one interval per task
+    clock: LayerClock | _Interleaved  # one interval per task
     codes: torch.Tensor | None = None  # fused: every task's new bytes, concatenated
 
     def task_codes(self, tasks: list[SweepTask]) -> list[torch.Tensor]:
@@ -111,22 +124,38 @@ def stale_stats(tasks: Iterable[SweepTask], fused: bool) -> tuple[list[SweepTask
 
     done: list[SweepTask] = []
     chunks: dict[torch.dtype, list[int]] = {}  # the open chunk of each dtype: indices into done
-    parts, order = [], []
+    parts, order, streams = [], [], []
 
     def launch(chunk: list[int]) -> None:
+        # Round robin over the sweep's streams, as the sweep does (the small launches of a chunk
+        # and the last wave of its stats kernel overlap the other stream's work).
+        if not streams:
+            streams.extend(_sweep_streams(done[chunk[0]].weight.device))
+        # The states on the current stream (a stale one is prepared there), then the side stream
+        # waits for it: the weights' and the scales' last writes, and any state just prepared.
         weights, states = [done[i].weight for i in chunk], [_state(done[i]) for i in chunk]
-        partials, programs = fq.stats_partials(weights, states)
-        parts.append(fq.segment_totals(partials, programs, max_row=1))  # max: NaN wins
+        side = streams[len(parts) % len(streams)]
+        if side is not streams[0]:
+            side.wait_stream(streams[0])
+            torch.cuda.set_stream(side)
+        try:
+            partials, programs = fq.stats_partials(weights, states)
+            parts.append(fq.segment_totals(partials, programs, max_row=1))  # max: NaN wins
+        finally:
+            if side is not streams[0]:
+                torch.cuda.set_stream(streams[0])
         order.extend(chunk)
 
     for task in tasks:
         done.append(task)
         chunk = chunks.setdefault(task.weight.dtype, [])
         chunk.append(len(done) - 1)
-        if len(chunk) == STATS_CHUNK:
+        if len(chunk) == (STATS_CHUNK if parts else STATS_FIRST_CHUNK):
             launch(chunks.pop(task.weight.dtype))
     for chunk in chunks.values():
         launch(chunk)
+    for s in streams[1:]:
+        streams[0].wait_stream(s)
     stats = parts[0] if len(parts) == 1 else torch.cat(parts)
     if order == list(range(len(done))):  # one dtype: the chunks are in order
         return done, stats
@@ -198,30 +227,78 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
     codes = torch.empty(sum(n_blocks), dtype=torch.uint8, device=device)  # kept by the layers' caches
     slots = [stats_slots(n) for n in n_blocks]
     partials = torch.zeros(STATS_ROWS, sum(slots), dtype=torch.float32, device=device)
-    work = torch.empty(max(n_blocks), dtype=torch.int32, device=device)  # scratch, one stream
     counts = torch.zeros(len(tasks), dtype=torch.int32, device=device)
     # The bf16 pass's tables of every task in one launch (launch_sweep would make one per task),
     # before the clock starts: its ~17 us are in no layer's seconds.
     tables = sweep_tables(g.view(-1)) if any(words_pass(t.weight, method) for t in tasks) else None
-    clock = LayerClock(device)
+    streams = _sweep_streams(device)  # [None] off CUDA (Triton's interpreter)
+    main = streams[0]
+    for s in streams[1:]:
+        s.wait_stream(main)  # g, the tables and the zeroed buffers first
+    work = [torch.empty(max(n_blocks), dtype=torch.int32, device=device) for _ in streams]  # scratch
+    clocks = [LayerClock(device, s) for s in streams]
+    g_rows = g.view(-1, 1).unbind()
     start = col = 0
-    for i, (task, g_i, n, k) in enumerate(zip(tasks, g.view(-1, 1).unbind(), n_blocks, slots, strict=True)):
-        buffers = {
-            "out": task.out,  # written in place by the kernel (not at all if g_i is NaN)
-            "codes": codes[start : start + n],
-            "old": _state(task)[0],  # the stale scales' bytes, cached
-            "partials": partials[:, col : col + k],
-            "count": counts[i : i + 1],
-            "work": work,
-        }
-        if tables is not None:
-            buffers["table"] = tables[i]
-        launch_sweep(task.weight, g_i, method, stats=True, buffers=buffers)
-        torch.autograd.graph.increment_version(task.layer.block_amax)  # written by a kernel, not by PyTorch
-        start, col = start + n, col + k
-        clock.mark()
+    try:
+        for i, (task, g_i, n, k) in enumerate(zip(tasks, g_rows, n_blocks, slots, strict=True)):
+            j = i % len(streams)
+            if main is not None:
+                torch.cuda.set_stream(streams[j])
+            buffers = {
+                "out": task.out,  # written in place by the kernel (not at all if g_i is NaN)
+                "codes": codes[start : start + n],
+                "old": _state(task)[0],  # the stale scales' bytes, cached
+                "partials": partials[:, col : col + k],
+                "count": counts[i : i + 1],
+                "work": work[j],
+            }
+            if tables is not None:
+                buffers["table"] = tables[i]
+            launch_sweep(task.weight, g_i, method, stats=True, buffers=buffers)
+            torch.autograd.graph.increment_version(task.layer.block_amax)  # a kernel wrote it
+            start, col = start + n, col + k
+            clocks[j].mark()
+    finally:
+        if main is not None:
+            torch.cuda.set_stream(main)
+    for s in streams[1:]:
+        main.wait_stream(s)  # every buffer is used on the side streams before main reads or frees it
     sse_after, changed = fq.segment_totals(partials[:2], slots).unbind(1)  # row 2 (max |x|): unused
-    return SweepOutput(sse_after, changed, clock, codes)
+    return SweepOutput(sse_after, changed, _Interleaved(clocks, len(tasks)), codes)
+
+
+#: CUDA streams the fused path spreads its stats chunks and its tasks' sweeps over, round robin:
+#: the current stream and SWEEP_STREAMS - 1 side streams. On one stream the GPU idles between two
+#: tasks' kernels and in each kernel's last, partly filled wave; on two, the other stream's kernels
+#: fill both. Same results on any number (tests/test_recalibrate.py).
+SWEEP_STREAMS = 2
+_side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+def _sweep_streams(device: torch.device) -> list:
+    """The current stream of ``device`` and its side streams (made once per device); ``[None]``
+    off CUDA."""
+    if device.type != "cuda":
+        return [None]
+    main = torch.cuda.current_stream(device)
+    side = _side_streams.setdefault(main.device, [])
+    while len(side) < SWEEP_STREAMS - 1:
+        side.append(torch.cuda.Stream(main.device))
+    return [main, *side[: SWEEP_STREAMS - 1]]
+
+
+class _Interleaved:
+    """The per-task intervals of round-robin streams, in task order. With several streams, a task's
+    interval is the time from the previous task of its stream to its own end, which may overlap
+    the other streams' work."""
+
+    def __init__(self, clocks: list[LayerClock], n_tasks: int) -> None:
+        self._clocks, self._n = clocks, n_tasks
+
+    def seconds(self) -> list[float]:
+        per = [c.seconds() for c in self._clocks]
+        k = len(per)
+        return [per[i % k][i // k] for i in range(self._n)]
 
 
 def install_kernel_states(pairs: list[tuple[NVFP4Linear, torch.Tensor]]) -> None:

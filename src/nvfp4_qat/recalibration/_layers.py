@@ -89,25 +89,29 @@ class LayerClock:
     """Per-layer times without a host sync per layer: CUDA events on a GPU, ``perf_counter`` else.
 
     Call :meth:`mark` after each layer's work is queued, :meth:`seconds` once at the end. On a GPU
-    the intervals are device time between the marks; elsewhere (the work is synchronous) wall time.
+    the intervals are device time between the marks on ``stream`` (default: the current one);
+    elsewhere (the work is synchronous) wall time.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self._device = device if device.type == "cuda" else None
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream | None = None) -> None:
+        # The stream is looked up once: per mark it cost more host time than the event itself.
+        if device.type == "cuda" and stream is None:
+            stream = torch.cuda.current_stream(device)
+        self._stream = stream if device.type == "cuda" else None
         self._marks: list = []
         self.mark()
 
     def mark(self) -> None:
-        if self._device is None:
+        if self._stream is None:
             self._marks.append(time.perf_counter())
             return
         event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self._device))
+        event.record(self._stream)
         self._marks.append(event)
 
     def seconds(self) -> list[float]:
         """The intervals between consecutive marks (waits for the last one)."""
-        if self._device is None:
+        if self._stream is None:
             return [b - a for a, b in itertools.pairwise(self._marks)]
         out = []
         for a, b in itertools.pairwise(self._marks):
