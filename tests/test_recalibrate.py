@@ -304,9 +304,9 @@ def test_interleaved_clock_gives_each_task_its_streams_interval():
 @pytest.mark.gpu
 @pytest.mark.parametrize("streams", [1, 2, 3])
 def test_cuda_fused_path_over_streams_equals_one_stream(monkeypatch, streams):
-    # The fused path spreads the stats chunks and the sweeps over SWEEP_STREAMS streams: the same
-    # scales and report values as on one stream, every task timed, and the caller's stream (here
-    # not the default one) current again afterwards, with the work ordered after what it queued.
+    # The fused path spreads the sweeps over SWEEP_STREAMS streams: the same scales and report
+    # values as on one stream, every task timed, and the caller's stream (here not the default
+    # one) current again afterwards, with the work ordered after what it queued.
     def run(n):
         monkeypatch.setattr(_execute, "SWEEP_STREAMS", n)
         monkeypatch.setattr(_execute, "STATS_CHUNK", 2)  # several stats launches

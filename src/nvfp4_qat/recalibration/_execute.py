@@ -21,10 +21,10 @@ losses and of the changed bytes, reduced by one launch (:func:`~nvfp4_qat.kernel
 No host sync comes between the steps: a NaN global amax makes the sweep kernels read and write
 nothing (``_sweep_kernels._live``), so the GPU runs every pass back to back while the host queues
 them. A sync per layer, or one between the two steps, left the GPU idle while the host launched
-the next kernels (the stats kernel is shorter than its launch on the small layers). The stats
-launches and the tasks' sweeps go round robin over :data:`SWEEP_STREAMS` CUDA streams, joined
-back into the caller's stream before anything reads their results: on one stream the GPU idled
-between two kernels and in each kernel's last, partly filled wave. Afterwards
+the next kernels (the stats kernel is shorter than its launch on the small layers). The tasks'
+sweeps go round robin over :data:`SWEEP_STREAMS` CUDA streams, joined back into the caller's
+stream before anything reads their results: on one stream the GPU idled between two tasks' kernels
+and in each kernel's last, partly filled wave. Afterwards
 :func:`install_kernel_states` hands the sweep's bytes (and the decision tables of the new global
 scales, built in one batch) to the layers, so that the next forward does not prepare them again.
 
@@ -124,26 +124,15 @@ def stale_stats(tasks: Iterable[SweepTask], fused: bool) -> tuple[list[SweepTask
 
     done: list[SweepTask] = []
     chunks: dict[torch.dtype, list[int]] = {}  # the open chunk of each dtype: indices into done
-    parts, order, streams = [], [], []
+    parts, order = [], []
 
     def launch(chunk: list[int]) -> None:
-        # Round robin over the sweep's streams, as the sweep does (the small launches of a chunk
-        # and the last wave of its stats kernel overlap the other stream's work).
-        if not streams:
-            streams.extend(_sweep_streams(done[chunk[0]].weight.device))
-        # The states on the current stream (a stale one is prepared there), then the side stream
-        # waits for it: the weights' and the scales' last writes, and any state just prepared.
+        # On the caller's stream. Spread over the sweep's streams (round robin, a side stream
+        # waiting for the caller's before each chunk), recalibrate took longer and varied more:
+        # medians 51.4-55.3 against 50.2-51.5 ms (H200, BENCHMARKS.md, session 11).
         weights, states = [done[i].weight for i in chunk], [_state(done[i]) for i in chunk]
-        side = streams[len(parts) % len(streams)]
-        if side is not streams[0]:
-            side.wait_stream(streams[0])
-            torch.cuda.set_stream(side)
-        try:
-            partials, programs = fq.stats_partials(weights, states)
-            parts.append(fq.segment_totals(partials, programs, max_row=1))  # max: NaN wins
-        finally:
-            if side is not streams[0]:
-                torch.cuda.set_stream(streams[0])
+        partials, programs = fq.stats_partials(weights, states)
+        parts.append(fq.segment_totals(partials, programs, max_row=1))  # max: NaN wins
         order.extend(chunk)
 
     for task in tasks:
@@ -154,8 +143,6 @@ def stale_stats(tasks: Iterable[SweepTask], fused: bool) -> tuple[list[SweepTask
             launch(chunks.pop(task.weight.dtype))
     for chunk in chunks.values():
         launch(chunk)
-    for s in streams[1:]:
-        streams[0].wait_stream(s)
     stats = parts[0] if len(parts) == 1 else torch.cat(parts)
     if order == list(range(len(done))):  # one dtype: the chunks are in order
         return done, stats
@@ -267,10 +254,11 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
     return SweepOutput(sse_after, changed, _Interleaved(clocks, len(tasks)), codes)
 
 
-#: CUDA streams the fused path spreads its stats chunks and its tasks' sweeps over, round robin:
-#: the current stream and SWEEP_STREAMS - 1 side streams. On one stream the GPU idles between two
-#: tasks' kernels and in each kernel's last, partly filled wave; on two, the other stream's kernels
-#: fill both. Same results on any number (tests/test_recalibrate.py).
+#: CUDA streams the fused path spreads its tasks' sweeps over, round robin: the current stream
+#: and SWEEP_STREAMS - 1 side streams. On one stream the GPU idles between two tasks' kernels and
+#: in each kernel's last, partly filled wave; on two, the other stream's kernels fill both
+#: (recalibrate of the Llama-3-8B set about 0.5-1 ms faster on an H200: BENCHMARKS.md, session
+#: 11). Same results on any number (tests/test_recalibrate.py).
 SWEEP_STREAMS = 2
 _side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
 
