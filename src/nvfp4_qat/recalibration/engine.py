@@ -88,8 +88,9 @@ def recalibrate(
     Returns:
         A :class:`RecalibrationReport` (``print`` it for a table; ``execution``, ``backend`` and
         ``fake_quant_backend`` say how it ran). A row's ``seconds`` is the GPU time of that
-        layer's work (CUDA events: the layers are queued without a host sync between them) or,
-        on the CPU, its wall time.
+        layer's work (CUDA events: the layers are queued without a host sync between them; on the
+        fused path the sweeps of consecutive layers run on two streams, so a layer's interval may
+        overlap its neighbour's) or, on the CPU, its wall time.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``policy`` is neither a name nor a policy.
