@@ -24,13 +24,12 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recalibration import LLAMA3_8B, build_model  # noqa: E402
+from bench_recalibration import LLAMA3_8B, build_model, wall_times  # noqa: E402
 from nvfp4_qat import recalibrate  # noqa: E402
 from nvfp4_qat.kernels import fake_quant  # noqa: E402
 from nvfp4_qat.recalibration import _execute  # noqa: E402
@@ -46,17 +45,9 @@ def main() -> None:
         _execute.STATS_FIRST_CHUNK = int(os.environ["FIRST_CHUNK"])
     if os.environ.get("STATS_TILES"):
         fake_quant.STATS_CONFIG = dict(fake_quant.STATS_CONFIG, TILES=int(os.environ["STATS_TILES"]))
-    model = build_model(LLAMA3_8B, 32, torch.device("cuda"))
-    for _ in range(3):
-        recalibrate(model)
-    walls = []
-    for _ in range(21):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        recalibrate(model)
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - start) * 1e3)
-    walls.sort()
+    device = torch.device("cuda")
+    model = build_model(LLAMA3_8B, 32, device)
+    walls = sorted(t * 1e3 for t in wall_times(lambda: recalibrate(model), device, 21, warmup=3))
     print(
         f"{label:<14} median {statistics.median(walls):7.2f}  min {walls[0]:7.2f}  q1 {walls[5]:7.2f} "
         f"q3 {walls[15]:7.2f}  from {_execute.__file__}",

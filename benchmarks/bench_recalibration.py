@@ -71,14 +71,15 @@ def build_model(shapes: dict[str, tuple[int, int]], n_layers: int, device: torch
     return quantize_model(layers, init_calibration="max")
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs after one warm-up, device synchronized."""
+def wall_times(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of each of ``repeats`` runs of ``fn`` after ``warmup`` runs, device synchronized."""
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         sync()
@@ -86,7 +87,12 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs after one warm-up, device synchronized."""
+    return statistics.median(wall_times(fn, device, repeats))
 
 
 def print_versions(device: torch.device) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recalibration import LLAMA3_8B, build_model, print_versions  # noqa: E402
+from bench_recalibration import LLAMA3_8B, build_model, print_versions, wall_times  # noqa: E402
 from nvfp4_qat import recalibrate  # noqa: E402
 from nvfp4_qat.quantize import nvfp4_layers  # noqa: E402
 from nvfp4_qat.recalibration import engine  # noqa: E402
@@ -124,15 +124,7 @@ def main() -> None:
     device = torch.device("cuda")
     print_versions(device)
     model = build_model(LLAMA3_8B, 32, device)
-    for _ in range(3):
-        recalibrate(model)
-    walls = []
-    for _ in range(7):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        recalibrate(model)
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - start) * 1e3)
+    walls = [t * 1e3 for t in wall_times(lambda: recalibrate(model), device, 7, warmup=3)]
     print(
         "recalibrate wall ms:", " ".join(f"{w:.2f}" for w in walls), f"median {statistics.median(walls):.2f}"
     )
