@@ -14,9 +14,10 @@ and the working tree installed at ``NEW``::
     done
 
 Knobs (environment, applied to the code under test before the model is built):
-``SWEEP_STREAMS`` (the fused path's streams, ``_execute.SWEEP_STREAMS``), ``FIRST_CHUNK`` (tasks of
-the first stats launch, ``_execute.STATS_FIRST_CHUNK``), ``STATS_TILES`` (the stats pass's
-``TILES``). Run from the repository root on a GPU machine.
+``SWEEP_STREAMS`` (the fused path's streams, ``_execute.SWEEP_STREAMS``) and ``STATS_TILES`` (the
+stats pass's ``TILES``). Session 11 also had ``FIRST_CHUNK`` (a first stats launch of fewer tasks, a
+setting since removed: no effect) and, for the 995686a tree, ``STATS_MAIN`` (its stats chunks kept on
+the caller's stream, as the final code does). Run from the repository root on a GPU machine.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ def main() -> None:
     label = sys.argv[1] if len(sys.argv) > 1 else "run"
     if os.environ.get("SWEEP_STREAMS"):
         _execute.SWEEP_STREAMS = int(os.environ["SWEEP_STREAMS"])
-    if os.environ.get("FIRST_CHUNK"):
-        _execute.STATS_FIRST_CHUNK = int(os.environ["FIRST_CHUNK"])
     if os.environ.get("STATS_TILES"):
         fake_quant.STATS_CONFIG = dict(fake_quant.STATS_CONFIG, TILES=int(os.environ["STATS_TILES"]))
     device = torch.device("cuda")

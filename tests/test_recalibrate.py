@@ -306,11 +306,12 @@ def test_interleaved_clock_gives_each_task_its_streams_interval():
 def test_cuda_fused_path_over_streams_equals_one_stream(monkeypatch, streams):
     # The fused path spreads the sweeps over SWEEP_STREAMS streams: the same scales and report
     # values as on one stream, every task timed, and the caller's stream (here not the default
-    # one) current again afterwards, with the work ordered after what it queued.
+    # one) current again afterwards. The caller's last write to the weights is held back on the
+    # GPU (a sleep queued before it): the side streams must wait for it, or the scales would be
+    # those of the old weights.
     def run(n):
         monkeypatch.setattr(_execute, "SWEEP_STREAMS", n)
         monkeypatch.setattr(_execute, "STATS_CHUNK", 2)  # several stats launches
-        monkeypatch.setattr(_execute, "STATS_FIRST_CHUNK", 1)
         torch.manual_seed(0)
         dims = [64, 48, 32, 32, 16, 16, 128, 64]
         model = nn.Sequential(*(nn.Linear(i, o) for i, o in itertools.pairwise(dims))).cuda()
@@ -321,7 +322,8 @@ def test_cuda_fused_path_over_streams_equals_one_stream(monkeypatch, streams):
         user = torch.cuda.Stream()
         user.wait_stream(torch.cuda.current_stream())  # the model's set-up first
         with torch.cuda.stream(user):
-            with torch.no_grad():  # queued on the user's stream just before: must be seen
+            torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time before the write below
+            with torch.no_grad():
                 for m in model:
                     m.weight.mul_(1.5)
             report = recalibrate(model, backend="triton")
@@ -339,3 +341,31 @@ def test_cuda_fused_path_over_streams_equals_one_stream(monkeypatch, streams):
     for (g1, b1), (g2, b2), m in zip(one, many, model, strict=True):
         assert torch.equal(g1, g2) and torch.equal(b1, b2)
         assert torch.equal(g2, m.weight.detach().abs().amax().float())
+        assert torch.equal(b2, nvfp4_scale_sweep(m.weight.detach(), g2).reshape(b2.shape))
+
+
+@pytest.mark.gpu
+def test_cuda_fused_sweep_restores_the_stream_when_a_launch_raises(monkeypatch):
+    # A launch that fails halfway (a compile error, an interrupt): the caller's stream is current
+    # again and has joined the side streams' queued work before the error reaches the caller.
+    from nvfp4_qat.kernels import sweep as kernel_sweep
+
+    monkeypatch.setattr(_execute, "SWEEP_STREAMS", 2)
+    model = prepared().cuda()
+    for m in model.modules():
+        if isinstance(m, NVFP4Linear):
+            m.fake_quant_backend = "triton"
+    real, calls = kernel_sweep.launch_sweep, []
+
+    def failing(*args, **kwargs):
+        calls.append(torch.cuda.current_stream())
+        if len(calls) == 3:
+            raise RuntimeError("launch failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_sweep, "launch_sweep", failing)
+    caller, device = torch.cuda.current_stream(), torch.cuda.current_device()
+    with pytest.raises(RuntimeError, match="launch failed"):
+        recalibrate(model, backend="triton")
+    assert torch.cuda.current_stream() == caller and torch.cuda.current_device() == device
+    assert calls[0] == caller and calls[1] != caller  # round robin: the second task on a side stream

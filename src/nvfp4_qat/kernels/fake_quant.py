@@ -473,7 +473,8 @@ def _programs(n_blocks: int, config: dict[str, int]) -> int:
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    # t itself when contiguous and 32-byte aligned, else a contiguous copy (fresh, so aligned).
+    # t itself when contiguous and 32-byte aligned, else a 32-byte aligned contiguous copy (a fresh
+    # allocation is aligned; contiguous() of a contiguous but misaligned view returns the view).
     if t.is_contiguous() and t.data_ptr() % 32 == 0:
         return t
     t = t.contiguous()
@@ -501,7 +502,6 @@ def stats_partials(
     cfg = STATS_CONFIG if config is None else config
     x0 = xs[0]
     dtype, device, index, size = x0.dtype, x0.device, x0.get_device(), x0.element_size()
-    span = cfg["ROWS"] * cfg.get("TILES", 1)  # blocks per program
     if len(states) != len(xs) or any(x.dtype != dtype or x.get_device() != index for x in xs):
         raise ValueError(
             "xs must be tensors of one dtype and device with one (codes, table) state each, got "
@@ -522,10 +522,10 @@ def stats_partials(
             x_base, c_base, t_base, base = x, codes, table, (xp, cp, tp)
         x_off.append((xp - base[0]) // size)
         c_off.append(cp - base[1])
-        t_off.append((tp - base[2]) // 4)  # fp32
+        t_off.append((tp - base[2]) // table.element_size())
         n = x.numel() // 16
         n_blocks.append(n)
-        programs.append(max(1, -(-n // span)))  # not triton.cdiv: a jitted function, slow from Python
+        programs.append(_programs(n, cfg))
     if any(o % 8 for o in x_off + t_off):  # what the kernel's tl.multiple_of hints claim
         raise RuntimeError("stats_partials: an input offset is not a multiple of 8 elements")
     first = list(itertools.accumulate(programs[:-1], initial=0))  # each tensor's first program

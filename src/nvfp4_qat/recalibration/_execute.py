@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nvfp4_qat._backend import on_device
+from nvfp4_qat._backend import launch_device, on_device
 from nvfp4_qat._sweep_reference import sweep_reference
 from nvfp4_qat.format import (
     BLOCK_SIZE,
@@ -53,7 +53,7 @@ from nvfp4_qat.recalibration._layers import LayerClock, scale_codes, weight_stat
 
 __all__ = [
     "STATS_CHUNK",
-    "STATS_FIRST_CHUNK",
+    "SWEEP_STREAMS",
     "SweepOutput",
     "SweepTask",
     "install_kernel_states",
@@ -66,8 +66,12 @@ __all__ = [
 #: prepared it (~2 ms for the 224 Llama-3-8B weights). With chunks the GPU starts on the first
 #: while the host makes the next (and, from a generator of tasks, the tasks themselves).
 STATS_CHUNK = 32
-#: Tasks of a call's first stats launch: the GPU waits for it, so it goes out early.
-STATS_FIRST_CHUNK = 8
+#: CUDA streams the fused path spreads its tasks' sweeps over, round robin: the current stream
+#: and SWEEP_STREAMS - 1 side streams. On one stream the GPU idles between two tasks' kernels and
+#: in each kernel's last, partly filled wave; on two, the other stream's kernels fill both
+#: (recalibrate of the Llama-3-8B set about 0.5-1 ms faster on an H200: BENCHMARKS.md, session
+#: 11). Same results on any number (tests/test_recalibrate.py).
+SWEEP_STREAMS = 2
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def stale_stats(tasks: Iterable[SweepTask], fused: bool) -> tuple[list[SweepTask
         done.append(task)
         chunk = chunks.setdefault(task.weight.dtype, [])
         chunk.append(len(done) - 1)
-        if len(chunk) == (STATS_CHUNK if parts else STATS_FIRST_CHUNK):
+        if len(chunk) == STATS_CHUNK:
             launch(chunks.pop(task.weight.dtype))
     for chunk in chunks.values():
         launch(chunk)
@@ -219,59 +223,58 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
     # before the clock starts: its ~17 us are in no layer's seconds.
     tables = sweep_tables(g.view(-1)) if any(words_pass(t.weight, method) for t in tasks) else None
     streams = _sweep_streams(device)  # [None] off CUDA (Triton's interpreter)
-    main = streams[0]
+    main, several = streams[0], len(streams) > 1
     for s in streams[1:]:
         s.wait_stream(main)  # g, the tables and the zeroed buffers first
     work = [torch.empty(max(n_blocks), dtype=torch.int32, device=device) for _ in streams]  # scratch
     clocks = [LayerClock(device, s) for s in streams]
     g_rows = g.view(-1, 1).unbind()
     start = col = 0
-    try:
-        for i, (task, g_i, n, k) in enumerate(zip(tasks, g_rows, n_blocks, slots, strict=True)):
-            j = i % len(streams)
-            if main is not None:
-                torch.cuda.set_stream(streams[j])
-            buffers = {
-                "out": task.out,  # written in place by the kernel (not at all if g_i is NaN)
-                "codes": codes[start : start + n],
-                "old": _state(task)[0],  # the stale scales' bytes, cached
-                "partials": partials[:, col : col + k],
-                "count": counts[i : i + 1],
-                "work": work[j],
-            }
-            if tables is not None:
-                buffers["table"] = tables[i]
-            launch_sweep(task.weight, g_i, method, stats=True, buffers=buffers)
-            torch.autograd.graph.increment_version(task.layer.block_amax)  # a kernel wrote it
-            start, col = start + n, col + k
-            clocks[j].mark()
-    finally:
-        if main is not None:
-            torch.cuda.set_stream(main)
-    for s in streams[1:]:
-        main.wait_stream(s)  # every buffer is used on the side streams before main reads or frees it
+    # torch.cuda.set_stream also makes the stream's device current: launch_device restores the
+    # caller's device on the way out (a model on another GPU than the current one).
+    with launch_device(device):
+        try:
+            for i, (task, g_i, n, k) in enumerate(zip(tasks, g_rows, n_blocks, slots, strict=True)):
+                j = i % len(streams)
+                if several:
+                    torch.cuda.set_stream(streams[j])
+                buffers = {
+                    "out": task.out,  # written in place by the kernel (not at all if g_i is NaN)
+                    "codes": codes[start : start + n],
+                    "old": _state(task)[0],  # the stale scales' bytes, cached
+                    "partials": partials[:, col : col + k],
+                    "count": counts[i : i + 1],
+                    "work": work[j],
+                }
+                if tables is not None:
+                    buffers["table"] = tables[i]
+                launch_sweep(task.weight, g_i, method, stats=True, buffers=buffers)
+                torch.autograd.graph.increment_version(task.layer.block_amax)  # a kernel wrote it
+                start, col = start + n, col + k
+                clocks[j].mark()
+        finally:
+            if several:
+                torch.cuda.set_stream(main)
+                # Also when a launch raised: the buffers are freed to main's pool on the way out,
+                # so main must not reuse them before the side streams' queued work is done.
+                for s in streams[1:]:
+                    main.wait_stream(s)
     sse_after, changed = fq.segment_totals(partials[:2], slots).unbind(1)  # row 2 (max |x|): unused
     return SweepOutput(sse_after, changed, _Interleaved(clocks, len(tasks)), codes)
 
 
-#: CUDA streams the fused path spreads its tasks' sweeps over, round robin: the current stream
-#: and SWEEP_STREAMS - 1 side streams. On one stream the GPU idles between two tasks' kernels and
-#: in each kernel's last, partly filled wave; on two, the other stream's kernels fill both
-#: (recalibrate of the Llama-3-8B set about 0.5-1 ms faster on an H200: BENCHMARKS.md, session
-#: 11). Same results on any number (tests/test_recalibrate.py).
-SWEEP_STREAMS = 2
-_side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
+_side_streams: dict[tuple[torch.device, int], list[torch.cuda.Stream]] = {}
 
 
-def _sweep_streams(device: torch.device) -> list:
-    """The current stream of ``device`` and its side streams (made once per device); ``[None]``
-    off CUDA."""
+def _sweep_streams(device: torch.device) -> list[torch.cuda.Stream | None]:
+    """The current stream of ``device`` and its side streams (made once per device and priority,
+    the current stream's: a high-priority caller keeps its priority); ``[None]`` off CUDA."""
     if device.type != "cuda":
         return [None]
     main = torch.cuda.current_stream(device)
-    side = _side_streams.setdefault(main.device, [])
+    side = _side_streams.setdefault((main.device, main.priority), [])
     while len(side) < SWEEP_STREAMS - 1:
-        side.append(torch.cuda.Stream(main.device))
+        side.append(torch.cuda.Stream(main.device, priority=main.priority))
     return [main, *side[: SWEEP_STREAMS - 1]]
 
 

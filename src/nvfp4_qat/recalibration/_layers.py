@@ -89,7 +89,8 @@ class LayerClock:
     """Per-layer times without a host sync per layer: CUDA events on a GPU, ``perf_counter`` else.
 
     Call :meth:`mark` after each layer's work is queued, :meth:`seconds` once at the end. On a GPU
-    the intervals are device time between the marks on ``stream`` (default: the current one);
+    the intervals are device time between the marks on ``stream`` (default: the stream current
+    when the clock is made);
     elsewhere (the work is synchronous) wall time.
     """
 
