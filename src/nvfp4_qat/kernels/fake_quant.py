@@ -510,22 +510,18 @@ def stats_partials(
     # One pass over the tensors with plain integer work on their addresses (this loop runs for every
     # weight of every recalibration, while the GPU waits for the first launch): the kernel reaches
     # each tensor at its element offset from the first one.
-    keep, x_off, c_off, t_off, n_blocks, programs = [], [], [], [], [], []
-    x_base = c_base = t_base = None
+    keep, ptrs, n_blocks, programs = [], [], [], []
     for x, (codes, table) in zip(xs, states, strict=True):
-        # 32-byte aligned (a fresh allocation is; an odd view is copied): then every offset from the
-        # first tensor is a multiple of 8 elements, as the kernel's hint says.
-        x, table, codes = _aligned(x), _aligned(table), codes.contiguous()
-        keep += (x, table, codes)  # the copies live until the launch is queued
-        xp, cp, tp = x.data_ptr(), codes.data_ptr(), table.data_ptr()
-        if x_base is None:
-            x_base, c_base, t_base, base = x, codes, table, (xp, cp, tp)
-        x_off.append((xp - base[0]) // size)
-        c_off.append(cp - base[1])
-        t_off.append((tp - base[2]) // table.element_size())
-        n = x.numel() // 16
-        n_blocks.append(n)
-        programs.append(_programs(n, cfg))
+        # x and table 32-byte aligned: then every offset from the first is a multiple of 8 elements.
+        x, codes, table = _aligned(x), codes.contiguous(), _aligned(table)
+        keep.append((x, codes, table))  # the copies live until the launch is queued
+        ptrs.append((x.data_ptr(), codes.data_ptr(), table.data_ptr()))
+        n_blocks.append(x.numel() // 16)
+        programs.append(_programs(n_blocks[-1], cfg))
+    (x_base, c_base, t_base), (xp0, cp0, tp0) = keep[0], ptrs[0]
+    x_off = [(xp - xp0) // size for xp, _, _ in ptrs]
+    c_off = [cp - cp0 for _, cp, _ in ptrs]
+    t_off = [(tp - tp0) // t_base.element_size() for _, _, tp in ptrs]
     if any(o % 8 for o in x_off + t_off):  # what the kernel's tl.multiple_of hints claim
         raise RuntimeError("stats_partials: an input offset is not a multiple of 8 elements")
     first = list(itertools.accumulate(programs[:-1], initial=0))  # each tensor's first program

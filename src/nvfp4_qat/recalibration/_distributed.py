@@ -254,9 +254,9 @@ def _fingerprints(layers: Layers, replicated: list[int], stats: torch.Tensor, fu
     every rank has just computed with the same kernel in the same order (bit-reproducible; ranks on
     GPUs of different architectures would not be: the stats pass sums bf16 weights in another order
     on sm_90, and such a job is refused as diverged); no extra pass. Only weight values count (not
-    the error at the current scales, which a NaN scale would make NaN on every rank), and a pure sign flip of weights goes unseen. Generic path: the int64
-    sum of the weight's bit patterns (exact and order-independent: PyTorch's sums of floats may
-    group differently per process)."""
+    the error at the current scales, which a NaN scale would make NaN on every rank), and a pure
+    sign flip of weights goes unseen. Generic path: the int64 sum of the weight's bit patterns
+    (exact and order-independent: PyTorch's sums of floats may group differently per process)."""
     device = stats.device
     if not replicated:
         return torch.zeros(0, dtype=torch.int64, device=device)

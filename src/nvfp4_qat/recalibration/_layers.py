@@ -90,8 +90,7 @@ class LayerClock:
 
     Call :meth:`mark` after each layer's work is queued, :meth:`seconds` once at the end. On a GPU
     the intervals are device time between the marks on ``stream`` (default: the stream current
-    when the clock is made);
-    elsewhere (the work is synchronous) wall time.
+    when the clock is made); elsewhere (the work is synchronous) wall time.
     """
 
     def __init__(self, device: torch.device, stream: torch.cuda.Stream | None = None) -> None:
