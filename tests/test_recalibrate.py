@@ -287,17 +287,23 @@ def test_cuda_non_finite_weights_on_the_fused_path(policy):
 
 
 def test_interleaved_clock_gives_each_task_its_streams_interval():
-    # Round robin over k streams: task i is the (i // k)-th interval of stream i % k.
+    # Round robin over k streams: task i is the (i // k)-th interval of stream i % k, and the
+    # intervals are read in task order (each as its task ends, not one stream's all at once).
+    reads = []
+
     class Fixed:
-        def __init__(self, values):
-            self.values = values
+        def __init__(self, name, values):
+            self.name, self.values = name, values
 
-        def seconds(self):
-            return self.values
+        def intervals(self):
+            for i, v in enumerate(self.values):
+                reads.append((self.name, i))
+                yield v
 
-    clock = _execute._Interleaved([Fixed([1.0, 3.0, 5.0]), Fixed([2.0, 4.0])], 5)
+    clock = _execute._Interleaved([Fixed("a", [1.0, 3.0, 5.0]), Fixed("b", [2.0, 4.0])], 5)
     assert clock.seconds() == [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert _execute._Interleaved([Fixed([7.0, 8.0])], 2).seconds() == [7.0, 8.0]
+    assert reads == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2)]
+    assert _execute._Interleaved([Fixed("c", [7.0, 8.0])], 2).seconds() == [7.0, 8.0]
     assert _execute._sweep_streams(torch.device("cpu")) == [None]
 
 

@@ -331,8 +331,13 @@ class NVFP4Linear(nn.Linear):
         counter) are not cached.
         """
         like = self.weight if like is None else like
-        if not _use_kernel(like, self.fake_quant_backend):
-            return None
+        return self.prepared_kernel_state() if _use_kernel(like, self.fake_quant_backend) else None
+
+    def prepared_kernel_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`kernel_state` for a caller that knows the kernel applies (the fused recalibration,
+        whose plan resolved every layer's backend once): the cache without the backend check, which
+        cost more host time than the cache lookup (recalibration makes one per layer while the GPU
+        waits for its first launches)."""
         b, g = self.block_amax, self.global_amax
         try:
             versions = (b._version, g._version)

@@ -128,15 +128,16 @@ def stale_stats(tasks: Iterable[SweepTask], fused: bool) -> tuple[list[SweepTask
 
     done: list[SweepTask] = []
     chunks: dict[torch.dtype, list[int]] = {}  # the open chunk of each dtype: indices into done
-    parts, order = [], []
+    parts, programs, order = [], [], []
 
     def launch(chunk: list[int]) -> None:
         # On the caller's stream. Spread over the sweep's streams (round robin, a side stream
         # waiting for the caller's before each chunk), recalibrate took longer and varied more:
         # medians 51.4-55.3 against 50.2-51.5 ms (H200, BENCHMARKS.md, session 11).
         weights, states = [done[i].weight for i in chunk], [_state(done[i]) for i in chunk]
-        partials, programs = fq.stats_partials(weights, states)
-        parts.append(fq.segment_totals(partials, programs, max_row=1))  # max: NaN wins
+        partials, n = fq.stats_partials(weights, states)
+        parts.append(partials)
+        programs.extend(n)
         order.extend(chunk)
 
     for task in tasks:
@@ -147,7 +148,10 @@ def stale_stats(tasks: Iterable[SweepTask], fused: bool) -> tuple[list[SweepTask
             launch(chunks.pop(task.weight.dtype))
     for chunk in chunks.values():
         launch(chunk)
-    stats = parts[0] if len(parts) == 1 else torch.cat(parts)
+    # One reduction for all chunks, after the last: per chunk, its host time (a launch and a copy of
+    # the segment bounds) delayed the next stats launch, which the GPU waited for.
+    partials = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    stats = fq.segment_totals(partials, programs, max_row=1)  # max: NaN wins
     if order == list(range(len(done))):  # one dtype: the chunks are in order
         return done, stats
     index = on_device(order, torch.int64, stats.device)
@@ -156,7 +160,7 @@ def stale_stats(tasks: Iterable[SweepTask], fused: bool) -> tuple[list[SweepTask
 
 def _state(task: SweepTask) -> tuple[torch.Tensor, torch.Tensor]:
     # The fake-quant kernel's cached (bytes, table) of the layer's current scales, its rows only.
-    codes, table = task.layer.kernel_state(task.weight)
+    codes, table = task.layer.prepared_kernel_state()  # the fused plan checked the backend
     if task.rows is not None:
         codes = codes.reshape(task.layer.block_amax.shape)[task.rows].reshape(-1)
     return codes, table
@@ -287,9 +291,10 @@ class _Interleaved:
         self._clocks, self._n = clocks, n_tasks
 
     def seconds(self) -> list[float]:
-        per = [c.seconds() for c in self._clocks]
-        k = len(per)
-        return [per[i % k][i // k] for i in range(self._n)]
+        # In task order, so that the streams' intervals are read as their tasks end (one clock
+        # after the other, the second's were all read after the GPU was done, while the caller waited).
+        per = [c.intervals() for c in self._clocks]
+        return [next(per[i % len(per)]) for i in range(self._n)]
 
 
 def install_kernel_states(pairs: list[tuple[NVFP4Linear, torch.Tensor]]) -> None:

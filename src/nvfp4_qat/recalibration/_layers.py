@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -111,13 +112,16 @@ class LayerClock:
 
     def seconds(self) -> list[float]:
         """The intervals between consecutive marks (waits for the last one)."""
+        return list(self.intervals())
+
+    def intervals(self) -> Iterator[float]:
+        """:meth:`seconds` one at a time, each read as soon as its interval ends on the GPU."""
         if self._stream is None:
-            return [b - a for a, b in itertools.pairwise(self._marks)]
-        out = []
+            yield from (b - a for a, b in itertools.pairwise(self._marks))
+            return
         for a, b in itertools.pairwise(self._marks):
-            b.synchronize()  # each interval as soon as it ends: most are read while the GPU still works
-            out.append(a.elapsed_time(b) / 1e3)
-        return out
+            b.synchronize()  # most intervals are read while the GPU still works on later ones
+            yield a.elapsed_time(b) / 1e3
 
 
 class HostCopy:
