@@ -346,6 +346,13 @@ def test_interpreter_module_caches_kernel_state(interpret, monkeypatch):
     layer.global_amax = layer.global_amax.clone()  # a replaced buffer is another object
     assert_bits_equal(layer(x), layer(x))
     assert len(calls) == 4
+    # The fast accessors (recalibration's per-layer loops) see the same objects and the same cache.
+    w, b, g = layer.quant_tensors()
+    assert w is layer.weight and b is layer.block_amax and g is layer.global_amax
+    assert layer.prepared_kernel_state() is layer.kernel_state()
+    assert len(calls) == 4
+    layer.fake_quant_backend = "reference"  # kernel_state checks the backend, prepared_kernel_state not
+    assert layer.kernel_state() is None and layer.prepared_kernel_state() is not None
 
 
 def test_launcher_validation(interpret, monkeypatch):

@@ -320,6 +320,13 @@ class NVFP4Linear(nn.Linear):
         state = None if torch.compiler.is_compiling() else self.kernel_state(self.weight)
         return ste.apply(self.weight, self.block_amax, self.global_amax, self.fake_quant_backend, state)
 
+    def quant_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, block_amax, global_amax)``, the objects attribute access returns, read straight
+        from the module's parameter and buffer dicts: ``nn.Module.__getattr__`` costs about 1.2 us a
+        name (2-core VM, 0.07 us from the dict), and recalibration reads them for every layer at its
+        start and its end, while the GPU waits."""
+        return self._parameters["weight"], self._buffers["block_amax"], self._buffers["global_amax"]
+
     def kernel_state(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The fused kernel's ``(FP8 bytes, decision table)`` for the current scales, cached.
 
@@ -338,7 +345,7 @@ class NVFP4Linear(nn.Linear):
         whose plan resolved every layer's backend once): the cache without the backend check, which
         cost more host time than the cache lookup (recalibration makes one per layer while the GPU
         waits for its first launches)."""
-        b, g = self.block_amax, self.global_amax
+        _, b, g = self.quant_tensors()
         try:
             versions = (b._version, g._version)
         except RuntimeError:  # inference tensors have no version counter

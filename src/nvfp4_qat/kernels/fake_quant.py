@@ -502,26 +502,32 @@ def stats_partials(
     cfg = STATS_CONFIG if config is None else config
     x0 = xs[0]
     dtype, device, index, size = x0.dtype, x0.device, x0.get_device(), x0.element_size()
-    if len(states) != len(xs) or any(x.dtype != dtype or x.get_device() != index for x in xs):
-        raise ValueError(
-            "xs must be tensors of one dtype and device with one (codes, table) state each, got "
-            f"{sorted({(str(x.dtype), str(x.device)) for x in xs})} and {len(states)} states for {len(xs)} tensors"
-        )
-    # One pass over the tensors with plain integer work on their addresses (this loop runs for every
-    # weight of every recalibration, while the GPU waits for the first launch): the kernel reaches
-    # each tensor at its element offset from the first one.
+    if len(states) != len(xs):
+        raise _mixed_inputs(xs, states)
+    # One pass over the tensors with plain integer work on their addresses (it runs for every weight
+    # of every recalibration while the GPU waits for the launch, so it keeps to a few C calls per
+    # tensor and copies nothing that is already fit): the kernel reaches each tensor at its offset
+    # from the first one.
+    per_program = cfg["ROWS"] * cfg.get("TILES", 1)
     keep, ptrs, n_blocks, programs = [], [], [], []
     for x, (codes, table) in zip(xs, states, strict=True):
+        if x.dtype != dtype or x.get_device() != index:
+            raise _mixed_inputs(xs, states)
+        xp, cp, tp = x.data_ptr(), codes.data_ptr(), table.data_ptr()
         # x and table 32-byte aligned: then every offset from the first is a multiple of 8 elements.
-        x, codes, table = _aligned(x), codes.contiguous(), _aligned(table)
-        keep.append((x, codes, table))  # the copies live until the launch is queued
-        ptrs.append((x.data_ptr(), codes.data_ptr(), table.data_ptr()))
-        n_blocks.append(x.numel() // 16)
-        programs.append(_programs(n_blocks[-1], cfg))
+        if (xp | tp) % 32 or not (x.is_contiguous() and codes.is_contiguous() and table.is_contiguous()):
+            x, codes, table = _aligned(x), codes.contiguous(), _aligned(table)
+            xp, cp, tp = x.data_ptr(), codes.data_ptr(), table.data_ptr()
+        keep.append((x, codes, table))  # copies live until the launch is queued; [0] are the bases
+        ptrs.append((xp, cp, tp))
+        n = x.numel() >> 4
+        n_blocks.append(n)
+        programs.append(max(1, -(-n // per_program)))  # as _programs
     (x_base, c_base, t_base), (xp0, cp0, tp0) = keep[0], ptrs[0]
     x_off = [(xp - xp0) // size for xp, _, _ in ptrs]
     c_off = [cp - cp0 for _, cp, _ in ptrs]
-    t_off = [(tp - tp0) // t_base.element_size() for _, _, tp in ptrs]
+    t_size = t_base.element_size()
+    t_off = [(tp - tp0) // t_size for _, _, tp in ptrs]
     if any(o % 8 for o in x_off + t_off):  # what the kernel's tl.multiple_of hints claim
         raise RuntimeError("stats_partials: an input offset is not a multiple of 8 elements")
     first = list(itertools.accumulate(programs[:-1], initial=0))  # each tensor's first program
@@ -549,6 +555,13 @@ def stats_partials(
             num_warps=cfg["num_warps"],
         )
     return partials, programs
+
+
+def _mixed_inputs(xs: list[torch.Tensor], states: list) -> ValueError:
+    return ValueError(
+        "xs must be tensors of one dtype and device with one (codes, table) state each, got "
+        f"{sorted({(str(x.dtype), str(x.device)) for x in xs})} and {len(states)} states for {len(xs)} tensors"
+    )
 
 
 def segment_totals(partials: torch.Tensor, lengths: list[int], max_row: int = -1) -> torch.Tensor:

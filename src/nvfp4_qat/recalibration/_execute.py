@@ -85,7 +85,7 @@ class SweepTask:
     @property
     def out(self) -> torch.Tensor:
         """The flat fp32 view of the layer's ``block_amax`` rows that this task writes."""
-        b = self.layer.block_amax
+        b = self.layer.quant_tensors()[1]
         return (b if self.rows is None else b[self.rows]).view(-1)
 
     @property
@@ -253,7 +253,7 @@ def _sweep_fused(tasks: list[SweepTask], g: torch.Tensor, method: str) -> SweepO
                 if tables is not None:
                     buffers["table"] = tables[i]
                 launch_sweep(task.weight, g_i, method, stats=True, buffers=buffers)
-                torch.autograd.graph.increment_version(task.layer.block_amax)  # a kernel wrote it
+                torch.autograd.graph.increment_version(buffers["out"])  # a kernel wrote it
                 start, col = start + n, col + k
                 clocks[j].mark()
         finally:
@@ -306,7 +306,7 @@ def install_kernel_states(pairs: list[tuple[NVFP4Linear, torch.Tensor]]) -> None
     if not pairs:
         return
     device = pairs[0][1].device
-    g = torch.stack([layer.global_amax for layer, _ in pairs])
+    g = torch.stack([layer.quant_tensors()[2] for layer, _ in pairs])
     divisor = torch.full((), GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=device)
     tables = decision_table(g / divisor).reshape(len(pairs), -1)  # format.global_scale, batched
     for (layer, codes), table in zip(pairs, tables, strict=True):

@@ -35,7 +35,7 @@ Layers = list[tuple[str, NVFP4Linear]]
 def full_weight(layer: NVFP4Linear) -> torch.Tensor:
     """The layer's whole weight, detached. FSDP2 shards weights as ``DTensor`` but not the scale
     buffers, so the sweep needs the gathered tensor (a collective: every rank must call this)."""
-    w = layer.weight.detach()
+    w = layer.quant_tensors()[0].detach()
     gather = getattr(w, "full_tensor", None)  # only DTensor has it
     return gather() if callable(gather) else w
 

@@ -84,9 +84,9 @@ def resolve_plan(
     # cost ~1 ms of host time before the first GPU work on a 224-layer model.
     devices, pairs = set(), set()
     for _, m in layers:
-        device = m.weight.device
-        devices.update((device, m.block_amax.device))
-        pairs.add((m.fake_quant_backend, device))
+        w, b, _ = m.quant_tensors()
+        devices.update((w.device, b.device))
+        pairs.add((m.fake_quant_backend, w.device))
     sweeps = {resolve_backend(backend, d) for d in devices}  # raises for an impossible "triton"
     resolved = "triton" if sweeps == {"triton"} else "reference"
     fq = {resolve_backend(b, d, name="fake_quant_backend") for b, d in pairs}

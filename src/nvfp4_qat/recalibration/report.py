@@ -128,7 +128,7 @@ def build_rows(
     """
     rows = []
     for (name, m), ok, v, t in zip(layers, done, values, seconds, strict=True):
-        numel = m.weight.numel()
+        numel = m.quant_tensors()[0].numel()
         if ok:
             rows.append(LayerRecalibration.from_stats(name, numel, LayerStats(*v), t))
         else:
