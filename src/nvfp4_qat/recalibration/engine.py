@@ -173,8 +173,10 @@ def _execute(
     finite = torch.isfinite(g_new)
     live = finite & finite.all() if raise_ else finite
     flags = HostCopy(torch.stack([live, finite]))  # read once the sweeps are queued
-    g_old = torch.stack([m.quant_tensors()[2].to(g_new.device) for _, m in layers])
     out = sweep(tasks, torch.where(live, g_new, torch.nan), plan.method, plan.backend, fused)
+    # After the sweeps are queued (they write no global_amax): before, its host time delayed the
+    # first sweep kernel, which the GPU waited for.
+    g_old = torch.stack([m.quant_tensors()[2].to(g_new.device) for _, m in layers])
     g_write = torch.where(live, g_new, g_old)
     if fused:
         torch._foreach_copy_([m.quant_tensors()[2] for _, m in layers], list(g_write.unbind()))
