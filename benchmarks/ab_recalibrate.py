@@ -13,7 +13,8 @@ and the working tree installed at ``NEW``::
       SWEEP_STREAMS=1 PYTHONPATH=NEW python3 benchmarks/ab_recalibrate.py new-1stream
     done
 
-Knobs (environment, applied to the code under test before the model is built):
+``AB_CALLS`` sets the number of timed calls (default 21) and ``AB_TRACE=1`` also prints them in
+order. Knobs (environment, applied to the code under test before the model is built):
 ``SWEEP_STREAMS`` (the fused path's streams, ``_execute.SWEEP_STREAMS``) and ``STATS_TILES`` (the
 stats pass's ``TILES``). Session 11 also had ``FIRST_CHUNK`` (a first stats launch of fewer tasks, a
 setting since removed: no effect) and, for the 995686a tree, ``STATS_MAIN`` (its stats chunks kept on
@@ -46,12 +47,16 @@ def main() -> None:
         fake_quant.STATS_CONFIG = dict(fake_quant.STATS_CONFIG, TILES=int(os.environ["STATS_TILES"]))
     device = torch.device("cuda")
     model = build_model(LLAMA3_8B, 32, device)
-    walls = sorted(t * 1e3 for t in wall_times(lambda: recalibrate(model), device, 21, warmup=3))
+    calls = int(os.environ.get("AB_CALLS", "21"))
+    trace = [t * 1e3 for t in wall_times(lambda: recalibrate(model), device, calls, warmup=3)]
+    walls = sorted(trace)
     print(
-        f"{label:<14} median {statistics.median(walls):7.2f}  min {walls[0]:7.2f}  q1 {walls[5]:7.2f} "
-        f"q3 {walls[15]:7.2f}  from {_execute.__file__}",
+        f"{label:<14} median {statistics.median(walls):7.2f}  min {walls[0]:7.2f}  q1 {walls[calls // 4]:7.2f} "
+        f"q3 {walls[3 * calls // 4]:7.2f}  from {_execute.__file__}",
         flush=True,
     )
+    if os.environ.get("AB_TRACE"):  # the calls in order: a drift within the process shows here
+        print("  in order:", " ".join(f"{t:.1f}" for t in trace), flush=True)
 
 
 if __name__ == "__main__":
