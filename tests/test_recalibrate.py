@@ -375,3 +375,25 @@ def test_cuda_fused_sweep_restores_the_stream_when_a_launch_raises(monkeypatch):
         recalibrate(model, backend="triton")
     assert torch.cuda.current_stream() == caller and torch.cuda.current_device() == device
     assert calls[0] == caller and calls[1] != caller  # round robin: the second task on a side stream
+
+
+def test_parametrized_weight_is_recalibrated_from_the_weight_forward_uses():
+    # torch.nn.utils.parametrize moves the weight out of the module's parameter dict: the fast
+    # accessor (NVFP4Linear.quant_tensors) then falls back to attribute access, which computes it.
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    model = quantize_model(nn.Sequential(nn.Linear(64, 32)))
+    layer = model[0]
+    original = layer.weight.detach().clone()
+    parametrize.register_parametrization(layer, "weight", Double())
+    w, b, g = layer.quant_tensors()
+    assert torch.equal(w, 2 * original) and b is layer.block_amax and g is layer.global_amax
+    report = recalibrate(model)
+    assert not report.layers[0].skipped
+    assert layer.global_amax.item() == (2 * original).abs().max().item()  # doubling is exact
+    assert torch.equal(layer.block_amax.view(-1), nvfp4_scale_sweep(2 * original, layer.global_amax))
