@@ -508,7 +508,6 @@ def stats_partials(
     # of every recalibration while the GPU waits for the launch, so it keeps to a few C calls per
     # tensor and copies nothing that is already fit): the kernel reaches each tensor at its offset
     # from the first one.
-    per_program = cfg["ROWS"] * cfg.get("TILES", 1)
     keep, ptrs, n_blocks, programs = [], [], [], []
     for x, (codes, table) in zip(xs, states, strict=True):
         if x.dtype != dtype or x.get_device() != index:
@@ -522,7 +521,7 @@ def stats_partials(
         ptrs.append((xp, cp, tp))
         n = x.numel() >> 4
         n_blocks.append(n)
-        programs.append(max(1, -(-n // per_program)))  # as _programs
+        programs.append(_programs(n, cfg))
     (x_base, c_base, t_base), (xp0, cp0, tp0) = keep[0], ptrs[0]
     x_off = [(xp - xp0) // size for xp, _, _ in ptrs]
     c_off = [cp - cp0 for _, cp, _ in ptrs]

@@ -176,13 +176,14 @@ def _execute(
     out = sweep(tasks, torch.where(live, g_new, torch.nan), plan.method, plan.backend, fused)
     # After the sweeps are queued (they write no global_amax): before, its host time delayed the
     # first sweep kernel, which the GPU waited for.
-    g_old = torch.stack([m.quant_tensors()[2].to(g_new.device) for _, m in layers])
+    amaxes = [m.quant_tensors()[2] for _, m in layers]
+    g_old = torch.stack([a.to(g_new.device) for a in amaxes])
     g_write = torch.where(live, g_new, g_old)
     if fused:
-        torch._foreach_copy_([m.quant_tensors()[2] for _, m in layers], list(g_write.unbind()))
+        torch._foreach_copy_(amaxes, list(g_write.unbind()))
     else:
-        for (_, m), g in zip(layers, g_write.unbind(), strict=True):
-            m.global_amax.copy_(g)
+        for a, g in zip(amaxes, g_write.unbind(), strict=True):
+            a.copy_(g)
     live_host, finite_host = flags.tolist()  # waits for the stats pass only: the sweeps still run
     apply_nonfinite_policy([n for (n, _), ok in zip(layers, finite_host, strict=True) if not ok],
                            plan.on_nonfinite)  # fmt: skip
